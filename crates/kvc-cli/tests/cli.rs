@@ -1,0 +1,65 @@
+//! The `kvc` binary end to end: a real generation on the default model, and bad input that must
+//! end with a clear message and a non-zero exit (never a panic).
+
+use std::process::{Command, Output};
+
+fn kvc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvc")).args(args).output().expect("run kvc")
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = kvc(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert_eq!(out.status.code(), Some(if needle.starts_with("usage:") { 2 } else { 1 }), "{args:?}: {stderr}");
+    assert!(stderr.contains(needle.trim_start_matches("usage:")), "{args:?}: stderr was {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+}
+
+#[test]
+fn generate_on_the_default_model() {
+    let out = kvc(&["generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompt_tokens"], 5);
+    assert_eq!(v["new_tokens"], 8);
+    assert!(v["completion"].as_str().unwrap().contains("Paris"), "{v}");
+    // 30 layers x 2 (K, V) x 3 KV heads x 64 dims x 4 bytes per token
+    let per_token = 30 * 2 * 3 * 64 * 4;
+    assert_eq!(v["kv_cache_bytes_after_prefill"], 5 * per_token);
+    assert_eq!(v["kv_cache_bytes"], 12 * per_token); // 5 + 7 fed tokens (the 8th is not fed back)
+    // text mode prints the summary
+    let out = kvc(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--backend", "ndarray"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("prefill") && text.contains("KV cache"), "{text}");
+}
+
+#[test]
+fn inspect_prints_config_and_tensors() {
+    let out = kvc(&["inspect", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["config"]["num_layers"], 30);
+    assert_eq!(v["file"]["tensor_count"], 272);
+    assert_eq!(v["file"]["dtypes"]["Q4_1"], 210);
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"not a gguf file").unwrap();
+    let bad = bad.to_str().unwrap();
+    fails_with(&["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"], "no model at /no/such/model.gguf");
+    fails_with(&["generate", "--model", bad, "--prompt", "hi"], "bad magic");
+    fails_with(&["inspect", "--model", bad], "bad magic");
+    fails_with(&["generate", "--prompt", ""], "the prompt is empty");
+    fails_with(&["generate", "--prompt-file", "/no/such/prompt.txt"], "reading prompt file");
+    fails_with(&["generate", "--prompt", "hi", "--max-new-tokens", "9000"], "more than the model's context");
+    fails_with(&["generate", "--prompt", "hi", "--temperature=-1"], "temperature");
+    fails_with(&["generate", "--prompt", "hi", "--top-p", "2"], "top_p");
+    fails_with(&["generate"], "usage:--prompt");
+    fails_with(&["generate", "--prompt", "hi", "--backend", "tpu"], "usage:invalid value 'tpu'");
+    let long = "word ".repeat(9000);
+    fails_with(&["generate", "--prompt", &long, "--max-new-tokens", "1"], "more than the model's context");
+}

@@ -1,0 +1,41 @@
+//! Observation hook between a decoder's attention and whoever wants to look at it (presses).
+
+use burn::tensor::{backend::Backend, Tensor};
+
+/// What one attention layer shows an observer during a forward pass over a chunk of `chunk` new
+/// tokens.
+///
+/// Shapes: `batch`, query heads `q_heads`, key/value heads `kv_heads` (GQA: `q_heads` is a multiple
+/// of `kv_heads`; query head `h` reads KV head `h / (q_heads / kv_heads)`), `len` = keys visible to
+/// this chunk (the layer's cache length *after* appending the chunk), `head_dim`.
+pub struct LayerObservation<'a, B: Backend> {
+    /// Layer index, 0-based.
+    pub layer: usize,
+    /// Position of the chunk's first token (positions are consecutive within a chunk).
+    pub first_position: usize,
+    /// Queries after RoPE, `[batch, q_heads, chunk, head_dim]`.
+    pub queries: &'a Tensor<B, 4>,
+    /// All keys visible to the chunk, after RoPE, `[batch, kv_heads, len, head_dim]`; the last
+    /// `chunk` of them are the chunk's own.
+    pub keys: &'a Tensor<B, 4>,
+    /// All values visible to the chunk, `[batch, kv_heads, len, head_dim]`.
+    pub values: &'a Tensor<B, 4>,
+    /// Attention probabilities (softmax over the visible keys, causal within the chunk),
+    /// `[batch, q_heads, chunk, len]`; present only when [`AttentionObserver::wants_attention`]
+    /// returned true for this layer.
+    pub attention: Option<&'a Tensor<B, 4>>,
+}
+
+/// Receives per-layer observations during a forward pass.
+///
+/// The decoder calls [`observe`](Self::observe) once per layer and chunk, after attention was
+/// computed. Computing `attention` costs a `[batch, q_heads, chunk, len]` tensor that the decoder
+/// keeps alive until `observe` returns; it is only passed when asked for.
+pub trait AttentionObserver<B: Backend> {
+    /// Whether this layer's attention probabilities should be passed (default: no).
+    fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Called once per layer and chunk.
+    fn observe(&mut self, observation: LayerObservation<'_, B>);
+}

@@ -1,0 +1,213 @@
+//! Generation: chunked prefill, then token-by-token decode with greedy (default) or
+//! temperature/top-p sampling. Prefill and decode are separate so a press can compress the cache
+//! between them.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use kvc_core::{AttentionObserver, KvCache};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{ModelError, Result};
+use crate::model::{Decoder, Logits};
+
+/// Decoding settings.
+#[derive(Clone, Debug)]
+pub struct GenerationConfig {
+    /// Upper bound on generated tokens.
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax, lowest id on ties, as torch.argmax); > 0 samples from
+    /// `softmax(logits / temperature)`.
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1]; 1 disables it. Only used when sampling.
+    pub top_p: f32,
+    /// Seed of the sampler (same seed, same tokens).
+    pub seed: u64,
+    /// Prompt tokens per prefill chunk (bounds the `chunk x len` attention scores).
+    pub prefill_chunk: usize,
+    /// Stop at the tokenizer's EOS / end-of-turn ids.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, prefill_chunk: 512, stop_at_eos: true }
+    }
+}
+
+impl GenerationConfig {
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`ModelError::Generation`] naming the bad value.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(ModelError::Generation(format!("temperature {} must be >= 0", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Generation(format!("top_p {} must be in (0, 1]", self.top_p)));
+        }
+        if self.prefill_chunk == 0 {
+            return Err(ModelError::Generation("prefill chunk must be at least 1 token".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Why decoding stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An EOS / end-of-turn token was produced (it is included in the output).
+    Eos,
+    /// `max_new_tokens` reached.
+    MaxTokens,
+    /// The model's context is full.
+    Context,
+    /// The token callback asked to stop.
+    Callback,
+}
+
+/// Output of [`decode`].
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    /// Generated ids.
+    pub tokens: Vec<u32>,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// Wall time of the decode loop.
+    pub elapsed: Duration,
+}
+
+/// Checks a prompt against the model's context.
+///
+/// # Errors
+/// [`ModelError::EmptyPrompt`], [`ModelError::PromptTooLong`].
+pub fn check_prompt(prompt_tokens: usize, context: usize, reserved: usize) -> Result<()> {
+    if prompt_tokens == 0 {
+        return Err(ModelError::EmptyPrompt);
+    }
+    if prompt_tokens + reserved > context {
+        return Err(ModelError::PromptTooLong { tokens: prompt_tokens, context, reserved });
+    }
+    Ok(())
+}
+
+fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
+}
+
+/// Feeds `ids` (batch 1) into `cache` in chunks of `chunk` tokens and returns the logits of the
+/// last position `[1, 1, vocab]`.
+///
+/// # Errors
+/// [`ModelError::EmptyPrompt`], errors of the forward pass.
+pub fn prefill<B: Backend>(
+    model: &Decoder<B>,
+    ids: &[u32],
+    cache: &mut KvCache<B>,
+    mut observer: Option<&mut dyn AttentionObserver<B>>,
+    chunk: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>> {
+    if ids.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    let chunk = chunk.max(1);
+    let mut last = None;
+    for (i, part) in ids.chunks(chunk).enumerate() {
+        let is_last = (i + 1) * chunk >= ids.len();
+        let mode = if is_last { Logits::Last } else { Logits::None };
+        let out = model.forward(token_tensor::<B>(part, device), cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), mode)?;
+        if is_last {
+            last = Some(out);
+        }
+    }
+    Ok(last.expect("non-empty prompt has a last chunk"))
+}
+
+/// Picks the next token from logits `[vocab]` (host).
+pub fn sample(logits: &[f32], config: &GenerationConfig, rng: &mut rand::rngs::StdRng) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if config.temperature == 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &v)| (i, (((v - max) / config.temperature) as f64).exp())).collect();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for p in &probs {
+        kept += 1;
+        mass += p.1 / total;
+        if mass >= config.top_p as f64 {
+            break;
+        }
+    }
+    let probs = &probs[..kept];
+    let kept_total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut r = rng.random::<f64>() * kept_total;
+    for &(i, p) in probs {
+        if r < p {
+            return i as u32;
+        }
+        r -= p;
+    }
+    probs[kept - 1].0 as u32
+}
+
+/// Decodes after a prefill: picks a token from `logits` (`[1, 1, vocab]`), feeds it, and repeats
+/// until EOS, `max_new_tokens`, the model's context, or `on_token` returning false. Each token is
+/// fed at `cache.next_position()` (the original position, also after compression).
+///
+/// # Errors
+/// [`ModelError::Generation`] for invalid settings, errors of the forward pass.
+pub fn decode<B: Backend>(
+    model: &Decoder<B>,
+    cache: &mut KvCache<B>,
+    logits: Tensor<B, 3>,
+    config: &GenerationConfig,
+    eos_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> bool,
+    device: &B::Device,
+) -> Result<Decoded> {
+    config.validate()?;
+    let start = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let mut tokens = Vec::new();
+    let mut logits = logits;
+    let context = model.config().max_position_embeddings;
+    let stop = loop {
+        if tokens.len() >= config.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        let host = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| ModelError::Generation(format!("{e:?}")))?;
+        let next = sample(&host, config, &mut rng);
+        tokens.push(next);
+        if !on_token(next) {
+            break StopReason::Callback;
+        }
+        if config.stop_at_eos && eos_ids.contains(&next) {
+            break StopReason::Eos;
+        }
+        if tokens.len() >= config.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.next_position() >= context {
+            break StopReason::Context;
+        }
+        logits = model.forward(token_tensor::<B>(&[next], device), cache, None, Logits::Last)?;
+    };
+    Ok(Decoded { tokens, stop, elapsed: start.elapsed() })
+}

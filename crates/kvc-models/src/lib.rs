@@ -1,0 +1,189 @@
+//! # kvc-models
+//!
+//! Decoder-only LLMs on burn for kvc: Llama (SmolLM2, Llama 2/3 incl. llama3 RoPE scaling),
+//! Qwen2/Qwen2.5 and Qwen3, loaded from GGUF files (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+//! Q4_K, Q5_K, Q6_K, dequantized to f32) or HF folders (`config.json` + `*.safetensors` in
+//! F32/F16/BF16, `tokenizer.json`), with their tokenizer, chat template, and a generation loop
+//! whose KV cache a press can compress between prefill and decode.
+//!
+//! Generic over `B: Backend`; no backend is named in this crate.
+//!
+//! ```no_run
+//! # fn demo<B: burn::tensor::backend::Backend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {
+//! let path = kvc_models::default_model::ensure_default_model()?;
+//! let loaded = kvc_models::load::<B>(&path, device)?;
+//! let ids = loaded.tokenizer.encode("The capital of France is", true)?;
+//! let mut cache = loaded.model.new_cache();
+//! let logits = kvc_models::generate::prefill(&loaded.model, &ids, &mut cache, None, 512, device)?;
+//! let out = kvc_models::generate::decode(&loaded.model, &mut cache, logits,
+//!     &Default::default(), loaded.tokenizer.eos_ids(), |_| true, device)?;
+//! println!("{}", loaded.tokenizer.decode(&out.tokens, true)?);
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod default_model;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use generate::{GenerationConfig, StopReason};
+pub use model::{Decoder, Logits};
+pub use tokenizer::{ChatMessage, Tokenizer};
+
+/// Summary of a model file for `kvc inspect`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelInfo {
+    /// Format: `gguf` or `safetensors`.
+    pub format: String,
+    /// Number of tensors in the file(s).
+    pub tensor_count: usize,
+    /// Tensor count per dtype / quantization type.
+    pub dtypes: std::collections::BTreeMap<String, usize>,
+    /// Parameters (elements over all tensors).
+    pub parameters: usize,
+}
+
+/// A loaded model: decoder, tokenizer, config and file summary.
+pub struct LoadedModel<B: Backend> {
+    /// The decoder.
+    pub model: Decoder<B>,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its config.
+    pub config: ModelConfig,
+    /// What the file holds.
+    pub info: ModelInfo,
+}
+
+/// Reads config and file summary without building the model (cheap; for `kvc inspect`).
+///
+/// # Errors
+/// As [`load`], minus weight and tokenizer errors.
+pub fn inspect(path: &Path) -> Result<(ModelConfig, ModelInfo)> {
+    match open_source(path)? {
+        Source::Gguf(file) => {
+            let config = ModelConfig::from_gguf(&file)?;
+            let info = gguf_info(&file);
+            Ok((config, info))
+        }
+        Source::Hf(dir) => {
+            let config = hf_config(&dir)?;
+            Ok((config, safetensors_info(&dir)?))
+        }
+    }
+}
+
+enum Source {
+    Gguf(gguf::GgufFile),
+    Hf(std::path::PathBuf),
+}
+
+fn open_source(path: &Path) -> Result<Source> {
+    if !path.exists() {
+        return Err(ModelError::ModelNotFound { path: path.to_path_buf(), reason: "no such file or folder".into() });
+    }
+    if path.is_dir() {
+        if !path.join("config.json").exists() {
+            return Err(ModelError::ModelNotFound {
+                path: path.to_path_buf(),
+                reason: "a model folder needs config.json and *.safetensors (or pass a .gguf file)".into(),
+            });
+        }
+        return Ok(Source::Hf(path.to_path_buf()));
+    }
+    Ok(Source::Gguf(gguf::GgufFile::open(path)?))
+}
+
+fn hf_config(dir: &Path) -> Result<ModelConfig> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p, source })?;
+    ModelConfig::from_hf_json(&text)
+}
+
+fn gguf_info(file: &gguf::GgufFile) -> ModelInfo {
+    let mut dtypes = std::collections::BTreeMap::new();
+    let mut parameters = 0;
+    for t in &file.tensors {
+        *dtypes.entry(t.kind.name()).or_insert(0) += 1;
+        parameters += t.shape.iter().product::<usize>();
+    }
+    ModelInfo { format: "gguf".into(), tensor_count: file.tensors.len(), dtypes, parameters }
+}
+
+fn safetensors_info(dir: &Path) -> Result<ModelInfo> {
+    let mut dtypes = std::collections::BTreeMap::new();
+    let (mut parameters, mut tensor_count) = (0, 0);
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| ModelError::InvalidSafetensors { path: path.clone(), reason: e.to_string() })?;
+        for (_, view) in st.tensors() {
+            tensor_count += 1;
+            parameters += view.shape().iter().product::<usize>();
+            *dtypes.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
+        }
+    }
+    Ok(ModelInfo { format: "safetensors".into(), tensor_count, dtypes, parameters })
+}
+
+/// Loads a model from a `.gguf` file or a HF folder (`config.json`, `*.safetensors`,
+/// `tokenizer.json`) onto `device`.
+///
+/// # Errors
+/// [`ModelError::ModelNotFound`] for a missing path, format errors
+/// ([`ModelError::InvalidGguf`], [`ModelError::InvalidSafetensors`],
+/// [`ModelError::UnsupportedTensorType`]), [`ModelError::Config`],
+/// [`ModelError::ShapeMismatch`], [`ModelError::MissingTensor`], [`ModelError::Tokenizer`].
+pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    match open_source(path)? {
+        Source::Gguf(file) => {
+            let config = ModelConfig::from_gguf(&file)?;
+            let info = gguf_info(&file);
+            let tokenizer = Tokenizer::from_gguf(&file)?;
+            let source = weights::GgufWeights::new(file, config.architecture, config.num_heads, config.num_kv_heads);
+            let model = Decoder::from_source(&config, &source, device)?;
+            Ok(LoadedModel { model, tokenizer, config, info })
+        }
+        Source::Hf(dir) => {
+            let config = hf_config(&dir)?;
+            let info = safetensors_info(&dir)?;
+            let tokenizer = Tokenizer::from_hf_dir(&dir)?;
+            let model = load_hf_weights(&dir, &config, device)?;
+            Ok(LoadedModel { model, tokenizer, config, info })
+        }
+    }
+}
+
+/// Loads only the decoder from a HF folder (no tokenizer needed), e.g. for weight-only tests.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_hf_weights<B: Backend>(dir: &Path, config: &ModelConfig, device: &B::Device) -> Result<Decoder<B>> {
+    let source = weights::SafetensorsWeights::open(dir)?;
+    Decoder::from_source(config, &source, device)
+}
+
+/// Loads the decoder and config of a HF folder.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_hf_decoder<B: Backend>(dir: &Path, device: &B::Device) -> Result<Decoder<B>> {
+    let config = hf_config(dir)?;
+    load_hf_weights(dir, &config, device)
+}

@@ -1,0 +1,301 @@
+//! The decoder: Llama / Qwen2 / Qwen3 as burn modules.
+//!
+//! `x -> embed -> [RMSNorm -> GQA attention (RoPE, KV cache) -> + -> RMSNorm -> SwiGLU MLP -> +] x L
+//! -> RMSNorm -> LM head`, as in HF transformers' `modeling_llama.py`, `modeling_qwen2.py`,
+//! `modeling_qwen3.py`.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use kvc_core::{AttentionObserver, KvCache, LayerObservation};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::rope;
+use crate::weights::WeightSource;
+
+/// Which positions to compute logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position of the input: `[batch, tokens, vocab]`.
+    All,
+    /// Only the last position: `[batch, 1, vocab]` (prefill, decode).
+    Last,
+    /// None (e.g. a scoring pass): `[batch, 0, vocab]`.
+    None,
+}
+
+/// Self-attention with grouped KV heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, heads*head_dim]` (+ bias for Qwen2).
+    pub q_proj: Linear<B>,
+    /// `[hidden, kv_heads*head_dim]`.
+    pub k_proj: Linear<B>,
+    /// `[hidden, kv_heads*head_dim]`.
+    pub v_proj: Linear<B>,
+    /// `[heads*head_dim, hidden]`.
+    pub o_proj: Linear<B>,
+    /// Qwen3 per-head query norm over `head_dim`.
+    pub q_norm: Option<RmsNorm<B>>,
+    /// Qwen3 per-head key norm over `head_dim`.
+    pub k_norm: Option<RmsNorm<B>>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, intermediate]`.
+    pub gate_proj: Linear<B>,
+    /// `[hidden, intermediate]`.
+    pub up_proj: Linear<B>,
+    /// `[intermediate, hidden]`.
+    pub down_proj: Linear<B>,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Attention.
+    pub self_attn: Attention<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// MLP.
+    pub mlp: Mlp<B>,
+}
+
+/// The whole decoder-only model.
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// LM head `[hidden, vocab]` (a materialized transpose of the embedding when tied, so the
+    /// matmul never works on a strided view).
+    pub lm_head: Linear<B>,
+    #[module(skip)]
+    config: ModelConfig,
+    #[module(skip)]
+    inv_freq: Vec<f32>,
+}
+
+struct Loader<'a, B: Backend> {
+    source: &'a dyn WeightSource,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn host(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (data, shape) = self.source.tensor(name)?;
+        if shape != expected {
+            return Err(ModelError::ShapeMismatch { name: name.into(), expected: expected.to_vec(), actual: shape });
+        }
+        Ok(data)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Param<Tensor<B, 1>>> {
+        let data = self.host(name, &[len])?;
+        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(data, [len]), self.device)))
+    }
+
+    /// A linear layer from a PyTorch `[out, in]` weight (transposed to burn's `[in, out]`).
+    fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<Linear<B>> {
+        let w = self.host(&format!("{prefix}.weight"), &[output, input])?;
+        let weight = Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&w, output, input), [input, output]), self.device));
+        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), output)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&self, name: &str, len: usize, eps: f64) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm { gamma: self.vector(name, len)?, epsilon: eps })
+    }
+}
+
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Builds the decoder from a weight source (HF tensor names, PyTorch layout), checking every
+    /// tensor's shape against `config`.
+    ///
+    /// # Errors
+    /// [`ModelError::MissingTensor`], [`ModelError::ShapeMismatch`], format errors of the source,
+    /// [`ModelError::Config`] for an inconsistent config.
+    pub fn from_source(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let l = Loader::<B> { source, device };
+        let c = config;
+        let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
+        let embed = l.host("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head_weight = if c.tie_word_embeddings {
+            transpose(&embed, c.vocab_size, h)
+        } else {
+            transpose(&l.host("lm_head.weight", &[c.vocab_size, h])?, c.vocab_size, h)
+        };
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device)),
+        };
+        let lm_head = Linear {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(lm_head_weight, [h, c.vocab_size]), device)),
+            bias: None,
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let (q_norm, k_norm) = if c.qk_norm {
+                (Some(l.norm(&format!("{a}.q_norm.weight"), d, eps)?), Some(l.norm(&format!("{a}.k_norm.weight"), d, eps)?))
+            } else {
+                (None, None)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: l.norm(&format!("{p}.input_layernorm.weight"), h, eps)?,
+                self_attn: Attention {
+                    q_proj: l.linear(&format!("{a}.q_proj"), h, c.num_heads * d, c.attention_bias)?,
+                    k_proj: l.linear(&format!("{a}.k_proj"), h, c.num_kv_heads * d, c.attention_bias)?,
+                    v_proj: l.linear(&format!("{a}.v_proj"), h, c.num_kv_heads * d, c.attention_bias)?,
+                    o_proj: l.linear(&format!("{a}.o_proj"), c.num_heads * d, h, false)?,
+                    q_norm,
+                    k_norm,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: d,
+                },
+                post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+                mlp: Mlp {
+                    gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
+                    up_proj: l.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
+                    down_proj: l.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+                },
+            });
+        }
+        let norm = l.norm("model.norm.weight", h, eps)?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, config: config.clone(), inv_freq: rope::inv_freq(config) })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// An empty KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.config.num_layers)
+    }
+
+    /// Runs `tokens` (`[batch, chunk]`) through the decoder at positions
+    /// `cache.next_position()..+chunk`, appending their keys/values to `cache`, and returns
+    /// logits `[batch, n, vocab]` for the positions `logits` asks for.
+    ///
+    /// Every key already in the cache is visible to every new token (they all precede it); the
+    /// chunk itself is causal. For long prompts call this per chunk (see
+    /// [`crate::generate::prefill`]) so no `chunk x len` score tensor grows beyond one chunk.
+    /// The observer, if any, sees each layer's queries/keys/values (and attention if it asks).
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        mut observer: Option<&mut dyn AttentionObserver<B>>,
+        logits: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, chunk] = tokens.dims();
+        let device = tokens.device();
+        let first = cache.next_position();
+        let (cos, sin) = rope::tables::<B>(&self.inv_freq, first, chunk, &device);
+        let mut x = self.embed_tokens.forward(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(x.clone());
+            let a = layer.self_attn.forward(h, i, first, &cos, &sin, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
+            let x1 = x + a;
+            let h = layer.post_attention_layernorm.forward(x1.clone());
+            let m = &layer.mlp;
+            let ff = m.down_proj.forward(silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h));
+            x = x1 + ff;
+        }
+        cache.advance(chunk);
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, chunk - 1, 1),
+            Logits::None => return Ok(Tensor::zeros([batch, 0, self.config.vocab_size], &device)),
+        };
+        Ok(self.lm_head.forward(self.norm.forward(x)))
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        layer: usize,
+        first: usize,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        cache: &mut KvCache<B>,
+        observer: Option<&mut dyn AttentionObserver<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, c, _] = x.dims();
+        let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, c, heads, d]).swap_dims(1, 2);
+        let mut q = split(self.q_proj.forward(x.clone()), hq);
+        let mut k = split(self.k_proj.forward(x.clone()), hkv);
+        let v = split(self.v_proj.forward(x), hkv);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = rope::apply(q, cos, sin);
+        let k = rope::apply(k, cos, sin);
+        let (keys, values) = cache.append(layer, first, k, v)?;
+        let len = keys.dims()[2];
+        let g = hq / hkv;
+        // GQA without repeating K/V: the g query heads of a group share one matmul.
+        let scores = q.clone().reshape([b, hkv, g * c, d]).matmul(keys.clone().swap_dims(2, 3)) * (d as f64).powf(-0.5);
+        let scores = scores.reshape([b, hkv, g, c, len]);
+        let scores = if c > 1 { scores + causal_mask::<B>(c, len, &keys.device()) } else { scores };
+        let probs = softmax(scores, 4);
+        let out = probs.clone().reshape([b, hkv, g * c, len]).matmul(values.clone());
+        if let Some(obs) = observer {
+            let attention = obs.wants_attention(layer).then(|| probs.reshape([b, hq, c, len]));
+            obs.observe(LayerObservation {
+                layer,
+                first_position: first,
+                queries: &q,
+                keys: &keys,
+                values: &values,
+                attention: attention.as_ref(),
+            });
+        }
+        let out = out.reshape([b, hq, c, d]).swap_dims(1, 2).reshape([b, c, hq * d]);
+        Ok(self.o_proj.forward(out))
+    }
+}
+
+/// Additive mask `[1, 1, 1, chunk, len]`: the first `len - chunk` keys (cache) are visible to all;
+/// within the chunk, query `i` sees keys `0..=i`.
+fn causal_mask<B: Backend>(chunk: usize, len: usize, device: &B::Device) -> Tensor<B, 5> {
+    let past = len - chunk;
+    let mut m = vec![0f32; chunk * len];
+    for i in 0..chunk {
+        for j in past + i + 1..len {
+            m[i * len + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [1, 1, 1, chunk, len]), device)
+}

@@ -1,0 +1,74 @@
+//! Rotary position embedding, rotate-half convention (HF `apply_rotary_pos_emb`).
+//!
+//! burn's `RotaryEncoding` rotates interleaved pairs; HF checkpoints (and llama.cpp's NEOX mode,
+//! after undoing the Q/K permutation of Llama GGUFs) pair dimension `i` with `i + head_dim/2`.
+//! Tables are computed on the host for exactly the positions asked for, so decoding after
+//! compression continues at any original position.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// Inverse frequencies `[head_dim/2]`, f32 as HF computes them (`1 / base^(2i/d)`), with the
+/// model's scaling applied (HF `_compute_llama3_parameters`; llama.cpp `rope_freqs` divisors).
+pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
+    let d = config.head_dim;
+    let base: Vec<f32> = (0..d / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / d as f32;
+            1.0 / (config.rope_theta.powf(exponent as f64) as f32)
+        })
+        .collect();
+    match &config.rope_scaling {
+        None => base,
+        Some(RopeScaling::FreqFactors(f)) => base.iter().zip(f).map(|(b, f)| b / f).collect(),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            let (factor, lo, hi, old) =
+                (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *original_max_position_embeddings as f32);
+            let low_freq_wavelen = old / lo;
+            let high_freq_wavelen = old / hi;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    if medium {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos and sin tables `[1, 1, len, head_dim]` for positions `first..first+len` (angles are f32
+/// products as in HF, then cos/sin evaluated exactly and rounded to f32).
+pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let half = inv_freq.len();
+    let d = 2 * half;
+    let mut cos = Vec::with_capacity(len * d);
+    let mut sin = Vec::with_capacity(len * d);
+    for p in first..first + len {
+        let angles: Vec<f64> = inv_freq.iter().map(|&f| ((p as f32) * f) as f64).collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos() as f32));
+            sin.extend(angles.iter().map(|a| a.sin() as f32));
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [1, 1, len, d]), device),
+        Tensor::from_data(TensorData::new(sin, [1, 1, len, d]), device),
+    )
+}
+
+/// Applies RoPE to `x` `[batch, heads, len, head_dim]`: `x*cos + rotate_half(x)*sin`.
+pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}

@@ -1,0 +1,27 @@
+//! Embedding kvc in a burn application: load the default model on any backend, prefill a prompt
+//! into a KV cache, look at the cache, then decode greedily.
+//!
+//! ```text
+//! cargo run --release -p kvc-examples --example embed
+//! ```
+
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use kvc_models::{generate, GenerationConfig};
+
+fn run<B: Backend>(device: B::Device) -> anyhow::Result<()> {
+    let path = kvc_models::default_model::ensure_default_model()?;
+    let m = kvc_models::load::<B>(&path, &device)?;
+    let ids = m.tokenizer.encode("The three primary colors are", true)?;
+    let mut cache = m.model.new_cache();
+    let logits = generate::prefill(&m.model, &ids, &mut cache, None, 512, &device)?;
+    println!("prefilled {} tokens; KV cache {} bytes over {} layers", ids.len(), cache.bytes(), cache.num_layers());
+    let cfg = GenerationConfig { max_new_tokens: 16, ..Default::default() };
+    let out = generate::decode(&m.model, &mut cache, logits, &cfg, m.tokenizer.eos_ids(), |_| true, &device)?;
+    println!("{}", m.tokenizer.decode(&out.tokens, true)?);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    run::<NdArray<f32>>(Default::default())
+}
