@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand, ValueEnum};
-use kvc_models::{generate, ChatMessage, GenerationConfig};
+use kvc_core::press::{self, Budget, PressReport};
+use kvc_models::{generate, GenerationConfig};
 
 #[derive(Parser)]
 #[command(name = "kvc", version, about = "KV-cache compression for LLM inference, on burn")]
@@ -75,6 +76,24 @@ enum Command {
         /// Print one JSON object instead of text and summary.
         #[arg(long)]
         json: bool,
+        /// A question fed after the (compressed) context, at the original positions.
+        #[arg(long)]
+        question: Option<String>,
+        /// Compress the KV cache after prefill with this press (known: kvcompose).
+        #[arg(long)]
+        press: Option<String>,
+        /// Compression ratio in [0, 1): fraction of the context's KV entries to remove.
+        #[arg(long, conflicts_with = "budget")]
+        ratio: Option<f64>,
+        /// Token budget: kept context tokens per layer, on average.
+        #[arg(long)]
+        budget: Option<usize>,
+        /// A press parameter, key=value (repeatable), e.g. structured=false, agg_task=mean.
+        #[arg(long = "press-option", value_name = "KEY=VALUE")]
+        press_options: Vec<String>,
+        /// With --press: also answer from the uncompressed cache and print both.
+        #[arg(long)]
+        compare: bool,
     },
     /// Print a model's config, tensor count and dtypes, and parameter count.
     Inspect {
@@ -115,9 +134,79 @@ fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
 struct GenerateArgs {
     model: PathBuf,
     prompt: String,
+    question: Option<String>,
     chat: bool,
     json: bool,
     config: GenerationConfig,
+    press: Option<PressArgs>,
+    compare: bool,
+}
+
+struct PressArgs {
+    name: String,
+    budget: Budget,
+    options: Vec<(String, String)>,
+}
+
+/// Streams decoded text to stdout as tokens arrive (whole characters only).
+struct Streamer<'a> {
+    tok: &'a kvc_models::Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+    on: bool,
+}
+
+impl Streamer<'_> {
+    fn push(&mut self, t: u32) {
+        if !self.on {
+            return;
+        }
+        self.ids.push(t);
+        if let Ok(s) = self.tok.decode(&self.ids, true) {
+            // hold back a trailing partial character
+            let s = s.trim_end_matches('\u{FFFD}');
+            if s.len() > self.printed && s.is_char_boundary(self.printed) {
+                let mut out = std::io::stdout();
+                let _ = write!(out, "{}", &s[self.printed..]);
+                let _ = out.flush();
+                self.printed = s.len();
+            }
+        }
+    }
+    /// Prints what streaming held back.
+    fn finish(&mut self, full: &str) {
+        if self.on && full.len() > self.printed {
+            print!("{}", full.get(self.printed..).unwrap_or(""));
+        }
+        if self.on {
+            println!();
+        }
+    }
+}
+
+struct Answer {
+    text: String,
+    decoded: generate::Decoded,
+}
+
+/// Feeds `question` on top of `cache` and decodes.
+fn answer<B: Backend>(
+    m: &kvc_models::LoadedModel<B>,
+    cache: &mut kvc_core::KvCache<B>,
+    question: &[u32],
+    cfg: &GenerationConfig,
+    stream: bool,
+    device: &B::Device,
+) -> Result<Answer> {
+    let logits = m.model.forward(generate::token_tensor::<B>(question, device), cache, None, kvc_models::Logits::Last)?;
+    let mut streamer = Streamer { tok: &m.tokenizer, ids: Vec::new(), printed: 0, on: stream };
+    let decoded = generate::decode(&m.model, cache, logits, cfg, m.tokenizer.eos_ids(), |t| {
+        streamer.push(t);
+        true
+    }, device)?;
+    let text = m.tokenizer.decode(&decoded.tokens, true)?;
+    streamer.finish(&text);
+    Ok(Answer { text, decoded })
 }
 
 fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()> {
@@ -126,86 +215,135 @@ fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()>
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let load_secs = t_load.elapsed().as_secs_f64();
     let tok = &loaded.tokenizer;
-    let text = if args.chat {
-        tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }])?
-    } else {
-        args.prompt.clone()
+    let split = generate::split_prompt(tok, &args.prompt, args.question.as_deref(), args.chat)?;
+    let (context, question) = (&split.context, &split.question);
+    let prompt_tokens = context.len() + question.len();
+    generate::check_prompt(prompt_tokens, loaded.config.max_position_embeddings, args.config.max_new_tokens)?;
+    let mut press = match &args.press {
+        Some(p) => {
+            p.budget.validate(context.len()).with_context(|| format!("press {}", p.name))?;
+            Some(press::build::<B>(&p.name, p.budget, &p.options)?)
+        }
+        None => None,
     };
-    // the chat template already holds the special tokens the model expects
-    let ids = tok.encode(&text, !args.chat)?;
-    generate::check_prompt(ids.len(), loaded.config.max_position_embeddings, args.config.max_new_tokens)?;
+
     let mut cache = loaded.model.new_cache();
     let t_prefill = Instant::now();
-    let logits = generate::prefill(&loaded.model, &ids, &mut cache, None, args.config.prefill_chunk, &device)?;
-    let logits = logits.into_data(); // waits for the device: prefill time includes the last logits
+    // prefill the context; its last logits are not needed (the question comes next)
+    for part in context.chunks(args.config.prefill_chunk) {
+        let h = loaded.model.forward_hidden(generate::token_tensor::<B>(part, &device), &mut cache, None)?;
+        let _ = h.into_data(); // wait for the device: the time is the prefill's
+    }
     let prefill_secs = t_prefill.elapsed().as_secs_f64();
-    let logits = burn::tensor::Tensor::<B, 3>::from_data(logits, &device);
-    let kv_bytes_prompt = cache.bytes();
+    let kv_bytes_context = cache.bytes();
 
-    let mut printed = 0usize;
-    let mut so_far: Vec<u32> = Vec::new();
-    let mut stdout = std::io::stdout();
+    let baseline = if args.compare && press.is_some() {
+        let mut plain = cache.clone();
+        Some(answer(&loaded, &mut plain, question, &args.config, false, &device)?)
+    } else {
+        None
+    };
+    let mut compress_secs = 0.0;
+    let mut report: Option<PressReport> = None;
+    if let Some(p) = press.as_mut() {
+        let t = Instant::now();
+        report = Some(p.compress(&loaded.model, context, &mut cache)?);
+        compress_secs = t.elapsed().as_secs_f64();
+    }
+    let kv_bytes_compressed = cache.bytes();
     let stream = !args.json;
-    let decoded = generate::decode(
-        &loaded.model,
-        &mut cache,
-        logits,
-        &args.config,
-        tok.eos_ids(),
-        |t| {
-            if stream {
-                so_far.push(t);
-                if let Ok(s) = tok.decode(&so_far, true) {
-                    // print only complete characters: hold back a trailing replacement char
-                    let s = s.trim_end_matches('\u{FFFD}');
-                    if s.len() > printed && s.is_char_boundary(printed) {
-                        let _ = write!(stdout, "{}", &s[printed..]);
-                        let _ = stdout.flush();
-                        printed = s.len();
-                    }
-                }
-            }
-            true
-        },
-        &device,
-    )?;
-    let completion = tok.decode(&decoded.tokens, true)?;
-    let decode_secs = decoded.elapsed.as_secs_f64();
-    let n_new = decoded.tokens.len();
-    // the first new token comes from the prefill logits; the others each take one forward pass
+    let ans = answer(&loaded, &mut cache, question, &args.config, stream, &device)?;
+    let n_new = ans.decoded.tokens.len();
+    let decode_secs = ans.decoded.elapsed.as_secs_f64();
+    // the first new token comes from the question's logits; the others each take one forward pass
     let decode_tps = if n_new > 1 { (n_new - 1) as f64 / decode_secs.max(1e-9) } else { 0.0 };
-    let prefill_tps = ids.len() as f64 / prefill_secs.max(1e-9);
+    let prefill_tps = context.len() as f64 / prefill_secs.max(1e-9);
+    let press_json = report.as_ref().zip(args.press.as_ref()).map(|(r, p)| {
+        serde_json::json!({
+            "name": p.name,
+            "budget": match p.budget { Budget::Ratio(x) => serde_json::json!({"ratio": x}), Budget::Tokens(n) => serde_json::json!({"tokens": n}) },
+            "options": p.options.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+            "kept_per_layer": r.kept_per_layer(),
+            "kept_per_head": r.kept,
+            "kv_bytes_before": r.bytes_before,
+            "kv_bytes_after": r.bytes_after,
+            "compression_seconds": compress_secs,
+        })
+    });
     if args.json {
         let out = serde_json::json!({
             "model": args.model,
             "architecture": loaded.config.architecture,
-            "prompt_tokens": ids.len(),
+            "prompt_tokens": prompt_tokens,
+            "context_tokens": context.len(),
+            "question_tokens": question.len(),
             "new_tokens": n_new,
-            "completion": completion,
-            "completion_ids": decoded.tokens,
-            "stop_reason": decoded.stop,
+            "completion": ans.text,
+            "completion_ids": ans.decoded.tokens,
+            "stop_reason": ans.decoded.stop,
+            "baseline_completion": baseline.as_ref().map(|b| b.text.clone()),
+            "press": press_json,
             "load_seconds": load_secs,
             "prefill_seconds": prefill_secs,
             "prefill_tokens_per_second": prefill_tps,
             "decode_seconds": decode_secs,
             "decode_tokens_per_second": decode_tps,
-            "kv_cache_bytes_after_prefill": kv_bytes_prompt,
+            "kv_cache_bytes_context": kv_bytes_context,
+            "kv_cache_bytes_compressed": kv_bytes_compressed,
             "kv_cache_bytes": cache.bytes(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        if completion.len() > printed {
-            print!("{}", completion.get(printed..).unwrap_or(""));
-        }
-        println!();
+        return Ok(());
+    }
+    println!("---");
+    if let Some(b) = &baseline {
+        println!("without compression: {}", b.text.trim());
         println!("---");
-        println!("prompt tokens     {}", ids.len());
-        println!("new tokens        {n_new} (stop: {:?})", decoded.stop);
-        println!("prefill           {prefill_secs:.2} s, {prefill_tps:.1} tokens/s");
-        println!("decode            {decode_secs:.2} s, {decode_tps:.1} tokens/s");
-        println!("KV cache          {} (after prefill {})", human_bytes(cache.bytes()), human_bytes(kv_bytes_prompt));
+    }
+    println!("prompt tokens     {prompt_tokens} (context {}, question {})", context.len(), question.len());
+    println!("new tokens        {n_new} (stop: {:?})", ans.decoded.stop);
+    println!("prefill           {prefill_secs:.2} s, {prefill_tps:.1} tokens/s");
+    if let (Some(r), Some(p)) = (&report, &args.press) {
+        let kept: usize = r.kept.iter().flatten().sum();
+        let total = r.context_len * r.kept.len() * r.kept.first().map_or(0, Vec::len);
+        println!(
+            "compression       {compress_secs:.2} s ({:.2}x prefill), {}: kept {kept} of {total} KV entries ({:.1}%)",
+            compress_secs / prefill_secs.max(1e-9),
+            p.name,
+            100.0 * kept as f64 / total.max(1) as f64
+        );
+    }
+    println!("decode            {decode_secs:.2} s, {decode_tps:.1} tokens/s");
+    if let Some(r) = &report {
+        println!(
+            "KV cache          {} -> {} after compression (saved {}, {:.1}%)",
+            human_bytes(r.bytes_before),
+            human_bytes(r.bytes_after),
+            human_bytes(r.bytes_before.saturating_sub(r.bytes_after)),
+            100.0 * (1.0 - r.bytes_after as f64 / r.bytes_before.max(1) as f64)
+        );
+        println!("kept tokens per layer (of {}):", r.context_len);
+        print!("{}", bar_chart(&r.kept_per_layer(), r.context_len));
+    } else {
+        println!("KV cache          {} (context {})", human_bytes(cache.bytes()), human_bytes(kv_bytes_context));
     }
     Ok(())
+}
+
+/// One row per layer: a bar of eighth-blocks scaled to `full`, and the count.
+fn bar_chart(values: &[usize], full: usize) -> String {
+    const WIDTH: usize = 40;
+    const BLOCKS: [&str; 8] = ["▏", "▎", "▍", "▌", "▋", "▊", "▉", "█"];
+    let mut out = String::new();
+    for (l, &v) in values.iter().enumerate() {
+        let eighths = (v * WIDTH * 8).div_ceil(full.max(1)).min(WIDTH * 8);
+        let mut bar = "█".repeat(eighths / 8);
+        if eighths % 8 > 0 {
+            bar.push_str(BLOCKS[eighths % 8 - 1]);
+        }
+        out.push_str(&format!("  L{l:02} {bar:<WIDTH$} {v}\n"));
+    }
+    out
 }
 
 fn human_bytes(b: usize) -> String {
@@ -265,7 +403,24 @@ fn main() {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Generate { model, prompt, prompt_file, max_new_tokens, chat, temperature, top_p, seed, prefill_chunk, json } => {
+        Command::Generate {
+            model,
+            prompt,
+            prompt_file,
+            max_new_tokens,
+            chat,
+            temperature,
+            top_p,
+            seed,
+            prefill_chunk,
+            json,
+            question,
+            press,
+            ratio,
+            budget,
+            press_options,
+            compare,
+        } => {
             let prompt = match (prompt, prompt_file) {
                 (Some(p), _) => p,
                 (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("reading prompt file {}", f.display()))?,
@@ -276,8 +431,33 @@ fn real_main() -> Result<()> {
             }
             let config = GenerationConfig { max_new_tokens, temperature, top_p, seed, prefill_chunk, stop_at_eos: true };
             config.validate()?;
+            let press = match press {
+                None => {
+                    if ratio.is_some() || budget.is_some() || !press_options.is_empty() || compare {
+                        bail!("--ratio, --budget, --press-option and --compare need --press (known: {})", press::PRESSES.join(", "));
+                    }
+                    None
+                }
+                Some(name) => {
+                    press::check(&name, Budget::Ratio(0.5), &[])?; // the name, before the budget
+                    let budget = match (ratio, budget) {
+                        (Some(r), None) => Budget::Ratio(r),
+                        (None, Some(n)) => Budget::Tokens(n),
+                        _ => bail!("--press {name} needs --ratio R (in [0, 1)) or --budget N (tokens per layer)"),
+                    };
+                    if let Budget::Ratio(r) = budget {
+                        if !(0.0..1.0).contains(&r) {
+                            bail!("compression ratio {r} is outside [0, 1)");
+                        }
+                    }
+                    let options = press_options.iter().map(|o| press::parse_option(o)).collect::<Result<Vec<_>, _>>()?;
+                    // check option names and values before loading the model
+                    press::check(&name, budget, &options)?;
+                    Some(PressArgs { name, budget, options })
+                }
+            };
             let path = model_path(&model.model)?;
-            dispatch(model.backend, GenerateArgs { model: path, prompt, chat, json, config })
+            dispatch(model.backend, GenerateArgs { model: path, prompt, question, chat, json, config, press, compare })
         }
         Command::Inspect { model, json } => inspect(&model, json),
     }

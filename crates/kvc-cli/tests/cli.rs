@@ -26,7 +26,9 @@ fn generate_on_the_default_model() {
     assert!(v["completion"].as_str().unwrap().contains("Paris"), "{v}");
     // 30 layers x 2 (K, V) x 3 KV heads x 64 dims x 4 bytes per token
     let per_token = 30 * 2 * 3 * 64 * 4;
-    assert_eq!(v["kv_cache_bytes_after_prefill"], 5 * per_token);
+    // the last prompt token is fed after the (here: uncompressed) context, like a question
+    assert_eq!(v["context_tokens"], 4);
+    assert_eq!(v["kv_cache_bytes_context"], 4 * per_token);
     assert_eq!(v["kv_cache_bytes"], 12 * per_token); // 5 + 7 fed tokens (the 8th is not fed back)
     // text mode prints the summary
     let out = kvc(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--backend", "ndarray"]);
@@ -62,4 +64,51 @@ fn bad_input_exits_non_zero_with_a_message() {
     fails_with(&["generate", "--prompt", "hi", "--backend", "tpu"], "usage:invalid value 'tpu'");
     let long = "word ".repeat(9000);
     fails_with(&["generate", "--prompt", &long, "--max-new-tokens", "1"], "more than the model's context");
+}
+
+const CONTEXT: &str = "The lighthouse keeper, Ada Quill, lived on the island of Varn for twelve years. \
+Every evening she climbed the ninety steps, lit the great lamp, and wrote the weather in a green notebook.";
+
+#[test]
+fn kvcompose_press_compresses_and_answers() {
+    let out = kvc(&[
+        "generate", "--prompt", CONTEXT, "--question", "\nQuestion: What is the keeper's name?\nAnswer:",
+        "--press", "kvcompose", "--ratio", "0.5", "--compare", "--max-new-tokens", "6", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = v["context_tokens"].as_u64().unwrap() as usize;
+    let kept: Vec<usize> = v["press"]["kept_per_layer"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    assert_eq!(kept.len(), 30);
+    // n = floor(30 * T * 0.5) slots over layers; every layer keeps at least one token
+    assert!(kept.iter().sum::<usize>() >= 30 * t / 2 && kept.iter().all(|&k| (1..=t).contains(&k)), "{kept:?}");
+    assert_eq!(kept[0], *kept.iter().max().unwrap(), "layer 0 carries the max composite scores");
+    let (before, after) = (v["press"]["kv_bytes_before"].as_u64().unwrap(), v["press"]["kv_bytes_after"].as_u64().unwrap());
+    let per_token = 2 * 3 * 64 * 4;
+    assert_eq!(before as usize, 30 * t * per_token);
+    assert_eq!(after as usize, kept.iter().sum::<usize>() * per_token);
+    assert!(v["baseline_completion"].is_string());
+    assert_eq!(v["new_tokens"], 6);
+    // text mode: budget chart and bytes saved
+    let out = kvc(&["generate", "--prompt", CONTEXT, "--press", "kvcompose", "--budget", "8", "--max-new-tokens", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("kept tokens per layer") && text.contains("L29") && text.contains("saved"), "{text}");
+}
+
+#[test]
+fn press_bad_input_exits_non_zero() {
+    let p = ["generate", "--prompt", CONTEXT, "--press", "kvcompose"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> { p.iter().copied().chain(extra.iter().copied()).collect() };
+    fails_with(&with(&["--ratio", "1.0"]), "outside [0, 1)");
+    fails_with(&with(&["--ratio=-0.5"]), "outside [0, 1)");
+    fails_with(&with(&["--budget", "0"]), "token budget 0");
+    fails_with(&with(&["--budget", "100000"]), "between 1 and the context length");
+    fails_with(&with(&[]), "needs --ratio");
+    fails_with(&with(&["--ratio", "0.5", "--press-option", "agg_task=median"]), "not one of max, mean");
+    fails_with(&with(&["--ratio", "0.5", "--press-option", "colour=blue"]), "unknown option");
+    fails_with(&with(&["--ratio", "0.5", "--press-option", "structured"]), "not key=value");
+    fails_with(&["generate", "--prompt", CONTEXT, "--press", "snapkv", "--ratio", "0.5"], "unknown press");
+    fails_with(&["generate", "--prompt", CONTEXT, "--ratio", "0.5"], "need --press");
+    fails_with(&["generate", "--prompt", "Hi", "--question", " there", "--press", "kvcompose", "--ratio", "0.5"], "context of 1 token");
 }

@@ -1,6 +1,6 @@
 //! The KV cache: per-layer keys and values that a press can reshape.
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::CoreError;
 
@@ -19,6 +19,10 @@ pub struct LayerKv<B: Backend> {
     pub values: Tensor<B, 4>,
     /// Original positions, row-major `[batch, kv_heads, len]`.
     pub positions: Vec<u32>,
+    /// Which slots hold a real token, row-major `[batch, kv_heads, len]`; `None` = all. Set when
+    /// heads of a layer keep different numbers of tokens (per-head budgets): every head is padded
+    /// to the layer's largest count and the padding is masked out of attention.
+    pub valid: Option<Vec<bool>>,
 }
 
 impl<B: Backend> LayerKv<B> {
@@ -30,6 +34,30 @@ impl<B: Backend> LayerKv<B> {
     /// True when no token is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Additive attention bias over the layer's slots, `[batch, kv_heads, 1, 1, len]`: 0 for a
+    /// real token, -inf for padding. `None` when every slot is real.
+    pub fn key_bias(&self) -> Option<Tensor<B, 5>> {
+        let valid = self.valid.as_ref()?;
+        let [b, h, len, _] = self.keys.dims();
+        let bias: Vec<f32> = valid.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+        Some(Tensor::from_data(TensorData::new(bias, [b, h, 1, 1, len]), &self.keys.device()))
+    }
+
+    /// Real (unpadded) tokens per `[batch][head]`.
+    pub fn tokens_per_head(&self) -> Vec<Vec<usize>> {
+        let [b, h, len, _] = self.keys.dims();
+        (0..b)
+            .map(|bi| {
+                (0..h)
+                    .map(|hi| match &self.valid {
+                        None => len,
+                        Some(v) => v[(bi * h + hi) * len..(bi * h + hi + 1) * len].iter().filter(|&&x| x).count(),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Bytes held by keys and values (element count x element size of the tensors' dtype).
@@ -128,7 +156,7 @@ impl<B: Backend> KvCache<B> {
         let entry = match self.layers[layer].take() {
             None => {
                 let positions = (0..b * h).flat_map(|_| new_positions.iter().copied()).collect();
-                LayerKv { keys, values, positions }
+                LayerKv { keys, values, positions, valid: None }
             }
             Some(old) => {
                 let [ob, oh, ol, od] = old.keys.dims();
@@ -142,10 +170,14 @@ impl<B: Backend> KvCache<B> {
                     positions.extend_from_slice(&old.positions[row * ol..(row + 1) * ol]);
                     positions.extend_from_slice(&new_positions);
                 }
+                let valid = old.valid.map(|v| {
+                    (0..b * h).flat_map(|row| v[row * ol..(row + 1) * ol].iter().copied().chain(std::iter::repeat_n(true, c))).collect()
+                });
                 LayerKv {
                     keys: Tensor::cat(vec![old.keys, keys], 2),
                     values: Tensor::cat(vec![old.values, values], 2),
                     positions,
+                    valid,
                 }
             }
         };
@@ -162,7 +194,10 @@ impl<B: Backend> KvCache<B> {
     pub fn replace_layer(&mut self, layer: usize, kv: LayerKv<B>) -> Result<(), CoreError> {
         self.check_layer(layer)?;
         let [b, h, l, _] = kv.keys.dims();
-        if kv.keys.dims() != kv.values.dims() || kv.positions.len() != b * h * l {
+        if kv.keys.dims() != kv.values.dims()
+            || kv.positions.len() != b * h * l
+            || kv.valid.as_ref().is_some_and(|v| v.len() != b * h * l)
+        {
             return Err(CoreError::Shape(format!(
                 "keys {:?}, values {:?}, {} positions",
                 kv.keys.dims(),
@@ -174,9 +209,14 @@ impl<B: Backend> KvCache<B> {
         Ok(())
     }
 
-    /// Keeps, in every head of a layer, the slots named by `indices` (`[batch, kv_heads, k]`, slot
-    /// indices into the current layer, in the order they should be kept). Keys, values and
-    /// positions are gathered together.
+    /// Keeps, in every head of a layer, the slots named by `indices` (`[batch][kv_heads][k]`, slot
+    /// indices into the current layer, in the order they should be kept). Keys, values, positions
+    /// and validity are gathered together.
+    ///
+    /// Heads may keep different numbers of slots (per-head budgets): every head is then padded to
+    /// the largest count (repeating its last kept slot, or slot 0 for a head that keeps nothing)
+    /// and the padding is marked invalid, so attention ignores it. The layer keeps at least one
+    /// slot per head.
     ///
     /// # Errors
     /// [`CoreError::EmptyLayer`], [`CoreError::Shape`] when `indices` does not match the layer's
@@ -185,31 +225,37 @@ impl<B: Backend> KvCache<B> {
         self.check_layer(layer)?;
         let kv = self.layers[layer].as_ref().ok_or(CoreError::EmptyLayer(layer))?;
         let [b, h, len, d] = kv.keys.dims();
-        let k = indices.first().and_then(|x| x.first()).map_or(0, Vec::len);
-        if indices.len() != b || indices.iter().any(|x| x.len() != h || x.iter().any(|r| r.len() != k)) {
+        if indices.len() != b || indices.iter().any(|x| x.len() != h) {
             return Err(CoreError::Shape(format!("indices do not form [{b}, {h}, k]")));
         }
         if indices.iter().flatten().flatten().any(|&i| i as usize >= len) {
             return Err(CoreError::Shape(format!("index out of range for layer length {len}")));
         }
-        let flat: Vec<i64> = indices.iter().flatten().flatten().map(|&i| i as i64).collect();
-        let positions = indices
-            .iter()
-            .enumerate()
-            .flat_map(|(bi, heads)| {
-                heads.iter().enumerate().flat_map(move |(hi, row)| {
-                    row.iter().map(move |&i| (bi, hi, i as usize))
-                })
-            })
-            .map(|(bi, hi, i)| kv.positions[(bi * h + hi) * len + i])
-            .collect();
+        let k = indices.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
+        let ragged = indices.iter().flatten().any(|r| r.len() != k);
+        let mut flat = Vec::with_capacity(b * h * k);
+        let mut positions = Vec::with_capacity(b * h * k);
+        let mut valid = Vec::with_capacity(b * h * k);
+        for (bi, heads) in indices.iter().enumerate() {
+            for (hi, row) in heads.iter().enumerate() {
+                let pad = row.last().copied().unwrap_or(0);
+                for j in 0..k {
+                    let i = row.get(j).copied().unwrap_or(pad) as usize;
+                    flat.push(i as i64);
+                    positions.push(kv.positions[(bi * h + hi) * len + i]);
+                    let was_valid = kv.valid.as_ref().is_none_or(|v| v[(bi * h + hi) * len + i]);
+                    valid.push(j < row.len() && was_valid);
+                }
+            }
+        }
         let device = kv.keys.device();
-        let idx = Tensor::<B, 3, Int>::from_data(burn::tensor::TensorData::new(flat, [b, h, k]), &device)
+        let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(flat, [b, h, k]), &device)
             .unsqueeze_dim::<4>(3)
             .expand([b, h, k, d]);
         let keys = kv.keys.clone().gather(2, idx.clone());
         let values = kv.values.clone().gather(2, idx);
-        self.layers[layer] = Some(LayerKv { keys, values, positions });
+        let valid = (ragged || kv.valid.is_some()).then_some(valid).filter(|v| v.iter().any(|x| !x));
+        self.layers[layer] = Some(LayerKv { keys, values, positions, valid });
         Ok(())
     }
 
@@ -222,6 +268,9 @@ impl<B: Backend> KvCache<B> {
                 kv.keys = kv.keys.clone().narrow(2, 0, len);
                 kv.values = kv.values.clone().narrow(2, 0, len);
                 kv.positions = kv.positions.chunks(l).take(b * h).flat_map(|r| r[..len].to_vec()).collect();
+                if let Some(v) = &kv.valid {
+                    kv.valid = Some(v.chunks(l).take(b * h).flat_map(|r| r[..len].to_vec()).collect());
+                }
             }
         }
     }
@@ -275,6 +324,25 @@ mod tests {
         assert_eq!(keys, vec![2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 12.0, 13.0]);
         assert!(cache.gather_layer(0, &[vec![vec![5, 0], vec![0, 1]]]).is_err());
         assert!(cache.gather_layer(0, &[vec![vec![0]]]).is_err());
+    }
+
+    #[test]
+    fn ragged_gather_pads_and_masks() {
+        let mut cache = KvCache::<B>::new(1);
+        cache.append(0, 0, ramp(1, 2, 4, 1, 0.0), ramp(1, 2, 4, 1, 0.0)).unwrap();
+        cache.gather_layer(0, &[vec![vec![0, 2, 3], vec![1]]]).unwrap();
+        let kv = cache.layer(0).unwrap().unwrap();
+        assert_eq!(kv.len(), 3);
+        assert_eq!(kv.valid.as_deref(), Some(&[true, true, true, true, false, false][..]));
+        assert_eq!(kv.tokens_per_head(), vec![vec![3, 1]]);
+        let bias = kv.key_bias().unwrap().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(bias[..4], [0.0, 0.0, 0.0, 0.0]);
+        assert!(bias[4].is_infinite() && bias[5].is_infinite());
+        // decode appends a real token to every head
+        cache.append(0, 4, ramp(1, 2, 1, 1, 0.0), ramp(1, 2, 1, 1, 0.0)).unwrap();
+        let kv = cache.layer(0).unwrap().unwrap();
+        assert_eq!(kv.tokens_per_head(), vec![vec![4, 2]]);
+        assert_eq!(kv.positions, vec![0, 2, 3, 4, 1, 1, 1, 4]);
     }
 
     #[test]

@@ -3,18 +3,23 @@
 //! The pieces of KV-cache compression that do not depend on a particular model:
 //!
 //! - [`KvCache`]: per-layer keys and values `[batch, kv_heads, len_l, head_dim]` (keys stored after
-//!   RoPE), the original position of every kept token, and byte accounting. Layers may have
-//!   different lengths (KVCompose leaves them so).
+//!   RoPE), the original position of every kept token, an optional per-slot validity mask (for
+//!   per-head budgets), and byte accounting. Layers may have different lengths (KVCompose leaves
+//!   them so).
 //! - [`AttentionObserver`]: the hook through which a decoder shows each layer's queries, keys,
-//!   values and (on request) attention probabilities, without knowing what looks at them. Presses
-//!   (compression methods) are built on it.
+//!   values and (on request) attention probabilities, without knowing what looks at them.
+//! - [`press`]: compression methods (presses) applied between prefill and decode, and the pieces
+//!   they share ([`select`]: score aggregation, top-k, global budget allocation).
 //!
 //! Everything is generic over `B: burn::tensor::backend::Backend`; no backend is named here.
 
 pub mod cache;
 pub mod error;
 pub mod observer;
+pub mod press;
+pub mod select;
 
 pub use cache::{KvCache, LayerKv};
 pub use error::CoreError;
 pub use observer::{AttentionObserver, LayerObservation};
+pub use press::{Budget, ForwardModel, Press, PressReport};

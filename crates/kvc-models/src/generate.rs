@@ -93,7 +93,8 @@ pub fn check_prompt(prompt_tokens: usize, context: usize, reserved: usize) -> Re
     Ok(())
 }
 
-fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+/// Token ids as a `[1, len]` int tensor.
+pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
 }
@@ -118,10 +119,12 @@ pub fn prefill<B: Backend>(
     let mut last = None;
     for (i, part) in ids.chunks(chunk).enumerate() {
         let is_last = (i + 1) * chunk >= ids.len();
-        let mode = if is_last { Logits::Last } else { Logits::None };
-        let out = model.forward(token_tensor::<B>(part, device), cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), mode)?;
+        let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
+        let tokens = token_tensor::<B>(part, device);
         if is_last {
-            last = Some(out);
+            last = Some(model.forward(tokens, cache, obs, Logits::Last)?);
+        } else {
+            model.forward_hidden(tokens, cache, obs)?;
         }
     }
     Ok(last.expect("non-empty prompt has a last chunk"))
@@ -210,4 +213,54 @@ pub fn decode<B: Backend>(
         logits = model.forward(token_tensor::<B>(&[next], device), cache, None, Logits::Last)?;
     };
     Ok(Decoded { tokens, stop, elapsed: start.elapsed() })
+}
+
+/// A prompt split for compression: the context (prefilled, then compressed) and the question
+/// (fed after compression, at the original positions), as kvpress's pipeline splits them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitPrompt {
+    /// Context token ids.
+    pub context: Vec<u32>,
+    /// Question token ids (never empty).
+    pub question: Vec<u32>,
+}
+
+/// Splits a prompt into context and question, following kvpress's `pipeline.preprocess`:
+///
+/// - with `chat`: the model's chat template renders one user message `context + question`; the
+///   context part ends where the question starts, the question part carries the template's tail
+///   (end of turn, assistant header). Both are tokenized without adding special tokens.
+/// - without: the context is tokenized as given (BOS only where the tokenizer adds it), the
+///   question is `question + "\n"`.
+/// - without a question: the last token of the prompt is held back as the question, so that
+///   every generated token sees the compressed cache.
+///
+/// The context may be empty (a one-token prompt without a question).
+///
+/// # Errors
+/// [`ModelError::EmptyPrompt`] when there is no token at all, tokenizer and template errors.
+pub fn split_prompt(tok: &crate::Tokenizer, context: &str, question: Option<&str>, chat: bool) -> Result<SplitPrompt> {
+    let (mut context_ids, mut question_ids) = match (question, chat) {
+        (Some(q), true) => {
+            // a separator that cannot occur in the text, as kvpress does
+            let sep = "#".repeat(context.len() + 10);
+            let msg = crate::ChatMessage { role: "user".into(), content: format!("{context}{sep}") };
+            let rendered = tok.apply_chat_template(&[msg])?;
+            let (c, suffix) = rendered
+                .split_once(&sep)
+                .ok_or_else(|| ModelError::Tokenizer("the chat template dropped the user message".into()))?;
+            (tok.encode(c, false)?, tok.encode(&format!("{q}{suffix}"), false)?)
+        }
+        (Some(q), false) => (tok.encode(context, true)?, tok.encode(&format!("{q}\n"), false)?),
+        (None, true) => {
+            let msg = crate::ChatMessage { role: "user".into(), content: context.to_string() };
+            (tok.encode(&tok.apply_chat_template(&[msg])?, false)?, Vec::new())
+        }
+        (None, false) => (tok.encode(context, true)?, Vec::new()),
+    };
+    if question_ids.is_empty() {
+        let last = context_ids.pop().ok_or(ModelError::EmptyPrompt)?;
+        question_ids.push(last);
+    }
+    Ok(SplitPrompt { context: context_ids, question: question_ids })
 }

@@ -7,6 +7,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use kvc_core::{AttentionObserver, KvCache, LayerObservation};
 
@@ -22,8 +24,6 @@ pub enum Logits {
     All,
     /// Only the last position: `[batch, 1, vocab]` (prefill, decode).
     Last,
-    /// None (e.g. a scoring pass): `[batch, 0, vocab]`.
-    None,
 }
 
 /// Self-attention with grouped KV heads.
@@ -211,17 +211,36 @@ impl<B: Backend> Decoder<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
-        mut observer: Option<&mut dyn AttentionObserver<B>>,
+        observer: Option<&mut dyn AttentionObserver<B>>,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let [batch, chunk] = tokens.dims();
+        let chunk = tokens.dims()[1];
+        let x = self.forward_hidden(tokens, cache, observer)?;
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, chunk - 1, 1),
+        };
+        Ok(self.lm_head.forward(self.norm.forward(x)))
+    }
+
+    /// As [`forward`](Self::forward), but returns the last layer's hidden states
+    /// `[batch, chunk, hidden]` (before the final norm) and computes no logits: prefill chunks
+    /// whose logits nobody reads, and presses' scoring passes.
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        mut observer: Option<&mut dyn AttentionObserver<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let [_, chunk] = tokens.dims();
         let device = tokens.device();
         let first = cache.next_position();
         let (cos, sin) = rope::tables::<B>(&self.inv_freq, first, chunk, &device);
         let mut x = self.embed_tokens.forward(tokens);
+        let mut masks = MaskCache::default();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(x.clone());
-            let a = layer.self_attn.forward(h, i, first, &cos, &sin, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
+            let a = layer.self_attn.forward(h, i, first, &cos, &sin, &mut masks, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
             let x1 = x + a;
             let h = layer.post_attention_layernorm.forward(x1.clone());
             let m = &layer.mlp;
@@ -229,12 +248,7 @@ impl<B: Backend> Decoder<B> {
             x = x1 + ff;
         }
         cache.advance(chunk);
-        let x = match logits {
-            Logits::All => x,
-            Logits::Last => x.narrow(1, chunk - 1, 1),
-            Logits::None => return Ok(Tensor::zeros([batch, 0, self.config.vocab_size], &device)),
-        };
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        Ok(x)
     }
 }
 
@@ -247,6 +261,7 @@ impl<B: Backend> Attention<B> {
         first: usize,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
+        masks: &mut MaskCache<B>,
         cache: &mut KvCache<B>,
         observer: Option<&mut dyn AttentionObserver<B>>,
     ) -> Result<Tensor<B, 3>> {
@@ -265,14 +280,35 @@ impl<B: Backend> Attention<B> {
         let (keys, values) = cache.append(layer, first, k, v)?;
         let len = keys.dims()[2];
         let g = hq / hkv;
-        // GQA without repeating K/V: the g query heads of a group share one matmul.
-        let scores = q.clone().reshape([b, hkv, g * c, d]).matmul(keys.clone().swap_dims(2, 3)) * (d as f64).powf(-0.5);
-        let scores = scores.reshape([b, hkv, g, c, len]);
-        let scores = if c > 1 { scores + causal_mask::<B>(c, len, &keys.device()) } else { scores };
-        let probs = softmax(scores, 4);
-        let out = probs.clone().reshape([b, hkv, g * c, len]).matmul(values.clone());
+        // per-head budgets leave padded slots in the cache: they must be masked out
+        let key_bias = cache.layer(layer)?.and_then(|kv| kv.key_bias());
+        let wants_attention = observer.as_ref().is_some_and(|o| o.wants_attention(layer));
+        let (out, probs) = if !wants_attention && key_bias.is_none() {
+            // burn's fused attention (flash attention where the backend has it)
+            let opts = |is_causal| AttentionModuleOptions { scale: None, softcap: None, is_causal };
+            let out = if c == 1 {
+                // decode: the g query heads of a group attend together, no K/V copies
+                attention(q.clone().reshape([b, hkv, g, d]), keys.clone(), values.clone(), None, None, opts(false))
+            } else {
+                // causal mask aligned bottom-right: cached keys all visible, the chunk causal
+                let expand = |t: &Tensor<B, 4>| t.clone().unsqueeze_dim::<5>(2).expand([b, hkv, g, len, d]).reshape([b, hq, len, d]);
+                attention(q.clone(), expand(&keys), expand(&values), None, None, opts(true))
+            };
+            (out.reshape([b, hkv, g * c, d]), None)
+        } else {
+            // explicit softmax, for observers that read the probabilities and for padded layouts
+            let scores = q.clone().reshape([b, hkv, g * c, d]).matmul(keys.clone().swap_dims(2, 3)) * (d as f64).powf(-0.5);
+            let scores = scores.reshape([b, hkv, g, c, len]);
+            let scores = if c > 1 { scores + masks.get([b, hkv, g, c, len], &keys.device()) } else { scores };
+            let scores = match key_bias {
+                Some(bias) => scores + bias,
+                None => scores,
+            };
+            let probs = softmax(scores, 4).reshape([b, hkv, g * c, len]);
+            (probs.clone().matmul(values.clone()), Some(probs))
+        };
         if let Some(obs) = observer {
-            let attention = obs.wants_attention(layer).then(|| probs.reshape([b, hq, c, len]));
+            let attention = probs.filter(|_| wants_attention).map(|p| p.reshape([b, hq, c, len]));
             obs.observe(LayerObservation {
                 layer,
                 first_position: first,
@@ -287,15 +323,64 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// Additive mask `[1, 1, 1, chunk, len]`: the first `len - chunk` keys (cache) are visible to all;
-/// within the chunk, query `i` sees keys `0..=i`.
-fn causal_mask<B: Backend>(chunk: usize, len: usize, device: &B::Device) -> Tensor<B, 5> {
-    let past = len - chunk;
-    let mut m = vec![0f32; chunk * len];
-    for i in 0..chunk {
-        for j in past + i + 1..len {
-            m[i * len + j] = f32::NEG_INFINITY;
-        }
+impl<B: Backend> kvc_core::ForwardModel<B> for Decoder<B> {
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
     }
-    Tensor::from_data(TensorData::new(m, [1, 1, 1, chunk, len]), device)
+    fn num_heads(&self) -> usize {
+        self.config.num_heads
+    }
+    fn num_kv_heads(&self) -> usize {
+        self.config.num_kv_heads
+    }
+    fn feed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        observer: &mut dyn AttentionObserver<B>,
+        chunk: usize,
+    ) -> std::result::Result<(), kvc_core::CoreError> {
+        let device = self.embed_tokens.weight.device();
+        for part in tokens.chunks(chunk.max(1)) {
+            let t = crate::generate::token_tensor::<B>(part, &device);
+            self.forward_hidden(t, cache, Some(&mut *observer)).map_err(|e| kvc_core::CoreError::Model(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Causal masks of one forward pass, by shape (layers of a compressed cache differ in length).
+struct MaskCache<B: Backend> {
+    masks: Vec<([usize; 5], Tensor<B, 5>)>,
+}
+
+impl<B: Backend> Default for MaskCache<B> {
+    fn default() -> Self {
+        Self { masks: Vec::new() }
+    }
+}
+
+impl<B: Backend> MaskCache<B> {
+    /// Additive mask of shape `[b, hkv, g, chunk, len]`, materialized at full size (a broadcast add
+    /// would walk the scores with strided indexing on CPU backends): the first `len - chunk` keys
+    /// (cache) are visible to all; within the chunk, query `i` sees keys `0..=i`.
+    fn get(&mut self, shape: [usize; 5], device: &B::Device) -> Tensor<B, 5> {
+        if let Some((_, m)) = self.masks.iter().find(|(s, _)| *s == shape) {
+            return m.clone();
+        }
+        let [b, hkv, g, chunk, len] = shape;
+        let past = len - chunk;
+        let mut one = vec![0f32; chunk * len];
+        for i in 0..chunk {
+            one[i * len + past + i + 1..(i + 1) * len].fill(f32::NEG_INFINITY);
+        }
+        let reps = b * hkv * g;
+        let mut full = Vec::with_capacity(reps * one.len());
+        for _ in 0..reps {
+            full.extend_from_slice(&one);
+        }
+        let m = Tensor::from_data(TensorData::new(full, shape), device);
+        self.masks.push((shape, m.clone()));
+        m
+    }
 }

@@ -34,6 +34,11 @@ impl Fixture {
         assert_eq!(dt, safetensors::Dtype::F32, "{key}");
         (b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(), shape)
     }
+    pub fn bytes(&self, key: &str) -> Vec<u8> {
+        let (b, dt, _) = self.view(key);
+        assert_eq!(dt, safetensors::Dtype::U8, "{key}");
+        b
+    }
     pub fn ids(&self, key: &str) -> Vec<u32> {
         let (b, dt, _) = self.view(key);
         assert_eq!(dt, safetensors::Dtype::I64, "{key}");
