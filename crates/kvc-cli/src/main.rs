@@ -3,6 +3,10 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+
+/// Large tensors are allocated and freed on every op: mimalloc keeps freed blocks for reuse.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};

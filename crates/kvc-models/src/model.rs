@@ -235,12 +235,15 @@ impl<B: Backend> Decoder<B> {
         let [_, chunk] = tokens.dims();
         let device = tokens.device();
         let first = cache.next_position();
-        let (cos, sin) = rope::tables::<B>(&self.inv_freq, first, chunk, &device);
+        // RoPE tables laid out like the projections' output `[1, chunk, heads, head_dim]`
+        let c = &self.config;
+        let rope_q = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_heads, &device);
+        let rope_k = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_kv_heads, &device);
         let mut x = self.embed_tokens.forward(tokens);
         let mut masks = MaskCache::default();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(x.clone());
-            let a = layer.self_attn.forward(h, i, first, &cos, &sin, &mut masks, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
+            let a = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, &mut masks, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
             let x1 = x + a;
             let h = layer.post_attention_layernorm.forward(x1.clone());
             let m = &layer.mlp;
@@ -259,24 +262,26 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         layer: usize,
         first: usize,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rope_q: &(Tensor<B, 4>, Tensor<B, 4>),
+        rope_k: &(Tensor<B, 4>, Tensor<B, 4>),
         masks: &mut MaskCache<B>,
         cache: &mut KvCache<B>,
         observer: Option<&mut dyn AttentionObserver<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, c, _] = x.dims();
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, c, heads, d]).swap_dims(1, 2);
+        // [b, c, heads * d] -> [b, c, heads, d]; RoPE (and Qwen3's q/k norm) work in this contiguous
+        // layout, then heads move to dim 1
+        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, c, heads, d]);
         let mut q = split(self.q_proj.forward(x.clone()), hq);
         let mut k = split(self.k_proj.forward(x.clone()), hkv);
-        let v = split(self.v_proj.forward(x), hkv);
+        let v = split(self.v_proj.forward(x), hkv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = rope::apply(q, cos, sin);
-        let k = rope::apply(k, cos, sin);
+        let q = rope::apply(q, &rope_q.0, &rope_q.1).swap_dims(1, 2);
+        let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
         let (keys, values) = cache.append(layer, first, k, v)?;
         let len = keys.dims()[2];
         let g = hq / hkv;
@@ -297,7 +302,9 @@ impl<B: Backend> Attention<B> {
             (out.reshape([b, hkv, g * c, d]), None)
         } else {
             // explicit softmax, for observers that read the probabilities and for padded layouts
-            let scores = q.clone().reshape([b, hkv, g * c, d]).matmul(keys.clone().swap_dims(2, 3)) * (d as f64).powf(-0.5);
+            // scaling q instead of the scores saves a pass over the scores; for head_dim 64 (or any
+            // power of 4) the scale is a power of two and both orders give identical bits
+            let scores = (q.clone() * (d as f64).powf(-0.5)).reshape([b, hkv, g * c, d]).matmul(keys.clone().swap_dims(2, 3));
             let scores = scores.reshape([b, hkv, g, c, len]);
             let scores = if c > 1 { scores + masks.get([b, hkv, g, c, len], &keys.device()) } else { scores };
             let scores = match key_bias {

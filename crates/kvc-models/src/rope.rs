@@ -44,27 +44,32 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
     }
 }
 
-/// cos and sin tables `[1, 1, len, head_dim]` for positions `first..first+len` (angles are f32
-/// products as in HF, then cos/sin evaluated exactly and rounded to f32).
-pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+/// cos and sin tables `[1, len, heads, head_dim]` for positions `first..first+len`, repeated over
+/// `heads` so that they multiply projections laid out `[batch, len, heads, head_dim]` element by
+/// element (no broadcast). Angles are f32 products as in HF, then cos/sin are evaluated exactly and
+/// rounded to f32.
+pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, heads: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let half = inv_freq.len();
     let d = 2 * half;
-    let mut cos = Vec::with_capacity(len * d);
-    let mut sin = Vec::with_capacity(len * d);
+    let mut cos = Vec::with_capacity(len * heads * d);
+    let mut sin = Vec::with_capacity(len * heads * d);
     for p in first..first + len {
         let angles: Vec<f64> = inv_freq.iter().map(|&f| ((p as f32) * f) as f64).collect();
-        for _ in 0..2 {
-            cos.extend(angles.iter().map(|a| a.cos() as f32));
-            sin.extend(angles.iter().map(|a| a.sin() as f32));
+        let c: Vec<f32> = angles.iter().chain(&angles).map(|a| a.cos() as f32).collect();
+        let s: Vec<f32> = angles.iter().chain(&angles).map(|a| a.sin() as f32).collect();
+        for _ in 0..heads {
+            cos.extend_from_slice(&c);
+            sin.extend_from_slice(&s);
         }
     }
     (
-        Tensor::from_data(TensorData::new(cos, [1, 1, len, d]), device),
-        Tensor::from_data(TensorData::new(sin, [1, 1, len, d]), device),
+        Tensor::from_data(TensorData::new(cos, [1, len, heads, d]), device),
+        Tensor::from_data(TensorData::new(sin, [1, len, heads, d]), device),
     )
 }
 
-/// Applies RoPE to `x` `[batch, heads, len, head_dim]`: `x*cos + rotate_half(x)*sin`.
+/// Applies RoPE to `x` `[batch, len, heads, head_dim]` with tables from [`tables`]:
+/// `x*cos + rotate_half(x)*sin`.
 pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
     let d = x.dims()[3];
     let x1 = x.clone().narrow(3, 0, d / 2);

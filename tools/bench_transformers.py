@@ -1,0 +1,63 @@
+"""Reference speed of transformers (torch, CPU) on the default model, for `kvc-bench speed`.
+
+Same weights (the SmolLM2 Q4_1 GGUF dequantized to float32 by transformers), same token ids (the
+text is tokenized with the reference SmolLM2 tokenizer, identical to kvc's), same lengths:
+prefill of N tokens (one forward pass), then greedy decode of D tokens. Prints one JSON line per
+length, like `kvc-bench speed`.
+
+    python3 tools/bench_transformers.py --text assets/pride_and_prejudice_ch1-2.txt --tokens 1024,2048 --decode 32 --threads 2
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_model_fixtures as mmf  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--tokens", default="1024,2048")
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
+    ap.add_argument("--smollm2", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = mmf.locate_smollm2(args.smollm2, True)
+    model = mmf.load_gguf_model(path)
+    model.config._attn_implementation = args.attn
+    gguf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = mmf.smollm2_reference_tokenizer(gguf_tok, mmf.gguf_meta(path))
+    ids = tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"]
+    lens = [int(x) for x in args.tokens.split(",")]
+    while len(ids) < max(lens):
+        ids = ids + ids
+    with torch.no_grad():
+        for n in lens:
+            prompt = torch.tensor([ids[:n]])
+            model(prompt[:, :16])  # warm-up
+            t0 = time.perf_counter()
+            out = model(prompt, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            cache = out.past_key_values
+            nxt = out.logits[0, -1].argmax()
+            t0 = time.perf_counter()
+            for _ in range(args.decode - 1):
+                out = model(nxt.view(1, 1), past_key_values=cache, use_cache=True)
+                nxt = out.logits[0, -1].argmax()
+            decode = time.perf_counter() - t0
+            print(json.dumps({"backend": f"transformers-{args.attn}", "threads": args.threads, "prompt_tokens": n,
+                              "prefill_s": prefill, "prefill_tok_s": n / prefill,
+                              "decode_tokens": args.decode, "decode_tok_s": (args.decode - 1) / decode}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
