@@ -82,7 +82,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -129,21 +128,6 @@ def essay_wheel() -> Path:
 def read_member(member: str) -> str:
     with zipfile.ZipFile(essay_wheel()) as z:
         return z.read(member).decode("utf-8")
-
-
-def essay_excerpt(tok, essay: str, lo: int, hi: int, target: int) -> str:
-    """Prefix ending on a sentence boundary whose token count is closest to target."""
-    best = None
-    for m in re.finditer(r"[.?!](?=\s|[A-Z]|$)", essay):
-        cut = essay[: m.end()]
-        n = len(tok(cut, add_special_tokens=False)["input_ids"])
-        if lo <= n <= hi and (best is None or abs(n - target) < abs(best[0] - target)):
-            best = (n, cut)
-        if n > hi:
-            break
-    if best is None:
-        raise RuntimeError(f"no sentence boundary with {lo}..{hi} tokens")
-    return best[1]
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +406,8 @@ def make(out: Path, smol_arg, verify) -> None:
     }
     for name, (member, target, lo, hi, question) in CONTEXTS.items():
         print(f"\n== {name} ==", flush=True)
-        text = essay_excerpt(tok, read_member(member), lo, hi, target)
+        # the reference SmolLM2 tokenizer adds no special tokens, so its default call counts the same
+        text = mmf.essay_excerpt(tok, read_member(member), lo, hi, target)
         ctx_ids = tok(text, add_special_tokens=False)["input_ids"]
         q_text = f"\n\nQuestion: {question}\nAnswer:"
         q_ids = tok(q_text, add_special_tokens=False)["input_ids"]
