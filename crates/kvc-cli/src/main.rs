@@ -42,7 +42,7 @@ struct ModelArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Backend to run on (among those compiled in). Default: flex when compiled in (the default
-    /// build; ~10x faster decoding than ndarray on CPU), else ndarray.
+    /// build; ~5x faster decoding than ndarray on CPU), else ndarray.
     #[arg(long, value_enum, default_value_t = default_backend())]
     backend: BackendKind,
 }
