@@ -103,10 +103,8 @@ fn compress_bench<B: Backend>(model: &std::path::Path, text: &str, n: usize, pre
     for _ in 0..repeat.max(1) {
         let mut cache = m.model.new_cache();
         let t = Instant::now();
-        for part in ids.chunks(512) {
-            let h = m.model.forward_hidden(generate::token_tensor::<B>(part, &device), &mut cache, None)?;
-            let _ = h.into_data();
-        }
+        generate::feed(&m.model, &ids, &mut cache, None, 512, &device)?;
+        B::sync(&device).map_err(|e| anyhow::anyhow!("device: {e:?}"))?;
         best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
         if press_name != "none" {
             let mut press = kvc_core::press::build::<B>(press_name, kvc_core::Budget::Ratio(ratio), &[])?;

@@ -234,10 +234,8 @@ fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()>
     let mut cache = loaded.model.new_cache();
     let t_prefill = Instant::now();
     // prefill the context; its last logits are not needed (the question comes next)
-    for part in context.chunks(args.config.prefill_chunk) {
-        let h = loaded.model.forward_hidden(generate::token_tensor::<B>(part, &device), &mut cache, None)?;
-        let _ = h.into_data(); // wait for the device: the time is the prefill's
-    }
+    generate::feed(&loaded.model, context, &mut cache, None, args.config.prefill_chunk, &device)?;
+    B::sync(&device).map_err(|e| anyhow::anyhow!("device: {e:?}"))?; // the time is the prefill's
     let prefill_secs = t_prefill.elapsed().as_secs_f64();
     let kv_bytes_context = cache.bytes();
 

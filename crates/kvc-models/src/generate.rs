@@ -99,6 +99,26 @@ pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2,
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
 }
 
+/// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing logits:
+/// a context prefill before compression, or a press's scoring pass (with an observer).
+///
+/// # Errors
+/// Errors of the forward pass.
+pub fn feed<B: Backend>(
+    model: &Decoder<B>,
+    ids: &[u32],
+    cache: &mut KvCache<B>,
+    mut observer: Option<&mut dyn AttentionObserver<B>>,
+    chunk: usize,
+    device: &B::Device,
+) -> Result<()> {
+    for part in ids.chunks(chunk.max(1)) {
+        let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
+        model.forward_hidden(token_tensor::<B>(part, device), cache, obs)?;
+    }
+    Ok(())
+}
+
 /// Feeds `ids` (batch 1) into `cache` in chunks of `chunk` tokens and returns the logits of the
 /// last position `[1, 1, vocab]`.
 ///
@@ -116,18 +136,9 @@ pub fn prefill<B: Backend>(
         return Err(ModelError::EmptyPrompt);
     }
     let chunk = chunk.max(1);
-    let mut last = None;
-    for (i, part) in ids.chunks(chunk).enumerate() {
-        let is_last = (i + 1) * chunk >= ids.len();
-        let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
-        let tokens = token_tensor::<B>(part, device);
-        if is_last {
-            last = Some(model.forward(tokens, cache, obs, Logits::Last)?);
-        } else {
-            model.forward_hidden(tokens, cache, obs)?;
-        }
-    }
-    Ok(last.expect("non-empty prompt has a last chunk"))
+    let last = (ids.len() - 1) / chunk * chunk;
+    feed(model, &ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk, device)?;
+    model.forward(token_tensor::<B>(&ids[last..], device), cache, observer, Logits::Last)
 }
 
 /// Picks the next token from logits `[vocab]` (host).

@@ -348,11 +348,7 @@ impl<B: Backend> kvc_core::ForwardModel<B> for Decoder<B> {
         chunk: usize,
     ) -> std::result::Result<(), kvc_core::CoreError> {
         let device = self.embed_tokens.weight.device();
-        for part in tokens.chunks(chunk.max(1)) {
-            let t = crate::generate::token_tensor::<B>(part, &device);
-            self.forward_hidden(t, cache, Some(&mut *observer)).map_err(|e| kvc_core::CoreError::Model(e.to_string()))?;
-        }
-        Ok(())
+        crate::generate::feed(self, tokens, cache, Some(observer), chunk, &device).map_err(|e| kvc_core::CoreError::Model(e.to_string()))
     }
 }
 
