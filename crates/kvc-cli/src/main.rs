@@ -66,10 +66,10 @@ enum Command {
         #[arg(long)]
         chat: bool,
         /// Sampling temperature; 0 = greedy (default, reproducible).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
         /// Nucleus sampling mass (with --temperature > 0).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         top_p: f32,
         /// Sampler seed.
         #[arg(long, default_value_t = 0)]
@@ -87,7 +87,7 @@ enum Command {
         #[arg(long)]
         press: Option<String>,
         /// Compression ratio in [0, 1): fraction of the context's KV entries to remove.
-        #[arg(long, conflicts_with = "budget")]
+        #[arg(long, conflicts_with = "budget", allow_negative_numbers = true)]
         ratio: Option<f64>,
         /// Token budget: kept context tokens per layer, on average.
         #[arg(long)]
@@ -129,7 +129,14 @@ fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
         Some(p) if p.exists() => Ok(p.clone()),
         Some(p) => match p.to_str().and_then(find) {
             Some(known) => Ok(ensure_model(known)?),
-            None => Ok(p.clone()), // loading reports the missing path
+            None => {
+                let known: Vec<&str> = kvc_models::default_model::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                bail!(
+                    "no model at {}: give a .gguf file, a HF model folder, or one of: {}",
+                    p.display(),
+                    known.join(", ")
+                )
+            }
         },
         None => Ok(ensure_model(&SMOLLM2)?),
     }
@@ -225,7 +232,13 @@ fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()>
     generate::check_prompt(prompt_tokens, loaded.config.max_position_embeddings, args.config.max_new_tokens)?;
     let mut press = match &args.press {
         Some(p) => {
-            p.budget.validate(context.len()).with_context(|| format!("press {}", p.name))?;
+            p.budget.validate(context.len()).with_context(|| {
+                if args.question.is_none() {
+                    format!("press {}: the prompt is too short (without --question its last token is held back as the question)", p.name)
+                } else {
+                    format!("press {}", p.name)
+                }
+            })?;
             Some(press::build::<B>(&p.name, p.budget, &p.options)?)
         }
         None => None,
@@ -292,7 +305,7 @@ fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()>
             "decode_tokens_per_second": decode_tps,
             "kv_cache_bytes_context": kv_bytes_context,
             "kv_cache_bytes_compressed": kv_bytes_compressed,
-            "kv_cache_bytes": cache.bytes(),
+            "kv_cache_bytes_final": cache.bytes(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -303,7 +316,8 @@ fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()>
         println!("---");
     }
     println!("prompt tokens     {prompt_tokens} (context {}, question {})", context.len(), question.len());
-    println!("new tokens        {n_new} (stop: {:?})", ans.decoded.stop);
+    let stop = serde_json::to_value(ans.decoded.stop)?;
+    println!("new tokens        {n_new} (stop: {})", stop.as_str().unwrap_or("?"));
     println!("prefill           {prefill_secs:.2} s, {prefill_tps:.1} tokens/s");
     if let (Some(r), Some(p)) = (&report, &args.press) {
         let kept: usize = r.kept.iter().flatten().sum();
@@ -324,7 +338,12 @@ fn run_generate<B: Backend>(args: GenerateArgs, device: B::Device) -> Result<()>
             human_bytes(r.bytes_before.saturating_sub(r.bytes_after)),
             100.0 * (1.0 - r.bytes_after as f64 / r.bytes_before.max(1) as f64)
         );
-        println!("kept tokens per layer (of {}):", r.context_len);
+        let ragged = r.kept.iter().any(|h| h.iter().any(|&k| k != h[0]));
+        if ragged {
+            println!("kept tokens per layer, largest head (per-head budgets; of {}):", r.context_len);
+        } else {
+            println!("kept tokens per layer (of {}):", r.context_len);
+        }
         print!("{}", bar_chart(&r.kept_per_layer(), r.context_len));
     } else {
         println!("KV cache          {} (context {})", human_bytes(cache.bytes()), human_bytes(kv_bytes_context));
@@ -367,7 +386,7 @@ fn inspect(model: &Option<PathBuf>, json: bool) -> Result<()> {
     } else {
         println!("model        {}", path.display());
         println!("format       {}", info.format);
-        println!("config       {config:#?}");
+        println!("config       {}", serde_json::to_string_pretty(&config)?);
         println!("tensors      {}", info.tensor_count);
         for (k, v) in &info.dtypes {
             println!("  {k:<10} {v}");
@@ -388,10 +407,10 @@ fn dispatch(backend: BackendKind, args: GenerateArgs) -> Result<()> {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run_generate::<burn::backend::Cuda>(args, Default::default()),
         #[allow(unreachable_patterns)]
-        other => bail!(
-            "backend {other:?} is not compiled in; rebuild with `--features {}`",
-            format!("{other:?}").to_lowercase()
-        ),
+        other => {
+            let name = format!("{other:?}").to_lowercase();
+            bail!("backend {name} is not compiled in; rebuild with `--features {name}`")
+        }
     }
 }
 
@@ -452,7 +471,7 @@ fn real_main() -> Result<()> {
                             bail!("compression ratio {r} is outside [0, 1)");
                         }
                     }
-                    let options = press_options.iter().map(|o| press::parse_option(o)).collect::<Result<Vec<_>, _>>()?;
+                    let options = press_options.iter().map(|o| press::parse_option(&name, o)).collect::<Result<Vec<_>, _>>()?;
                     // check option names and values before loading the model
                     press::check(&name, budget, &options)?;
                     Some(PressArgs { name, budget, options })

@@ -29,7 +29,7 @@ fn generate_on_the_default_model() {
     // the last prompt token is fed after the (here: uncompressed) context, like a question
     assert_eq!(v["context_tokens"], 4);
     assert_eq!(v["kv_cache_bytes_context"], 4 * per_token);
-    assert_eq!(v["kv_cache_bytes"], 12 * per_token); // 5 + 7 fed tokens (the 8th is not fed back)
+    assert_eq!(v["kv_cache_bytes_final"], 12 * per_token); // 5 + 7 fed tokens (the 8th is not fed back)
     // text mode prints the summary
     let out = kvc(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--backend", "ndarray"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -58,7 +58,8 @@ fn bad_input_exits_non_zero_with_a_message() {
     fails_with(&["generate", "--prompt", ""], "the prompt is empty");
     fails_with(&["generate", "--prompt-file", "/no/such/prompt.txt"], "reading prompt file");
     fails_with(&["generate", "--prompt", "hi", "--max-new-tokens", "9000"], "more than the model's context");
-    fails_with(&["generate", "--prompt", "hi", "--temperature=-1"], "temperature");
+    fails_with(&["generate", "--prompt", "hi", "--temperature", "-1"], "temperature");
+    fails_with(&["generate", "--model", "no-such-model", "--prompt", "hi"], "one of: smollm2-135m-instruct");
     fails_with(&["generate", "--prompt", "hi", "--top-p", "2"], "top_p");
     fails_with(&["generate"], "usage:--prompt");
     fails_with(&["generate", "--prompt", "hi", "--backend", "tpu"], "usage:invalid value 'tpu'");
@@ -101,13 +102,14 @@ fn press_bad_input_exits_non_zero() {
     let p = ["generate", "--prompt", CONTEXT, "--press", "kvcompose"];
     let with = |extra: &[&'static str]| -> Vec<&'static str> { p.iter().copied().chain(extra.iter().copied()).collect() };
     fails_with(&with(&["--ratio", "1.0"]), "outside [0, 1)");
-    fails_with(&with(&["--ratio=-0.5"]), "outside [0, 1)");
+    fails_with(&with(&["--ratio", "-0.5"]), "outside [0, 1)");
     fails_with(&with(&["--budget", "0"]), "token budget 0");
     fails_with(&with(&["--budget", "100000"]), "between 1 and the context length");
     fails_with(&with(&[]), "needs --ratio");
     fails_with(&with(&["--ratio", "0.5", "--press-option", "agg_task=median"]), "not one of max, mean");
     fails_with(&with(&["--ratio", "0.5", "--press-option", "colour=blue"]), "unknown option");
-    fails_with(&with(&["--ratio", "0.5", "--press-option", "structured"]), "not key=value");
+    fails_with(&with(&["--ratio", "0.5", "--press-option", "structured"]), "press kvcompose: option \"structured\" is not key=value");
+    fails_with(&["generate", "--prompt", "hello", "--press", "kvcompose", "--ratio", "0.5"], "the prompt is too short");
     fails_with(&["generate", "--prompt", CONTEXT, "--press", "snapkv", "--ratio", "0.5"], "unknown press");
     fails_with(&["generate", "--prompt", CONTEXT, "--ratio", "0.5"], "need --press");
     fails_with(&["generate", "--prompt", "Hi", "--question", " there", "--press", "kvcompose", "--ratio", "0.5"], "context of 1 token");

@@ -147,12 +147,12 @@ fn kvcompose(budget: Budget, options: &[(String, String)]) -> Result<KvCompose, 
     Ok(p)
 }
 
-/// Parses a `key=value` press option.
+/// Parses a `key=value` option of press `press`.
 ///
 /// # Errors
 /// [`CoreError::PressOption`] without `=`.
-pub fn parse_option(s: &str) -> Result<(String, String), CoreError> {
+pub fn parse_option(press: &str, s: &str) -> Result<(String, String), CoreError> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .ok_or_else(|| CoreError::PressOption { press: "-".into(), message: format!("option {s:?} is not key=value") })
+        .ok_or_else(|| CoreError::PressOption { press: press.into(), message: format!("option {s:?} is not key=value") })
 }
