@@ -368,8 +368,8 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
                 let off = if kind == GgmlType::Q4_1 { 0 } else { 8 };
                 let lo = qs.iter().map(|&q| ((q & 0xF) as i32 - off) as f32 * d + m);
                 let hi = qs.iter().map(|&q| ((q >> 4) as i32 - off) as f32 * d + m);
-                out.extend(lo.collect::<Vec<_>>());
-                out.extend(hi.collect::<Vec<_>>());
+                out.extend(lo);
+                out.extend(hi);
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let d = f16_at(b, 0);
