@@ -14,7 +14,7 @@ fn run<B: Backend>(device: B::Device) -> anyhow::Result<()> {
     let m = kvc_models::load::<B>(&path, &device)?;
     let ids = m.tokenizer.encode("The three primary colors are", true)?;
     let mut cache = m.model.new_cache();
-    let logits = generate::prefill(&m.model, &ids, &mut cache, None, 512, &device)?;
+    let logits = m.model.prefill(&ids, &mut cache, None, 512)?;
     println!("prefilled {} tokens; KV cache {} bytes over {} layers", ids.len(), cache.bytes(), cache.num_layers());
     let cfg = GenerationConfig { max_new_tokens: 16, ..Default::default() };
     let out = generate::decode(&m.model, &mut cache, logits, &cfg, m.tokenizer.eos_ids(), |_| true, &device)?;

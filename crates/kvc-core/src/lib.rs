@@ -6,6 +6,8 @@
 //!   RoPE), the original position of every kept token, an optional per-slot validity mask (for
 //!   per-head budgets), and byte accounting. Layers may have different lengths (KVCompose leaves
 //!   them so).
+//! - [`PrefillCapture`]: what presses read of the context prefill (window queries, attention
+//!   sums, query statistics), recorded by an observer while the prefill runs.
 //! - [`AttentionObserver`]: the hook through which a decoder shows each layer's queries, keys,
 //!   values and (on request) attention probabilities, without knowing what looks at them.
 //! - [`press`]: compression methods (presses) applied between prefill and decode, and the pieces
@@ -14,12 +16,14 @@
 //! Everything is generic over `B: burn::tensor::backend::Backend`; no backend is named here.
 
 pub mod cache;
+pub mod capture;
 pub mod error;
 pub mod observer;
 pub mod press;
 pub mod select;
 
 pub use cache::{KvCache, LayerKv};
+pub use capture::{CaptureSpec, PrefillCapture};
 pub use error::CoreError;
 pub use observer::{AttentionObserver, LayerObservation};
-pub use press::{Budget, ForwardModel, Press, PressReport};
+pub use press::{Budget, ForwardModel, Press, PressReport, PressSpec};

@@ -15,6 +15,9 @@ pub struct LayerObservation<'a, B: Backend> {
     pub first_position: usize,
     /// Queries after RoPE, `[batch, q_heads, chunk, head_dim]`.
     pub queries: &'a Tensor<B, 4>,
+    /// Queries before RoPE (after Qwen3's q-norm), `[batch, q_heads, chunk, head_dim]`; present
+    /// only when [`AttentionObserver::wants_pre_rope_queries`] returned true for this layer.
+    pub queries_pre_rope: Option<&'a Tensor<B, 4>>,
     /// All keys visible to the chunk, after RoPE, `[batch, kv_heads, len, head_dim]`; the last
     /// `chunk` of them are the chunk's own.
     pub keys: &'a Tensor<B, 4>,
@@ -29,11 +32,16 @@ pub struct LayerObservation<'a, B: Backend> {
 /// Receives per-layer observations during a forward pass.
 ///
 /// The decoder calls [`observe`](Self::observe) once per layer and chunk, after attention was
-/// computed. Computing `attention` costs a `[batch, q_heads, chunk, len]` tensor that the decoder
-/// keeps alive until `observe` returns; it is only passed when asked for.
+/// computed and before the layer's output projection. Computing `attention` costs a
+/// `[batch, q_heads, chunk, len]` tensor (and the explicit-softmax attention path); it is only
+/// passed when asked for.
 pub trait AttentionObserver<B: Backend> {
     /// Whether this layer's attention probabilities should be passed (default: no).
     fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Whether this layer's pre-RoPE queries should be passed (default: no).
+    fn wants_pre_rope_queries(&self, _layer: usize) -> bool {
         false
     }
     /// Called once per layer and chunk.

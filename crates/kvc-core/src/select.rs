@@ -63,15 +63,35 @@ fn better(a: (f32, usize), b: (f32, usize)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
-/// Indices of the `k` best scores, best first; ties go to the lower index.
-pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let k = k.min(scores.len());
+/// Indices of the `k` best of `0..n` under the total order `cmp` (`Less` = better), best first.
+pub fn top_k_by(n: usize, k: usize, cmp: impl Fn(usize, usize) -> Ordering) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let k = k.min(n);
     if k < idx.len() && k > 0 {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| better((scores[a], a), (scores[b], b)));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| cmp(a, b));
     }
     idx.truncate(k);
-    idx.sort_by(|&a, &b| better((scores[a], a), (scores[b], b)));
+    idx.sort_by(|&a, &b| cmp(a, b));
+    idx
+}
+
+/// Indices of the `k` best scores, best first; ties go to the lower index.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    top_k_by(scores.len(), k, |a, b| better((scores[a], a), (scores[b], b)))
+}
+
+/// The `k` best indices of `scores` in ascending index order, where indices in `protected` come
+/// before every score (kvpress protects windows and sinks by padding them with `max + 1`; an
+/// explicit rank survives a context score equal to that value, or `max + 1 == max` in f32).
+/// Ties go to the lower index.
+pub fn top_k_protected(scores: &[f32], protected: &std::ops::Range<usize>, k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = top_k_by(scores.len(), k, |a, b| {
+        protected.contains(&b).cmp(&protected.contains(&a)).then(better((scores[a], a), (scores[b], b)))
+    })
+    .into_iter()
+    .map(|i| i as u32)
+    .collect();
+    idx.sort_unstable();
     idx
 }
 
@@ -126,6 +146,16 @@ mod tests {
         assert_eq!(top_k_in_order(&s, 3), vec![0, 1, 3]);
         assert_eq!(top_k(&s, 0), Vec::<usize>::new());
         assert_eq!(top_k(&s, 9).len(), 5);
+    }
+
+    #[test]
+    fn protected_indices_win_over_equal_and_larger_scores() {
+        let s = [5.0, 1.0, 9.0, 9.0];
+        assert_eq!(top_k_protected(&s, &(3..4), 1), vec![3]);
+        assert_eq!(top_k_protected(&s, &(3..4), 2), vec![2, 3]);
+        assert_eq!(top_k_protected(&s, &(0..0), 2), vec![2, 3]);
+        assert_eq!(top_k_protected(&s, &(1..4), 2), vec![2, 3]);
+        assert_eq!(top_k_protected(&s, &(0..2), 3), vec![0, 1, 2]);
     }
 
     #[test]

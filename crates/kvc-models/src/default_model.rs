@@ -64,6 +64,30 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     ensure_model(&SMOLLM2)
 }
 
+/// A `--model` argument to a model path: an existing file or folder as is, a known name fetched
+/// on first use, none = the default model.
+///
+/// # Errors
+/// [`ModelError::ModelNotFound`] for a path that does not exist and is no known name (the
+/// message lists the known names); fetch errors of [`ensure_model`].
+pub fn resolve(model: Option<&std::path::Path>) -> Result<PathBuf> {
+    match model {
+        // a path that exists wins over a known model's name
+        Some(p) if p.exists() => Ok(p.to_path_buf()),
+        Some(p) => match p.to_str().and_then(find) {
+            Some(known) => ensure_model(known),
+            None => {
+                let known: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+                Err(ModelError::ModelNotFound {
+                    path: p.to_path_buf(),
+                    reason: format!("give a .gguf file, a HF model folder, or one of: {}", known.join(", ")),
+                })
+            }
+        },
+        None => ensure_default_model(),
+    }
+}
+
 /// The known model called `name`, if any.
 pub fn find(name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().find(|m| m.name == name)

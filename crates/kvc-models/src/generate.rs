@@ -1,12 +1,19 @@
-//! Generation: chunked prefill, then token-by-token decode with greedy (default) or
-//! temperature/top-p sampling. Prefill and decode are separate so a press can compress the cache
-//! between them.
+//! Generation: token-by-token decode with greedy (default) or temperature/top-p sampling
+//! ([`sampling`]), after a prefill ([`crate::Decoder::prefill`]); prefill and decode are separate
+//! so a press can compress the cache between them. [`stream`] turns generated ids into text as
+//! they arrive.
+
+pub mod sampling;
+pub mod stream;
+
+pub use sampling::sample;
+pub use stream::TextStream;
 
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use kvc_core::{AttentionObserver, KvCache};
-use rand::{Rng, SeedableRng};
+use kvc_core::KvCache;
+use rand::SeedableRng;
 
 use crate::error::{ModelError, Result};
 use crate::model::{Decoder, Logits};
@@ -46,6 +53,9 @@ impl GenerationConfig {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ModelError::Generation(format!("top_p {} must be in (0, 1]", self.top_p)));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(ModelError::Generation("max_new_tokens must be at least 1".into()));
         }
         if self.prefill_chunk == 0 {
             return Err(ModelError::Generation("prefill chunk must be at least 1 token".into()));
@@ -97,88 +107,6 @@ pub fn check_prompt(prompt_tokens: usize, context: usize, reserved: usize) -> Re
 pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
-}
-
-/// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing logits:
-/// a context prefill before compression, or a press's scoring pass (with an observer).
-///
-/// # Errors
-/// Errors of the forward pass.
-pub fn feed<B: Backend>(
-    model: &Decoder<B>,
-    ids: &[u32],
-    cache: &mut KvCache<B>,
-    mut observer: Option<&mut dyn AttentionObserver<B>>,
-    chunk: usize,
-    device: &B::Device,
-) -> Result<()> {
-    for part in ids.chunks(chunk.max(1)) {
-        let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
-        model.forward_hidden(token_tensor::<B>(part, device), cache, obs)?;
-    }
-    Ok(())
-}
-
-/// Feeds `ids` (batch 1) into `cache` in chunks of `chunk` tokens and returns the logits of the
-/// last position `[1, 1, vocab]`.
-///
-/// # Errors
-/// [`ModelError::EmptyPrompt`], errors of the forward pass.
-pub fn prefill<B: Backend>(
-    model: &Decoder<B>,
-    ids: &[u32],
-    cache: &mut KvCache<B>,
-    mut observer: Option<&mut dyn AttentionObserver<B>>,
-    chunk: usize,
-    device: &B::Device,
-) -> Result<Tensor<B, 3>> {
-    if ids.is_empty() {
-        return Err(ModelError::EmptyPrompt);
-    }
-    let chunk = chunk.max(1);
-    let last = (ids.len() - 1) / chunk * chunk;
-    feed(model, &ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk, device)?;
-    model.forward(token_tensor::<B>(&ids[last..], device), cache, observer, Logits::Last)
-}
-
-/// Picks the next token from logits `[vocab]` (host).
-pub fn sample(logits: &[f32], config: &GenerationConfig, rng: &mut rand::rngs::StdRng) -> u32 {
-    let argmax = || {
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        best as u32
-    };
-    if config.temperature == 0.0 {
-        return argmax();
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, &v)| (i, (((v - max) / config.temperature) as f64).exp())).collect();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        kept += 1;
-        mass += p.1 / total;
-        if mass >= config.top_p as f64 {
-            break;
-        }
-    }
-    let probs = &probs[..kept];
-    let kept_total: f64 = probs.iter().map(|p| p.1).sum();
-    let mut r = rng.random::<f64>() * kept_total;
-    for &(i, p) in probs {
-        if r < p {
-            return i as u32;
-        }
-        r -= p;
-    }
-    probs[kept - 1].0 as u32
 }
 
 /// Decodes after a prefill: picks a token from `logits` (`[1, 1, vocab]`), feeds it, and repeats
@@ -250,7 +178,7 @@ pub struct SplitPrompt {
 ///
 /// # Errors
 /// [`ModelError::EmptyPrompt`] when there is no token at all, tokenizer and template errors.
-pub fn split_prompt(tok: &crate::Tokenizer, context: &str, question: Option<&str>, chat: bool) -> Result<SplitPrompt> {
+pub fn split_prompt(tok: &crate::Tokenizer, context: &str, question: Option<&str>, chat: bool, answer_prefix: &str) -> Result<SplitPrompt> {
     let (mut context_ids, mut question_ids) = match (question, chat) {
         (Some(q), true) => {
             // a separator that cannot occur in the text, as kvpress does
@@ -260,9 +188,9 @@ pub fn split_prompt(tok: &crate::Tokenizer, context: &str, question: Option<&str
             let (c, suffix) = rendered
                 .split_once(&sep)
                 .ok_or_else(|| ModelError::Tokenizer("the chat template dropped the user message".into()))?;
-            (tok.encode(c, false)?, tok.encode(&format!("{q}{suffix}"), false)?)
+            (tok.encode(c, false)?, tok.encode(&format!("{q}{suffix}{answer_prefix}"), false)?)
         }
-        (Some(q), false) => (tok.encode(context, true)?, tok.encode(&format!("{q}\n"), false)?),
+        (Some(q), false) => (tok.encode(context, true)?, tok.encode(&format!("{q}\n{answer_prefix}"), false)?),
         (None, true) => {
             let msg = crate::ChatMessage { role: "user".into(), content: context.to_string() };
             (tok.encode(&tok.apply_chat_template(&[msg])?, false)?, Vec::new())

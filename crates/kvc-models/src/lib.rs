@@ -14,7 +14,7 @@
 //! let loaded = kvc_models::load::<B>(&path, device)?;
 //! let ids = loaded.tokenizer.encode("The capital of France is", true)?;
 //! let mut cache = loaded.model.new_cache();
-//! let logits = kvc_models::generate::prefill(&loaded.model, &ids, &mut cache, None, 512, device)?;
+//! let logits = loaded.model.prefill(&ids, &mut cache, None, 512)?;
 //! let out = kvc_models::generate::decode(&loaded.model, &mut cache, logits,
 //!     &Default::default(), loaded.tokenizer.eos_ids(), |_| true, device)?;
 //! println!("{}", loaded.tokenizer.decode(&out.tokens, true)?);
@@ -27,6 +27,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod pipeline;
 pub mod rope;
 pub mod tokenizer;
 pub mod weights;

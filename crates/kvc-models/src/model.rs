@@ -194,9 +194,45 @@ impl<B: Backend> Decoder<B> {
         &self.config
     }
 
+    /// The device holding the weights.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.weight.device()
+    }
+
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.config.num_layers)
+    }
+
+    /// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing
+    /// logits: a context prefill before compression, or a press's scoring pass (with an
+    /// observer, which sees every chunk of every layer).
+    ///
+    /// # Errors
+    /// Errors of the forward pass.
+    pub fn feed(&self, ids: &[u32], cache: &mut KvCache<B>, mut observer: Option<&mut dyn AttentionObserver<B>>, chunk: usize) -> Result<()> {
+        let device = self.embed_tokens.weight.device();
+        for part in ids.chunks(chunk.max(1)) {
+            let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
+            self.forward_hidden(crate::generate::token_tensor::<B>(part, &device), cache, obs)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds `ids` (batch 1) into `cache` in chunks of `chunk` tokens and returns the logits of the
+    /// last position `[1, 1, vocab]`.
+    ///
+    /// # Errors
+    /// [`ModelError::EmptyPrompt`], errors of the forward pass.
+    pub fn prefill(&self, ids: &[u32], cache: &mut KvCache<B>, mut observer: Option<&mut dyn AttentionObserver<B>>, chunk: usize) -> Result<Tensor<B, 3>> {
+        if ids.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let chunk = chunk.max(1);
+        let last = (ids.len() - 1) / chunk * chunk;
+        self.feed(&ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk)?;
+        let device = self.embed_tokens.weight.device();
+        self.forward(crate::generate::token_tensor::<B>(&ids[last..], &device), cache, observer, Logits::Last)
     }
 
     /// Runs `tokens` (`[batch, chunk]`) through the decoder at positions
@@ -204,8 +240,8 @@ impl<B: Backend> Decoder<B> {
     /// logits `[batch, n, vocab]` for the positions `logits` asks for.
     ///
     /// Every key already in the cache is visible to every new token (they all precede it); the
-    /// chunk itself is causal. For long prompts call this per chunk (see
-    /// [`crate::generate::prefill`]) so no `chunk x len` score tensor grows beyond one chunk.
+    /// chunk itself is causal. For long prompts call this per chunk (see [`Decoder::prefill`]) so
+    /// no `chunk x len` score tensor grows beyond one chunk.
     /// The observer, if any, sees each layer's queries/keys/values (and attention if it asks).
     pub fn forward(
         &self,
@@ -280,6 +316,8 @@ impl<B: Backend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
+        let wants_pre_rope = observer.as_ref().is_some_and(|o| o.wants_pre_rope_queries(layer));
+        let q_pre_rope = wants_pre_rope.then(|| q.clone().swap_dims(1, 2));
         let q = rope::apply(q, &rope_q.0, &rope_q.1).swap_dims(1, 2);
         let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
         let (keys, values) = cache.append(layer, first, k, v)?;
@@ -320,6 +358,7 @@ impl<B: Backend> Attention<B> {
                 layer,
                 first_position: first,
                 queries: &q,
+                queries_pre_rope: q_pre_rope.as_ref(),
                 keys: &keys,
                 values: &values,
                 attention: attention.as_ref(),
@@ -340,6 +379,9 @@ impl<B: Backend> kvc_core::ForwardModel<B> for Decoder<B> {
     fn num_kv_heads(&self) -> usize {
         self.config.num_kv_heads
     }
+    fn rope_inv_freq(&self) -> Vec<f32> {
+        self.inv_freq.clone()
+    }
     fn feed(
         &self,
         tokens: &[u32],
@@ -347,8 +389,7 @@ impl<B: Backend> kvc_core::ForwardModel<B> for Decoder<B> {
         observer: &mut dyn AttentionObserver<B>,
         chunk: usize,
     ) -> std::result::Result<(), kvc_core::CoreError> {
-        let device = self.embed_tokens.weight.device();
-        crate::generate::feed(self, tokens, cache, Some(observer), chunk, &device).map_err(|e| kvc_core::CoreError::Model(e.to_string()))
+        Decoder::feed(self, tokens, cache, Some(observer), chunk).map_err(|e| kvc_core::CoreError::Model(e.to_string()))
     }
 }
 

@@ -219,7 +219,7 @@ fn prompt_and_generation_settings() {
     }
     let model = load_hf_decoder::<Nd>(&fixture("tiny_qwen3"), &Default::default()).unwrap();
     let mut cache = model.new_cache();
-    let e = err_of(kvc_models::generate::prefill(&model, &[], &mut cache, None, 8, &Default::default()));
+    let e = err_of(model.prefill(&[], &mut cache, None, 8));
     assert!(matches!(e, ModelError::EmptyPrompt));
 }
 

@@ -49,7 +49,7 @@ fn check_context(ctx: &str) {
     let t = context.len();
     let (l, h) = (m.config.num_layers, m.config.num_kv_heads);
     let mut prefilled = m.model.new_cache();
-    generate::prefill(&m.model, &context, &mut prefilled, None, 512, &device).unwrap();
+    m.model.prefill(&context, &mut prefilled, None, 512).unwrap();
 
     // no compression: the question's answer as the reference
     let (none_ids, none_logits) = answer(&m.model, &mut prefilled.clone(), &question);
@@ -106,7 +106,7 @@ fn check_context(ctx: &str) {
             let mut cache = prefilled.clone();
             let report = if pct == 50 {
                 // the whole press once per variant (scoring pass included)
-                let r = Press::<B>::compress(&mut p, &m.model, &context, &mut cache).unwrap();
+                let r = Press::<B>::compress(&mut p, &m.model, &context, &mut cache, &kvc_core::PrefillCapture::new(Default::default(), l)).unwrap();
                 assert_eq!(p.last_scores().unwrap().kept_indices, sets);
                 r.kept
             } else {

@@ -38,7 +38,9 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::press::{Budget, ForwardModel, Press, PressReport};
+use crate::capture::PrefillCapture;
+use crate::press::spec::{Layout, OptionDoc, Options, PressDoc};
+use crate::press::{check_prefilled, Budget, ForwardModel, Press, PressReport};
 use crate::select::{allocate, sorted_desc, top_k_in_order, Agg};
 use crate::{AttentionObserver, CoreError, KvCache, LayerObservation};
 
@@ -106,42 +108,47 @@ impl KvCompose {
         }
     }
 
-    /// Sets an option by its kvpress name: `structured`, `agg_task`, `agg_group`, `agg_head`
-    /// (`max`|`mean`), `add_v_norm`, `add_mean_across_heads` (`true`|`false`),
-    /// `keep_token_lower_bound` (tokens), or `chunk` (queries per scoring chunk, >= 1).
+    /// The registry entry: options with kvpress's names and defaults.
+    pub const DOC: PressDoc = PressDoc {
+        name: "kvcompose",
+        about: "composite tokens from attention of the context re-fed as queries; one global budget across layers",
+        source: "kvpress presses/kvcompose_press.py; Akulov et al. 2025, arXiv 2509.05165",
+        layout: Layout::PerLayer,
+        cost: "a second pass over the context (attention against 2T keys, explicit softmax)",
+        options: &[
+            OptionDoc { name: "structured", default: "true", help: "false: per-head budgets (padded layout, padding masked)" },
+            OptionDoc { name: "agg_task", default: "max", help: "reduction over queries: max or mean" },
+            OptionDoc { name: "agg_group", default: "mean", help: "reduction over the query heads of a GQA group: mean or max" },
+            OptionDoc { name: "agg_head", default: "mean", help: "reduction over KV heads into composite scores: mean or max" },
+            OptionDoc { name: "add_v_norm", default: "false", help: "multiply scores by the value norm" },
+            OptionDoc { name: "add_mean_across_heads", default: "true", help: "add the mean over KV heads to every head's scores" },
+            OptionDoc { name: "keep_token_lower_bound", default: "0", help: "ranks every layer keeps (each layer keeps at least max(1, this))" },
+            OptionDoc { name: "chunk", default: "512", help: "queries per chunk of the scoring pass (memory only; results do not depend on it)" },
+        ],
+    };
+
+    /// KVCompose from registry options (defaults: [`KvCompose::DOC`]).
     ///
     /// # Errors
-    /// [`CoreError::PressOption`] for an unknown key or a bad value.
-    pub fn set_option(&mut self, key: &str, value: &str) -> Result<(), CoreError> {
-        let err = |message: String| CoreError::PressOption { press: "kvcompose".into(), message };
-        let boolean = |v: &str| match v {
-            "true" | "1" | "yes" => Ok(true),
-            "false" | "0" | "no" => Ok(false),
-            _ => Err(err(format!("{key}={v}: expected true or false"))),
+    /// [`CoreError::PressOption`] for a bad value.
+    pub fn from_options(budget: Budget, o: &mut Options<'_>) -> Result<Self, CoreError> {
+        let mut agg = |key: &str| -> Result<Agg, CoreError> {
+            let v = o.string(key)?;
+            Agg::parse(&v).map_err(|m| o.error(format!("{key}={v}: {m}")))
         };
-        let count = |v: &str| v.parse::<usize>().map_err(|_| err(format!("{key}={v}: expected a non-negative integer")));
-        match key {
-            "structured" => self.structured = boolean(value)?,
-            "agg_task" => self.agg_task = Agg::parse(value).map_err(err)?,
-            "agg_group" => self.agg_group = Agg::parse(value).map_err(err)?,
-            "agg_head" => self.agg_head = Agg::parse(value).map_err(err)?,
-            "add_v_norm" => self.add_v_norm = boolean(value)?,
-            "add_mean_across_heads" => self.add_mean_across_heads = boolean(value)?,
-            "keep_token_lower_bound" => self.keep_token_lower_bound = count(value)?,
-            "chunk" => {
-                self.chunk = count(value)?;
-                if self.chunk == 0 {
-                    return Err(err("chunk must be at least 1".into()));
-                }
-            }
-            other => {
-                return Err(err(format!(
-                    "unknown option {other:?} (known: structured, agg_task, agg_group, agg_head, add_v_norm, \
-                     add_mean_across_heads, keep_token_lower_bound, chunk)"
-                )))
-            }
-        }
-        Ok(())
+        let (agg_task, agg_group, agg_head) = (agg("agg_task")?, agg("agg_group")?, agg("agg_head")?);
+        Ok(Self {
+            budget,
+            structured: o.bool("structured")?,
+            agg_task,
+            agg_group,
+            agg_head,
+            add_v_norm: o.bool("add_v_norm")?,
+            add_mean_across_heads: o.bool("add_mean_across_heads")?,
+            keep_token_lower_bound: o.usize("keep_token_lower_bound")?,
+            chunk: o.positive("chunk")?,
+            last: None,
+        })
     }
 
     /// Scores, composite scores and selection of the last [`Press::compress`] call.
@@ -303,16 +310,7 @@ impl KvCompose {
         let t = context.len();
         self.budget.validate(t)?;
         let layers = model.num_layers();
-        let lens = cache.lens();
-        if cache.next_position() != t || lens.iter().any(|&l| l != t) || lens.len() != layers {
-            return Err(CoreError::Shape(format!(
-                "the cache must hold exactly the {t} context tokens (holds {lens:?}, next position {})",
-                cache.next_position()
-            )));
-        }
-        if cache.layer(0)?.is_some_and(|kv| kv.keys.dims()[0] != 1) {
-            return Err(CoreError::Unsupported("KVCompose supports batch 1".into()));
-        }
+        check_prefilled(cache, layers, t)?;
         let mut obs = TaskObserver::<B> {
             context_len: t,
             agg: self.agg_task,
@@ -376,8 +374,20 @@ impl<B: Backend> Press<B> for KvCompose {
         "kvcompose"
     }
 
-    fn compress(&mut self, model: &dyn ForwardModel<B>, context: &[u32], cache: &mut KvCache<B>) -> Result<PressReport, CoreError> {
+    fn compress(
+        &mut self,
+        model: &dyn ForwardModel<B>,
+        context: &[u32],
+        cache: &mut KvCache<B>,
+        _prefill: &PrefillCapture<B>,
+    ) -> Result<PressReport, CoreError> {
         let bytes_before = cache.bytes();
+        if self.budget == Budget::Ratio(0.0) {
+            self.budget.validate(context.len())?;
+            check_prefilled(cache, model.num_layers(), context.len())?;
+            // ratio 0 keeps everything: no scoring pass, the cache is left as it is
+            return Ok(PressReport::unchanged(cache, context.len()));
+        }
         let task = self.score(model, context, cache)?;
         let sel = self.select_from(&task)?;
         Self::apply(&sel, cache)?;
@@ -430,13 +440,20 @@ mod tests {
 
     #[test]
     fn options_parse_and_reject() {
-        let mut p = KvCompose::new(Budget::Ratio(0.5));
-        p.set_option("agg_task", "mean").unwrap();
-        p.set_option("structured", "false").unwrap();
-        p.set_option("keep_token_lower_bound", "4").unwrap();
+        use crate::press::PressSpec;
+        let spec = PressSpec::new("kvcompose", Budget::Ratio(0.5))
+            .with_option("agg_task", "mean")
+            .with_option("structured", "false")
+            .with_option("keep_token_lower_bound", 4);
+        spec.check().unwrap();
+        let mut o = crate::press::spec::Options::for_test(&KvCompose::DOC, &spec.options);
+        let p = KvCompose::from_options(Budget::Ratio(0.5), &mut o).unwrap();
         assert_eq!((p.agg_task, p.structured, p.keep_token_lower_bound), (Agg::Mean, false, 4));
+        let d = KvCompose::new(Budget::Ratio(0.5));
+        assert_eq!((d.agg_task, d.agg_group, d.structured, d.chunk), (Agg::Max, Agg::Mean, true, 512));
         for (k, v) in [("agg_task", "median"), ("structured", "maybe"), ("chunk", "0"), ("nope", "1"), ("keep_token_lower_bound", "-1")] {
-            assert!(matches!(p.set_option(k, v), Err(CoreError::PressOption { .. })), "{k}={v}");
+            let bad = PressSpec::new("kvcompose", Budget::Ratio(0.5)).with_option(k, v);
+            assert!(matches!(bad.check(), Err(CoreError::PressOption { .. })), "{k}={v}");
         }
     }
 

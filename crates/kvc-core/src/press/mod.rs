@@ -1,18 +1,35 @@
 //! Presses: KV-cache compression methods applied between prefill and decode.
 //!
 //! A press gets the model (to run extra scoring passes through [`ForwardModel`]), the context
-//! tokens, and the [`KvCache`] holding exactly the prefilled context; it leaves the cache
-//! compressed and reports what it kept. Presses that score from the prefill itself can watch it
-//! through [`Press::prefill_observer`]. One file per method; shared pieces live in
-//! [`crate::select`] and [`KvCache`].
+//! tokens, the [`KvCache`] holding exactly the prefilled context and what the prefill showed
+//! ([`PrefillCapture`]); it leaves the cache compressed and reports what it kept.
+//!
+//! Most methods are a [`Scorer`] (one small file that writes a score per context token and KV
+//! head, as kvpress's `ScorerPress`) run by the generic [`ScorerPress`], whose [`Allocation`]
+//! decides how many tokens each layer and head keeps (uniform, PyramidKV's pyramid, AdaKV's
+//! head-adaptive budgets). [`spec`] is the one registry of names, options and defaults.
 
 use burn::tensor::backend::Backend;
 
+use crate::capture::{CaptureSpec, PrefillCapture};
 use crate::{AttentionObserver, CoreError, KvCache};
 
+pub mod adakv;
+pub mod expected_attention;
+pub mod knorm;
 pub mod kvcompose;
+pub mod observed_attention;
+pub mod pyramidkv;
+pub mod random;
+pub mod scorer;
+pub mod snapkv;
+pub mod spec;
+pub mod streaming_llm;
+pub mod tova;
 
 pub use kvcompose::KvCompose;
+pub use scorer::{Allocation, HeadScores, ScoreInput, Scorer, ScorerPress};
+pub use spec::{PressDoc, PressSpec};
 
 /// How much of the context to keep: a compression ratio or a token budget.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,6 +77,9 @@ pub trait ForwardModel<B: Backend> {
     fn num_heads(&self) -> usize;
     /// KV heads per layer.
     fn num_kv_heads(&self) -> usize;
+    /// RoPE inverse frequencies `[head_dim / 2]` (rotate-half convention, scaling applied), for
+    /// presses that rotate query statistics to future positions (ExpectedAttention).
+    fn rope_inv_freq(&self) -> Vec<f32>;
     /// Feeds `tokens` (batch 1) at positions `cache.next_position()..`, in chunks of at most
     /// `chunk` tokens, appending their keys/values to `cache`; no logits are computed.
     ///
@@ -93,58 +113,74 @@ impl PressReport {
     pub fn kept_per_layer(&self) -> Vec<usize> {
         self.kept.iter().map(|h| h.iter().copied().max().unwrap_or(0)).collect()
     }
+
+    /// Kept KV entries over all layers and heads.
+    pub fn kept_entries(&self) -> usize {
+        self.kept.iter().flatten().sum()
+    }
+
+    /// KV entries of the uncompressed context (`layers x kv_heads x context_len`).
+    pub fn context_entries(&self) -> usize {
+        self.kept.iter().map(Vec::len).sum::<usize>() * self.context_len
+    }
+
+    /// The report of a press that kept everything of `cache`.
+    pub fn unchanged<B: Backend>(cache: &KvCache<B>, context_len: usize) -> Self {
+        let kept = (0..cache.num_layers())
+            .map(|l| cache.layer(l).ok().flatten().map_or_else(Vec::new, |kv| kv.tokens_per_head().swap_remove(0)))
+            .collect();
+        Self { context_len, kept, bytes_before: cache.bytes(), bytes_after: cache.bytes() }
+    }
 }
 
 /// A KV-cache compression method.
+///
+/// The caller prefills the context with a [`PrefillCapture`] built from [`Press::needs`] as the
+/// observer (or from the merged needs of several presses), then calls [`Press::compress`] on the
+/// prefilled cache (or on a copy of it, to try several presses on one prefill).
 pub trait Press<B: Backend> {
     /// The press's name (as given to `--press`).
     fn name(&self) -> &'static str;
 
-    /// An observer to run during the context prefill, for presses that score from it.
-    fn prefill_observer(&mut self) -> Option<&mut dyn AttentionObserver<B>> {
-        None
+    /// What the press reads of the context prefill (default: nothing beyond the cache).
+    fn needs(&self) -> CaptureSpec {
+        CaptureSpec::default()
     }
 
-    /// Compresses `cache`, which holds exactly the prefilled `context` (batch 1). Afterwards the
-    /// cache's `next_position` is `context.len()`: decoding continues at the original position.
+    /// Compresses `cache`, which holds exactly the prefilled `context` (batch 1); `prefill` is what
+    /// was recorded during that prefill. Afterwards the cache's `next_position` is
+    /// `context.len()`: decoding continues at the original position.
     ///
     /// # Errors
-    /// Budget errors ([`Budget::validate`]), [`CoreError::Unsupported`], model errors.
-    fn compress(&mut self, model: &dyn ForwardModel<B>, context: &[u32], cache: &mut KvCache<B>) -> Result<PressReport, CoreError>;
+    /// Budget errors ([`Budget::validate`]), [`CoreError::Shape`] when the cache does not hold
+    /// exactly the context, [`CoreError::Unsupported`] (batch > 1, a capture lacking what the
+    /// press needs), model errors.
+    fn compress(
+        &mut self,
+        model: &dyn ForwardModel<B>,
+        context: &[u32],
+        cache: &mut KvCache<B>,
+        prefill: &PrefillCapture<B>,
+    ) -> Result<PressReport, CoreError>;
 }
 
-/// Names accepted by [`build`].
-pub const PRESSES: &[&str] = &["kvcompose"];
-
-/// Builds a press by name with a budget and `key=value` options.
+/// Checks that `cache` holds exactly the `context_len` prefilled tokens of a batch-1 context in
+/// each of `layers` layers.
 ///
 /// # Errors
-/// [`CoreError::UnknownPress`], [`CoreError::PressOption`].
-pub fn build<B: Backend>(name: &str, budget: Budget, options: &[(String, String)]) -> Result<Box<dyn Press<B>>, CoreError> {
-    match name {
-        "kvcompose" => Ok(Box::new(kvcompose(budget, options)?)),
-        other => Err(CoreError::UnknownPress { name: other.to_string(), known: PRESSES.join(", ") }),
+/// [`CoreError::Shape`], [`CoreError::Unsupported`] for batch > 1.
+pub fn check_prefilled<B: Backend>(cache: &KvCache<B>, layers: usize, context_len: usize) -> Result<(), CoreError> {
+    let lens = cache.lens();
+    if cache.next_position() != context_len || lens.len() != layers || lens.iter().any(|&l| l != context_len) {
+        return Err(CoreError::Shape(format!(
+            "the cache must hold exactly the {context_len} context tokens (holds {lens:?}, next position {})",
+            cache.next_position()
+        )));
     }
-}
-
-/// Checks a press name and its options without building it for a backend (e.g. before loading
-/// a model).
-///
-/// # Errors
-/// As [`build`].
-pub fn check(name: &str, budget: Budget, options: &[(String, String)]) -> Result<(), CoreError> {
-    match name {
-        "kvcompose" => kvcompose(budget, options).map(|_| ()),
-        other => Err(CoreError::UnknownPress { name: other.to_string(), known: PRESSES.join(", ") }),
+    if cache.layer(0)?.is_some_and(|kv| kv.keys.dims()[0] != 1) {
+        return Err(CoreError::Unsupported("presses support batch 1".into()));
     }
-}
-
-fn kvcompose(budget: Budget, options: &[(String, String)]) -> Result<KvCompose, CoreError> {
-    let mut p = KvCompose::new(budget);
-    for (k, v) in options {
-        p.set_option(k, v)?;
-    }
-    Ok(p)
+    Ok(())
 }
 
 /// Parses a `key=value` option of press `press`.

@@ -73,7 +73,7 @@ pub fn all_logits<B: Backend>(model: &Decoder<B>, ids: &[u32], chunk: usize) -> 
 pub fn greedy<B: Backend>(model: &Decoder<B>, ids: &[u32], n: usize) -> Vec<u32> {
     let device = Default::default();
     let mut cache = model.new_cache();
-    let logits = generate::prefill(model, ids, &mut cache, None, 512, &device).expect("prefill");
+    let logits = model.prefill(ids, &mut cache, None, 512).expect("prefill");
     let cfg = GenerationConfig { max_new_tokens: n, stop_at_eos: false, ..Default::default() };
     generate::decode(model, &mut cache, logits, &cfg, &[], |_| true, &device).expect("decode").tokens
 }

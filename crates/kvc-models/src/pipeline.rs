@@ -1,0 +1,424 @@
+//! The compression pipeline as a library (kvpress `pipeline.py`): prefill the context, compress
+//! the KV cache with a press, feed each question at the original positions, decode. The CLI, the
+//! benchmarks, the evaluation harness, tests and apps all run through it.
+//!
+//! Two levels:
+//! - [`Pipeline::run`]: a [`Request`] (context, questions, press, generation settings) in, a
+//!   [`Response`] (answers, optional uncompressed answers, press report, timings) out, with
+//!   progress and streamed text through an [`Event`] callback.
+//! - The steps, for harnesses that share work: [`Pipeline::prefill`] once (recording what every
+//!   press of interest needs), [`Pipeline::compress`] a copy of the prefilled cache per press and
+//!   budget, [`Pipeline::answer`] each question on a copy of a cache. Several questions on one
+//!   compressed cache do not interfere (each reads its own copy).
+//!
+//! ```no_run
+//! # fn demo<B: burn::tensor::backend::Backend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {
+//! use kvc_core::{Budget, PressSpec};
+//! use kvc_models::pipeline::{Pipeline, Request};
+//! let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, device)?;
+//! let request = Request {
+//!     context: std::fs::read_to_string("assets/pride_and_prejudice_ch1-2.txt").unwrap(),
+//!     questions: vec!["Who is Mr. Bingley?".into(), "Where does he live?".into()],
+//!     press: Some(PressSpec::new("snapkv", Budget::Ratio(0.5))),
+//!     ..Default::default()
+//! };
+//! let response = Pipeline::new(&loaded).run(&request, &mut |_| {})?;
+//! for a in &response.answers {
+//!     println!("{}", a.text);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::cell::RefCell;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use kvc_core::{AttentionObserver, CaptureSpec, CoreError, ForwardModel, KvCache, PrefillCapture, PressReport, PressSpec};
+
+use crate::error::{ModelError, Result};
+use crate::generate::{self, GenerationConfig, StopReason, TextStream};
+use crate::{Decoder, LoadedModel, Logits};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The context (a document), prefilled and compressed.
+    pub context: String,
+    /// Questions, each answered on its own copy of the (compressed) cache. Empty: the last token
+    /// of the context is held back and plays the question (plain generation whose every token
+    /// reads the compressed cache).
+    pub questions: Vec<String>,
+    /// Wrap context and question as one user message of the model's chat template (split where
+    /// the question starts, as kvpress's pipeline does).
+    pub chat: bool,
+    /// Text the answer starts with, fed after the question (kvpress's `answer_prefix`).
+    pub answer_prefix: String,
+    /// The press; `None` = no compression.
+    pub press: Option<PressSpec>,
+    /// Decoding settings.
+    pub generation: GenerationConfig,
+    /// With a press: also answer from the uncompressed cache.
+    pub compare: bool,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            context: String::new(),
+            questions: Vec::new(),
+            chat: true,
+            answer_prefix: String::new(),
+            press: None,
+            generation: GenerationConfig::default(),
+            compare: false,
+        }
+    }
+}
+
+/// Progress and streamed output of [`Pipeline::run`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Context tokens prefilled so far.
+    Prefill {
+        /// Tokens done.
+        done: usize,
+        /// Context tokens.
+        total: usize,
+    },
+    /// Compression started (`done = 0`) or advanced: tokens of a press's own passes over the
+    /// context (KVCompose re-feeds it); presses without a pass report `0` then `total` only.
+    Compress {
+        /// Tokens done.
+        done: usize,
+        /// Tokens of the pass.
+        total: usize,
+    },
+    /// Text of a generated token (whole characters only).
+    Text {
+        /// Question index.
+        question: usize,
+        /// True for the uncompressed comparison answer.
+        baseline: bool,
+        /// The text the token completed.
+        delta: String,
+    },
+}
+
+/// One generated answer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Answer {
+    /// Generated ids (decoded text is `text`, from these ids only).
+    pub ids: Vec<u32>,
+    /// Decoded text (special tokens skipped).
+    pub text: String,
+    /// Why decoding stopped.
+    pub stop: StopReason,
+    /// Question tokens fed (answer prefix included).
+    pub question_tokens: usize,
+    /// Seconds of the question step plus the decode loop.
+    pub seconds: f64,
+    /// Seconds of the decode loop alone (every token after the first).
+    pub decode_seconds: f64,
+    /// KV cache bytes after the answer (question and generated tokens appended).
+    pub kv_bytes_final: usize,
+}
+
+impl Answer {
+    /// Decode speed in tokens/s (tokens after the first, which comes from the question step).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        if self.ids.len() > 1 {
+            (self.ids.len() - 1) as f64 / self.decode_seconds.max(1e-9)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The prefilled context: its cache and what the prefill showed.
+#[derive(Clone, Debug)]
+pub struct Prefilled<B: Backend> {
+    /// Context ids.
+    pub context: Vec<u32>,
+    /// The cache holding exactly the context.
+    pub cache: KvCache<B>,
+    /// What was recorded for presses.
+    pub capture: PrefillCapture<B>,
+    /// Wall seconds of the prefill (device synchronized).
+    pub seconds: f64,
+}
+
+/// A compressed copy of a prefilled cache.
+#[derive(Clone, Debug)]
+pub struct Compressed<B: Backend> {
+    /// The compressed cache.
+    pub cache: KvCache<B>,
+    /// What the press kept.
+    pub report: PressReport,
+    /// Wall seconds of the compression (device synchronized).
+    pub seconds: f64,
+}
+
+/// Seconds per phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Context prefill.
+    pub prefill: f64,
+    /// Compression (0 without a press).
+    pub compress: f64,
+    /// Questions and decoding of the (compressed) answers.
+    pub answer: f64,
+}
+
+/// What [`Pipeline::run`] returns.
+#[derive(Clone, Debug)]
+pub struct Response {
+    /// Context tokens.
+    pub context_tokens: usize,
+    /// Answers, one per question (one when no question was given).
+    pub answers: Vec<Answer>,
+    /// Answers from the uncompressed cache (with `compare` and a press).
+    pub baseline: Option<Vec<Answer>>,
+    /// What the press kept.
+    pub report: Option<PressReport>,
+    /// KV cache bytes of the context before and after compression.
+    pub kv_bytes: (usize, usize),
+    /// Seconds per phase.
+    pub timings: Timings,
+    /// True when no question was given (the last prompt token played it).
+    pub held_back_question: bool,
+}
+
+/// Runs the pipeline on a loaded model.
+pub struct Pipeline<'a, B: Backend> {
+    model: &'a LoadedModel<B>,
+    device: B::Device,
+}
+
+/// Tokens of a context and of each question, split as kvpress's pipeline does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokenized {
+    /// Context ids.
+    pub context: Vec<u32>,
+    /// Question ids (answer prefix included), one per question.
+    pub questions: Vec<Vec<u32>>,
+}
+
+impl<'a, B: Backend> Pipeline<'a, B> {
+    /// A pipeline over `model` on the device of its weights.
+    pub fn new(model: &'a LoadedModel<B>) -> Self {
+        let device = model.model.device();
+        Self { model, device }
+    }
+
+    /// Splits context and questions into ids (see [`generate::split_prompt`]); every question
+    /// ends with the answer prefix.
+    ///
+    /// # Errors
+    /// Tokenizer and template errors, [`ModelError::EmptyPrompt`].
+    pub fn tokenize(&self, request: &Request) -> Result<Tokenized> {
+        let tok = &self.model.tokenizer;
+        if request.questions.is_empty() {
+            let split = generate::split_prompt(tok, &request.context, None, request.chat, "")?;
+            return Ok(Tokenized { context: split.context, questions: vec![split.question] });
+        }
+        let mut context = None;
+        let mut questions = Vec::with_capacity(request.questions.len());
+        for question in &request.questions {
+            let split = generate::split_prompt(tok, &request.context, Some(question), request.chat, &request.answer_prefix)?;
+            match &context {
+                None => context = Some(split.context),
+                Some(c) if *c != split.context => {
+                    return Err(ModelError::Tokenizer("the chat template renders the context differently per question".into()))
+                }
+                Some(_) => {}
+            }
+            questions.push(split.question);
+        }
+        Ok(Tokenized { context: context.unwrap_or_default(), questions })
+    }
+
+    /// Prefills `context` into a new cache, recording what `needs` asks for, in chunks of
+    /// `chunk` tokens; `progress` gets the tokens done after each chunk.
+    ///
+    /// # Errors
+    /// [`ModelError::EmptyPrompt`] for an empty context, errors of the forward pass.
+    pub fn prefill(&self, context: &[u32], needs: CaptureSpec, chunk: usize, progress: &mut dyn FnMut(usize)) -> Result<Prefilled<B>> {
+        if context.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let model = &self.model.model;
+        let mut cache = model.new_cache();
+        let mut capture = PrefillCapture::new(needs, model.config().num_layers);
+        let start = Instant::now();
+        let mut done = 0;
+        for part in context.chunks(chunk.max(1)) {
+            let obs: Option<&mut dyn AttentionObserver<B>> = if needs.is_empty() { None } else { Some(&mut capture) };
+            model.feed(part, &mut cache, obs, chunk)?;
+            done += part.len();
+            progress(done);
+        }
+        self.sync()?;
+        Ok(Prefilled { context: context.to_vec(), cache, capture, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// Compresses a copy of the prefilled cache with `press`; `progress` gets the tokens done of
+    /// a press's own passes over the context (KVCompose's scoring pass).
+    ///
+    /// # Errors
+    /// Press errors (unknown press, options, budget, a capture without what the press needs),
+    /// errors of the model during a press's pass.
+    pub fn compress(&self, prefilled: &Prefilled<B>, press: &PressSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Compressed<B>> {
+        let mut p = press.build::<B>()?;
+        let mut cache = prefilled.cache.clone();
+        let model = Reporting { model: &self.model.model, progress: RefCell::new(progress), total: prefilled.context.len() };
+        let start = Instant::now();
+        let report = p.compress(&model, &prefilled.context, &mut cache, &prefilled.capture)?;
+        self.sync()?;
+        Ok(Compressed { cache, report, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// Feeds `question` (one step) on a copy of `cache` at the original positions and decodes;
+    /// `on_text` gets each completed piece of text.
+    ///
+    /// # Errors
+    /// [`ModelError::PromptTooLong`] when the question and `max_new_tokens` do not fit the
+    /// model's context, errors of the forward pass.
+    pub fn answer(&self, cache: &KvCache<B>, question: &[u32], cfg: &GenerationConfig, on_text: &mut dyn FnMut(String)) -> Result<Answer> {
+        let m = self.model;
+        if question.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        generate::check_prompt(cache.next_position() + question.len(), m.config.max_position_embeddings, cfg.max_new_tokens)?;
+        let start = Instant::now();
+        let mut cache = cache.clone();
+        let logits = m.model.forward(generate::token_tensor::<B>(question, &self.device), &mut cache, None, Logits::Last)?;
+        let mut stream = TextStream::new(&m.tokenizer);
+        let mut failed = None;
+        let decoded = generate::decode(&m.model, &mut cache, logits, cfg, m.tokenizer.eos_ids(), |t| match stream.push(t) {
+            Ok(delta) => {
+                if !delta.is_empty() {
+                    on_text(delta);
+                }
+                true
+            }
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }, &self.device)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (text, rest) = stream.finish()?;
+        if !rest.is_empty() {
+            on_text(rest);
+        }
+        Ok(Answer {
+            ids: decoded.tokens,
+            text,
+            stop: decoded.stop,
+            question_tokens: question.len(),
+            seconds: start.elapsed().as_secs_f64(),
+            decode_seconds: decoded.elapsed.as_secs_f64(),
+            kv_bytes_final: cache.bytes(),
+        })
+    }
+
+    /// The whole pipeline: tokenize, check sizes, prefill, (answer uncompressed,) compress,
+    /// answer every question.
+    ///
+    /// # Errors
+    /// [`ModelError::EmptyPrompt`], [`ModelError::PromptTooLong`] (context + the longest question
+    /// + `max_new_tokens` beyond the model's context), press errors (budget errors name the
+    /// budget and the context length), errors of the forward pass.
+    pub fn run(&self, request: &Request, events: &mut dyn FnMut(Event)) -> Result<Response> {
+        request.generation.validate()?;
+        if request.context.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let tokens = self.tokenize(request)?;
+        let longest = tokens.questions.iter().map(Vec::len).max().unwrap_or(0);
+        generate::check_prompt(tokens.context.len() + longest, self.model.config.max_position_embeddings, request.generation.max_new_tokens)?;
+        let needs = match &request.press {
+            Some(p) => {
+                let budget = p.budget()?;
+                budget.validate(tokens.context.len()).map_err(ModelError::Core)?;
+                p.needs()?
+            }
+            None => CaptureSpec::default(),
+        };
+        let total = tokens.context.len();
+        let prefilled = self.prefill(&tokens.context, needs, request.generation.prefill_chunk, &mut |done| events(Event::Prefill { done, total }))?;
+        let mut timings = Timings { prefill: prefilled.seconds, ..Default::default() };
+        let ask = |cache: &KvCache<B>, baseline: bool, events: &mut dyn FnMut(Event)| -> Result<Vec<Answer>> {
+            tokens
+                .questions
+                .iter()
+                .enumerate()
+                .map(|(question, q)| self.answer(cache, q, &request.generation, &mut |delta| events(Event::Text { question, baseline, delta })))
+                .collect()
+        };
+        let baseline = match (&request.press, request.compare) {
+            (Some(_), true) => Some(ask(&prefilled.cache, true, events)?),
+            _ => None,
+        };
+        let bytes_before = prefilled.cache.bytes();
+        let (cache, report) = match &request.press {
+            Some(p) => {
+                events(Event::Compress { done: 0, total });
+                let c = self.compress(&prefilled, p, &mut |done, total| events(Event::Compress { done, total }))?;
+                events(Event::Compress { done: total, total });
+                timings.compress = c.seconds;
+                (c.cache, Some(c.report))
+            }
+            None => (prefilled.cache, None),
+        };
+        let start = Instant::now();
+        let answers = ask(&cache, false, events)?;
+        timings.answer = start.elapsed().as_secs_f64();
+        Ok(Response {
+            context_tokens: total,
+            answers,
+            baseline,
+            report,
+            kv_bytes: (bytes_before, cache.bytes()),
+            timings,
+            held_back_question: request.questions.is_empty(),
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        B::sync(&self.device).map_err(|e| ModelError::Generation(format!("device: {e:?}")))
+    }
+}
+
+/// The decoder as a press sees it, reporting the tokens of every pass a press makes.
+struct Reporting<'a, 'p, B: Backend> {
+    model: &'a Decoder<B>,
+    progress: RefCell<&'p mut dyn FnMut(usize, usize)>,
+    total: usize,
+}
+
+impl<B: Backend> ForwardModel<B> for Reporting<'_, '_, B> {
+    fn num_layers(&self) -> usize {
+        self.model.num_layers()
+    }
+    fn num_heads(&self) -> usize {
+        ForwardModel::num_heads(self.model)
+    }
+    fn num_kv_heads(&self) -> usize {
+        ForwardModel::num_kv_heads(self.model)
+    }
+    fn rope_inv_freq(&self) -> Vec<f32> {
+        self.model.rope_inv_freq()
+    }
+    fn feed(&self, tokens: &[u32], cache: &mut KvCache<B>, observer: &mut dyn AttentionObserver<B>, chunk: usize) -> std::result::Result<(), CoreError> {
+        let mut done = 0;
+        for part in tokens.chunks(chunk.max(1)) {
+            ForwardModel::feed(self.model, part, cache, observer, chunk)?;
+            done += part.len();
+            (self.progress.borrow_mut())(done, tokens.len().max(self.total));
+        }
+        Ok(())
+    }
+}
