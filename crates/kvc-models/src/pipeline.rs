@@ -238,14 +238,12 @@ impl<'a, B: Backend> Pipeline<'a, B> {
     }
 
     /// Prefills `context` into a new cache, recording what `needs` asks for, in chunks of
-    /// `chunk` tokens; `progress` gets the tokens done after each chunk.
+    /// `chunk` tokens; `progress` gets the tokens done after each chunk. An empty context gives
+    /// an empty cache (a one-token prompt whose token plays the question).
     ///
     /// # Errors
-    /// [`ModelError::EmptyPrompt`] for an empty context, errors of the forward pass.
+    /// Errors of the forward pass.
     pub fn prefill(&self, context: &[u32], needs: CaptureSpec, chunk: usize, progress: &mut dyn FnMut(usize)) -> Result<Prefilled<B>> {
-        if context.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
         let model = &self.model.model;
         let mut cache = model.new_cache();
         let mut capture = PrefillCapture::new(needs, model.config().num_layers);

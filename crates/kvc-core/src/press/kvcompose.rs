@@ -374,6 +374,11 @@ impl<B: Backend> Press<B> for KvCompose {
         "kvcompose"
     }
 
+    fn last_scores(&self) -> Option<Vec<Vec<f32>>> {
+        let s = self.last.as_ref()?;
+        Some(s.scores.chunks(s.kv_heads * s.context_len).map(<[f32]>::to_vec).collect())
+    }
+
     fn compress(
         &mut self,
         model: &dyn ForwardModel<B>,

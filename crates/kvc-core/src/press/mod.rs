@@ -147,6 +147,13 @@ pub trait Press<B: Backend> {
         CaptureSpec::default()
     }
 
+    /// The scores of the last [`Press::compress`] call, per layer `[kv_heads * T]` (row-major),
+    /// for inspection and parity tests; `None` before the first call or for presses without
+    /// per-token scores.
+    fn last_scores(&self) -> Option<Vec<Vec<f32>>> {
+        None
+    }
+
     /// Compresses `cache`, which holds exactly the prefilled `context` (batch 1); `prefill` is what
     /// was recorded during that prefill. Afterwards the cache's `next_position` is
     /// `context.len()`: decoding continues at the original position.

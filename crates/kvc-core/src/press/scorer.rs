@@ -163,6 +163,10 @@ impl<B: Backend> Press<B> for ScorerPress<B> {
         self.scorer.needs()
     }
 
+    fn last_scores(&self) -> Option<Vec<Vec<f32>>> {
+        self.last_scores.as_ref().map(|s| s.iter().map(|h| h.scores.clone()).collect())
+    }
+
     fn compress(
         &mut self,
         model: &dyn ForwardModel<B>,

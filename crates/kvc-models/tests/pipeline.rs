@@ -1,0 +1,82 @@
+//! The library pipeline on the default model: presses never touch the prefill they score from,
+//! and questions on one compressed cache do not interfere.
+
+mod common;
+
+use common::{fixture, Flex};
+use kvc_core::press::spec;
+use kvc_core::{Budget, PrefillCapture, PressSpec};
+use kvc_models::default_model::ensure_default_model;
+use kvc_models::pipeline::{Event, Pipeline, Request};
+use kvc_models::GenerationConfig;
+
+type B = Flex;
+
+const CONTEXT: &str = "The lighthouse keeper, Ada Quill, lived on the island of Varn for twelve years. \
+Every evening she climbed the ninety steps, lit the great lamp, and wrote the weather in a green notebook. \
+Her brother Tomas kept goats on the mainland and sent letters every spring.";
+
+#[test]
+fn scoring_from_the_prefill_leaves_the_prefill_untouched() {
+    // tiny random Qwen3 (q/k norm) from the reference fixtures: 200 tokens in chunks of 64
+    let model = kvc_models::load_hf_decoder::<B>(&fixture("tiny_qwen3"), &Default::default()).unwrap();
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 97).collect();
+    let plain = model.prefill(&ids, &mut model.new_cache(), None, 64).unwrap().into_data().to_vec::<f32>().unwrap();
+    for name in spec::names() {
+        let needs = PressSpec::new(name, Budget::Ratio(0.5)).needs().unwrap();
+        let mut capture = PrefillCapture::new(needs, model.config().num_layers);
+        let mut cache = model.new_cache();
+        let observed = model.prefill(&ids, &mut cache, Some(&mut capture), 64).unwrap().into_data().to_vec::<f32>().unwrap();
+        let d = plain.iter().zip(&observed).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        if needs.attention_sums {
+            // the explicit-softmax attention path (to read probabilities): same math, other order
+            assert!(d <= 1e-5, "{name}: last logits moved by {d}");
+        } else {
+            assert_eq!(plain, observed, "{name}: recording changed the prefill");
+        }
+        assert_eq!(capture.tokens(), 200, "{name}");
+    }
+}
+
+#[test]
+fn questions_on_one_compressed_cache_do_not_interfere() {
+    let loaded = kvc_models::load::<B>(&ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let pipeline = Pipeline::new(&loaded);
+    let (q1, q2) = ("What is the keeper's name?".to_string(), "Where does her brother live?".to_string());
+    let ask = |questions: Vec<String>| -> Vec<String> {
+        let request = Request {
+            context: CONTEXT.into(),
+            questions,
+            chat: true,
+            press: Some(PressSpec::new("snapkv", Budget::Ratio(0.5)).with_option("window_size", 8)),
+            generation: GenerationConfig { max_new_tokens: 12, ..Default::default() },
+            ..Default::default()
+        };
+        let mut events = Vec::new();
+        let r = pipeline.run(&request, &mut |e| events.push(e)).unwrap();
+        assert!(events.iter().any(|e| matches!(e, Event::Prefill { .. })) && events.iter().any(|e| matches!(e, Event::Compress { .. })));
+        assert!(r.report.as_ref().unwrap().bytes_after < r.report.as_ref().unwrap().bytes_before);
+        r.answers.into_iter().map(|a| a.text).collect()
+    };
+    let both = ask(vec![q1.clone(), q2.clone()]);
+    let swapped = ask(vec![q2.clone(), q1.clone()]);
+    let alone = (ask(vec![q1]), ask(vec![q2]));
+    assert_eq!(both, vec![alone.0[0].clone(), alone.1[0].clone()]);
+    assert_eq!(swapped, vec![alone.1[0].clone(), alone.0[0].clone()]);
+    assert!(!both[0].is_empty() && both[0] != both[1], "{both:?}");
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let loaded = kvc_models::load::<B>(&ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let pipeline = Pipeline::new(&loaded);
+    let run = |request: Request| pipeline.run(&request, &mut |_| {}).map(|_| ()).unwrap_err().to_string();
+    let base = || Request { context: CONTEXT.into(), questions: vec!["Who?".into()], ..Default::default() };
+    assert!(run(Request { context: String::new(), ..base() }).contains("empty"));
+    let e = run(Request { press: Some(PressSpec::new("snapkv", Budget::Tokens(10_000))), ..base() });
+    assert!(e.contains("token budget 10000"), "{e}");
+    let e = run(Request { generation: GenerationConfig { max_new_tokens: 0, ..Default::default() }, ..base() });
+    assert!(e.contains("max_new_tokens"), "{e}");
+    let e = run(Request { questions: vec!["word ".repeat(9000)], ..base() });
+    assert!(e.contains("more than the model's context"), "{e}");
+}
