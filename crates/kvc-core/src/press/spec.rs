@@ -128,6 +128,15 @@ impl PressSpec {
         self
     }
 
+    /// The same with one more option when `cond` holds.
+    pub fn with_option_if(self, cond: bool, key: &str, value: impl fmt::Display) -> Self {
+        if cond {
+            self.with_option(key, value)
+        } else {
+            self
+        }
+    }
+
     /// The budget.
     ///
     /// # Errors

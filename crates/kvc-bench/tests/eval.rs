@@ -1,0 +1,122 @@
+//! The accuracy benchmark end to end on the default model: 2 short rows x 2 presses x 2 ratios;
+//! predictions, summary, resume after a lost line, plots.
+
+use kvc_bench::eval::runner::{read_predictions, run, EvalConfig, Progress};
+use kvc_bench::eval::{plots, summary::NONE};
+use kvc_core::{Budget, PressSpec};
+
+type B = burn::backend::Flex;
+
+fn rows() -> String {
+    let filler = "The grass is green and the sky is blue. The sun is yellow. Here we go, there and back again. ";
+    let needle = |key: &str, value: &str| {
+        format!("{}One of the special magic numbers for {key} is: {value}. {}", filler.repeat(3), filler.repeat(3))
+    };
+    [("quiet-river", "4821337", "niah_single_1"), ("brave-lamp", "9051266", "niah_single_2")]
+        .iter()
+        .map(|(k, v, task)| {
+            serde_json::json!({
+                "context": needle(k, v),
+                "question": format!("What is the special magic number for {k} mentioned in the provided text?"),
+                "answer_prefix": format!(" The special magic number for {k} mentioned in the provided text is"),
+                "answer": [v],
+                "task": task,
+                "max_new_tokens": 12,
+                "length": 200,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn eval_writes_predictions_summary_plots_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    std::fs::write(&data, rows()).unwrap();
+    let out = dir.path().join("out");
+    let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let config = EvalConfig {
+        data,
+        rows_per_task: None,
+        presses: ["snapkv", "streaming_llm"].iter().map(|p| PressSpec::new(p, Budget::Ratio(0.5)).with_option_if(*p == "snapkv", "window_size", 16)).collect(),
+        ratios: vec![0.25, 0.75],
+        out: out.clone(),
+        model: "smollm2".into(),
+        prefill_chunk: 64,
+    };
+    let mut events = Vec::new();
+    let summary = run(&loaded, &config, &mut |p| events.push(p)).unwrap();
+    assert_eq!(events[0], Progress::Start { total: 10, done: 0 });
+    assert_eq!(events.len(), 11);
+    let preds = read_predictions(&out.join("predictions.jsonl")).unwrap();
+    assert_eq!(preds.len(), 10);
+    for p in &preds {
+        assert!(p.skipped.is_none() && p.context_tokens > 100 && (0.0..=100.0).contains(&p.score), "{p:?}");
+        if p.press == NONE {
+            assert!(p.prediction.contains(&p.answer[0]), "the uncompressed model finds the needle: {p:?}");
+        } else {
+            assert!(p.kv_bytes > 0 && p.kept_per_layer.len() == 30, "{p:?}");
+        }
+    }
+    // summary: the mean of per-task means, on disk as returned
+    assert_eq!(summary.rows, vec![0, 1]);
+    assert_eq!(summary.uncompressed.score, 100.0);
+    assert_eq!(summary.presses["snapkv"].ratios.len(), 2);
+    let on_disk: kvc_bench::eval::summary::Summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(on_disk, summary);
+
+    // a lost line (killed run): exactly that prediction is computed again
+    let path = out.join("predictions.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = format!("{}\n{}", lines[..9].join("\n"), &lines[9][..lines[9].len() / 2]);
+    std::fs::write(&path, cut).unwrap();
+    let mut events = Vec::new();
+    let again = run(&loaded, &config, &mut |p| events.push(p)).unwrap();
+    assert_eq!(events[0], Progress::Start { total: 10, done: 9 });
+    assert_eq!(events.len(), 2, "one prediction recomputed");
+    assert_eq!(read_predictions(&path).unwrap().len(), 10);
+    assert_eq!(again.presses.keys().collect::<Vec<_>>(), summary.presses.keys().collect::<Vec<_>>());
+    // and a finished run computes nothing
+    let mut events = Vec::new();
+    run(&loaded, &config, &mut |p| events.push(p)).unwrap();
+    assert_eq!(events, vec![Progress::Start { total: 10, done: 10 }]);
+
+    let written = plots::write_all(&out, &again, &read_predictions(&path).unwrap()).unwrap();
+    assert!(written.len() >= 4);
+    for f in written {
+        assert!(std::fs::metadata(&f).unwrap().len() > 1000, "{}", f.display());
+    }
+}
+
+#[test]
+fn bad_rows_and_long_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    let good = rows().lines().next().unwrap().to_string();
+    std::fs::write(&data, format!("{good}\n{{\"context\": 1}}\n")).unwrap();
+    let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let config = EvalConfig {
+        data: data.clone(),
+        rows_per_task: None,
+        presses: vec![PressSpec::new("knorm", Budget::Ratio(0.5))],
+        ratios: vec![0.5],
+        out: dir.path().join("out"),
+        model: "smollm2".into(),
+        prefill_chunk: 512,
+    };
+    let e = run(&loaded, &config, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}:2:", data.display())) && e.contains("invalid type"), "{e}");
+    // a row longer than the model's window is reported and skipped; the run goes on
+    let long = serde_json::json!({"context": "word ".repeat(9000), "question": "q?", "answer_prefix": "", "answer": ["x"], "task": "qa_1", "max_new_tokens": 4});
+    std::fs::write(&data, format!("{long}\n{good}\n")).unwrap();
+    let summary = run(&loaded, &config, &mut |_| {}).unwrap();
+    let preds = read_predictions(&config.out.join("predictions.jsonl")).unwrap();
+    let skipped: Vec<_> = preds.iter().filter(|p| p.skipped.is_some()).collect();
+    assert_eq!(skipped.len(), 2);
+    assert!(skipped[0].skipped.as_ref().unwrap().contains("more than the model's window of 8192"), "{:?}", skipped[0]);
+    assert_eq!(summary.uncompressed.tasks.len(), 1);
+    assert!(summary.notes[0].contains("1 row(s) skipped"));
+}
