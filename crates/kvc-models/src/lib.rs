@@ -171,6 +171,17 @@ pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B
     }
 }
 
+/// Loads only the tokenizer of a `.gguf` file or HF folder (no weights).
+///
+/// # Errors
+/// As [`load`], minus weight errors.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    match open_source(path)? {
+        Source::Gguf(file) => Tokenizer::from_gguf(&file),
+        Source::Hf(dir) => Tokenizer::from_hf_dir(&dir),
+    }
+}
+
 /// Loads only the decoder from a HF folder (no tokenizer needed), e.g. for weight-only tests.
 ///
 /// # Errors

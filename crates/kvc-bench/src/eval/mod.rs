@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 pub mod data;
 pub mod metrics;
+pub mod needle;
 pub mod plots;
 pub mod runner;
 pub mod summary;

@@ -134,9 +134,68 @@ where
     Ok(())
 }
 
+/// Needle scores: `(label, ratio) -> (length, depth) -> mean score`.
+type NeedleGrid = BTreeMap<(usize, u32), f64>;
+
+fn needle_grids(preds: &[Prediction]) -> BTreeMap<String, BTreeMap<String, NeedleGrid>> {
+    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<(usize, u32), (f64, usize)>>> = BTreeMap::new();
+    for p in preds.iter().filter(|p| p.skipped.is_none()) {
+        if let Some(cell) = super::needle::parse_task(&p.task) {
+            let e = acc.entry(p.press.clone()).or_default().entry(super::summary::ratio_key(p.ratio)).or_default().entry(cell).or_default();
+            e.0 += p.score;
+            e.1 += 1;
+        }
+    }
+    acc.into_iter()
+        .map(|(press, by_ratio)| (press, by_ratio.into_iter().map(|(r, g)| (r, g.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect())).collect()))
+        .collect()
+}
+
+fn draw_needle<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, press: &str, grids: &BTreeMap<String, NeedleGrid>) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, grids.len().max(1)));
+    for (area, (ratio, grid)) in panels.iter().zip(grids) {
+        let lengths: Vec<usize> = grid.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let depths: Vec<u32> = grid.keys().map(|k| k.1).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let title = if press == NONE { "uncompressed".to_string() } else { format!("{press} @ {ratio}") };
+        let (nl, nd) = (lengths.len(), depths.len());
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 16))
+            .margin(6)
+            .x_label_area_size(30)
+            .y_label_area_size(46)
+            .build_cartesian_2d(0.0..nd as f64, 0.0..nl as f64)?;
+        let (dl, ll) = (depths.clone(), lengths.clone());
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(nd)
+            .y_labels(nl)
+            .x_desc("depth %")
+            .y_desc("tokens")
+            .x_label_formatter(&move |x| dl.get(*x as usize).map_or(String::new(), |d| d.to_string()))
+            .y_label_formatter(&move |y| ll.get(*y as usize).map_or(String::new(), |l| l.to_string()))
+            .label_style(("sans-serif", 11))
+            .draw()?;
+        chart.draw_series(grid.iter().map(|(&(l, d), &score)| {
+            let x = depths.iter().position(|&v| v == d).unwrap_or(0) as f64;
+            let y = lengths.iter().position(|&v| v == l).unwrap_or(0) as f64;
+            let t = (score / 100.0).clamp(0.0, 1.0);
+            let color = RGBColor((220.0 * (1.0 - t)) as u8 + 20, (180.0 * t) as u8 + 40, 60);
+            Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled())
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
 /// Writes every plot of an evaluation into `out` and returns their paths: `scores.{svg,png}`,
-/// `scores_by_task.{svg,png}`, and `kept_per_layer_<press>.{svg,png}` for presses whose layers
-/// keep different counts (KVCompose, PyramidKV).
+/// `scores_by_task.{svg,png}`, `kept_per_layer_<press>.{svg,png}` for presses whose layers keep
+/// different counts (KVCompose, PyramidKV), and for needle rows `needle_<press>.{svg,png}`: a
+/// heatmap (context length x depth, red 0 to green 100) per ratio.
 ///
 /// # Errors
 /// [`EvalError::Plot`] naming the file.
@@ -181,6 +240,16 @@ pub fn write_all(out: &Path, summary: &Summary, preds: &[Prediction]) -> Result<
                 draw_layers(SVGBackend::new(p, (900, 500)).into_drawing_area(), press, kept)
             } else {
                 draw_layers(BitMapBackend::new(p, (900, 500)).into_drawing_area(), press, kept)
+            }
+        })?;
+    }
+    for (press, grids) in &needle_grids(preds) {
+        let w = 320 * grids.len().max(1) as u32;
+        figure(format!("needle_{press}"), &|p| {
+            if p.ends_with(".svg") {
+                draw_needle(SVGBackend::new(p, (w, 320)).into_drawing_area(), press, grids)
+            } else {
+                draw_needle(BitMapBackend::new(p, (w, 320)).into_drawing_area(), press, grids)
             }
         })?;
     }
