@@ -221,7 +221,11 @@ fn print_compare(ours: &eval::summary::Summary, theirs: &eval::summary::Summary)
     for (name, p) in &ours.presses {
         for (r, sc) in &p.ratios {
             if let Some(t) = theirs.presses.get(name).and_then(|tp| tp.ratios.get(r)) {
-                println!("{:<28}{:>8.1}{:>9.1}{:>8.1}", format!("{name} @ {r}"), sc.score, t.score, sc.score - t.score);
+                if t.tasks.keys().eq(sc.tasks.keys()) {
+                    println!("{:<28}{:>8.1}{:>9.1}{:>8.1}", format!("{name} @ {r}"), sc.score, t.score, sc.score - t.score);
+                } else {
+                    println!("{:<28}{:>8.1}{:>9}  (kvpress has {} of {} tasks)", format!("{name} @ {r}"), sc.score, "-", t.tasks.len(), sc.tasks.len());
+                }
             }
         }
     }

@@ -158,3 +158,26 @@ fn several_questions_share_one_compressed_cache() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("prompt tokens     2\n"), "{text}");
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // the same command gives the same kept sets and tokens with 1 or 2 worker threads
+    for backend in ["flex", "ndarray"] {
+        for press in ["kvcompose", "snapkv"] {
+            let run = |threads: &str| -> serde_json::Value {
+                let out = Command::new(env!("CARGO_BIN_EXE_kvc"))
+                    .env("RAYON_NUM_THREADS", threads)
+                    .args(["generate", "--prompt", CONTEXT, "--chat", "--question", "What is the keeper's name?", "--press", press])
+                    .args(["--ratio", "0.5", "--max-new-tokens", "8", "--json", "--backend", backend])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                serde_json::from_slice(&out.stdout).unwrap()
+            };
+            let (one, two) = (run("1"), run("2"));
+            assert_eq!(one["completion_ids"], two["completion_ids"], "{backend} {press}");
+            assert_eq!(one["press"]["kept_per_head"], two["press"]["kept_per_head"], "{backend} {press}");
+            assert_eq!(one["kv_cache_bytes_compressed"], two["kv_cache_bytes_compressed"], "{backend} {press}");
+        }
+    }
+}

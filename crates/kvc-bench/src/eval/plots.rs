@@ -24,6 +24,24 @@ fn register_font() {
 
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Line colors (matplotlib's tab10: distinguishable, readable on white).
+const TAB10: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn color(i: usize) -> RGBAColor {
+    TAB10[i % TAB10.len()].to_rgba()
+}
+
 /// One series: a press's (ratio, score) points, the uncompressed score at ratio 0.
 fn series(summary: &Summary, task: Option<&str>) -> Vec<(String, Vec<(f64, f64)>)> {
     let pick = |s: &super::summary::Score| match task {
@@ -56,7 +74,7 @@ where
         .build_cartesian_2d(0.0..max_ratio, 0.0..105.0)?;
     chart.configure_mesh().x_desc("compression ratio").y_desc("score").label_style(("sans-serif", 12)).draw()?;
     for (i, (name, pts)) in curves.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
             .label(name.as_str())
@@ -123,7 +141,7 @@ where
         .build_cartesian_2d(0.0..(layers.max(2) - 1) as f64, 0.0..1.05)?;
     chart.configure_mesh().x_desc("layer").y_desc("kept / context").label_style(("sans-serif", 12)).draw()?;
     for (i, (ratio, v)) in kept.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         chart
             .draw_series(LineSeries::new(v.iter().enumerate().map(|(l, &x)| (l as f64, x)), color.stroke_width(2)))?
             .label(format!("ratio {ratio}"))
