@@ -183,18 +183,27 @@ fn read_summary(path: &std::path::Path) -> Result<eval::summary::Summary> {
 /// The per-task table: one row per press and ratio, one column per task, the mean last.
 fn print_table(s: &eval::summary::Summary) {
     let tasks: Vec<&String> = s.uncompressed.tasks.keys().collect();
-    let short = |t: &str| t.replace("niah_", "").replace("single_", "s").replace("multikey_", "mk").replace("multivalue", "mv").replace("multiquery", "mq");
+    let short = |t: &str| {
+        t.replace("needle_L", "")
+            .replace("_d", "/")
+            .replace("niah_", "")
+            .replace("single_", "s")
+            .replace("multikey_", "mk")
+            .replace("multivalue", "mv")
+            .replace("multiquery", "mq")
+    };
+    let widths: Vec<usize> = tasks.iter().map(|t| short(t).len().max(6) + 1).collect();
     print!("{:<28}", "press @ ratio");
-    for t in &tasks {
-        print!("{:>7}", short(t));
+    for (t, w) in tasks.iter().zip(widths.iter().copied()) {
+        print!("{:>w$}", short(t));
     }
     println!("{:>8}", "mean");
     let line = |label: String, sc: &eval::summary::Score| {
         print!("{label:<28}");
-        for t in &tasks {
+        for (t, w) in tasks.iter().zip(widths.iter().copied()) {
             match sc.tasks.get(*t) {
-                Some(v) => print!("{v:>7.1}"),
-                None => print!("{:>7}", "-"),
+                Some(v) => print!("{v:>w$.1}"),
+                None => print!("{:>w$}", "-"),
             }
         }
         println!("{:>8.1}", sc.score);

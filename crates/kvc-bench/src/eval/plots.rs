@@ -169,6 +169,15 @@ fn needle_grids(preds: &[Prediction]) -> BTreeMap<String, BTreeMap<String, Needl
         .collect()
 }
 
+/// The label of the cell centred on `v` (cells sit at integer coordinates; no label between them).
+fn cell_label<T: ToString>(v: f64, labels: &[T]) -> String {
+    let i = v.round();
+    if (v - i).abs() > 1e-6 || i < 0.0 {
+        return String::new();
+    }
+    labels.get(i as usize).map_or(String::new(), ToString::to_string)
+}
+
 fn draw_needle<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, press: &str, grids: &BTreeMap<String, NeedleGrid>) -> DrawResult<()>
 where
     DB::ErrorType: 'static,
@@ -185,7 +194,7 @@ where
             .margin(6)
             .x_label_area_size(30)
             .y_label_area_size(46)
-            .build_cartesian_2d(0.0..nd as f64, 0.0..nl as f64)?;
+            .build_cartesian_2d(-0.5..nd as f64 - 0.5, -0.5..nl as f64 - 0.5)?;
         let (dl, ll) = (depths.clone(), lengths.clone());
         chart
             .configure_mesh()
@@ -194,8 +203,8 @@ where
             .y_labels(nl)
             .x_desc("depth %")
             .y_desc("tokens")
-            .x_label_formatter(&move |x| dl.get(*x as usize).map_or(String::new(), |d| d.to_string()))
-            .y_label_formatter(&move |y| ll.get(*y as usize).map_or(String::new(), |l| l.to_string()))
+            .x_label_formatter(&move |x| cell_label(*x, &dl))
+            .y_label_formatter(&move |y| cell_label(*y, &ll))
             .label_style(("sans-serif", 11))
             .draw()?;
         chart.draw_series(grid.iter().map(|(&(l, d), &score)| {
@@ -203,7 +212,7 @@ where
             let y = lengths.iter().position(|&v| v == l).unwrap_or(0) as f64;
             let t = (score / 100.0).clamp(0.0, 1.0);
             let color = RGBColor((220.0 * (1.0 - t)) as u8 + 20, (180.0 * t) as u8 + 40, 60);
-            Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled())
+            Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], color.filled())
         }))?;
     }
     root.present()?;
