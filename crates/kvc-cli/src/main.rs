@@ -202,7 +202,8 @@ impl backend::BackendJob for GenerateJob {
 }
 
 fn progress_bar() -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    // hidden until the first update gives it a length (no "0/0" frame)
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} tokens, {elapsed} (eta {eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -219,6 +220,9 @@ fn update(bar: &Option<ProgressBar>, phase: &'static str, done: usize, total: us
         }
         b.set_length(total as u64);
         b.set_position(done as u64);
+        if b.is_hidden() {
+            b.set_draw_target(ProgressDrawTarget::stderr());
+        }
     }
 }
 
@@ -281,7 +285,8 @@ fn print_summary(job: &GenerateJob, r: &Response) {
         println!("prompt tokens     context {}, question {}", r.context_tokens, q.join(" / "));
     }
     let stop = serde_json::to_value(first.stop).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-    println!("new tokens        {} (stop: {stop})", first.ids.len());
+    let which = if r.answers.len() > 1 { " (first question)" } else { "" };
+    println!("new tokens        {} (stop: {stop}){which}", first.ids.len());
     let prefill = r.timings.prefill;
     println!("prefill           {prefill:.2} s, {:.1} tokens/s", r.context_tokens as f64 / prefill.max(1e-9));
     if let (Some(rep), Some(p)) = (&r.report, &job.request.press) {
@@ -294,7 +299,7 @@ fn print_summary(job: &GenerateJob, r: &Response) {
             100.0 * kept as f64 / total.max(1) as f64
         );
     }
-    println!("decode            {:.2} s, {:.1} tokens/s", first.decode_seconds, first.decode_tokens_per_second());
+    println!("decode            {:.2} s, {:.1} tokens/s{which}", first.decode_seconds, first.decode_tokens_per_second());
     match &r.report {
         Some(rep) => {
             println!(

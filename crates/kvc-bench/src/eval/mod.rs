@@ -21,8 +21,8 @@ pub mod summary;
 /// Errors of the evaluation harness.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written (the I/O error is the source: `{:#}` prints both).
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

@@ -139,7 +139,13 @@ where
         .x_label_area_size(32)
         .y_label_area_size(40)
         .build_cartesian_2d(0.0..(layers.max(2) - 1) as f64, 0.0..1.05)?;
-    chart.configure_mesh().x_desc("layer").y_desc("kept / context").label_style(("sans-serif", 12)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("layer")
+        .y_desc("kept / context")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(("sans-serif", 12))
+        .draw()?;
     for (i, (ratio, v)) in kept.iter().enumerate() {
         let color = color(i);
         chart
