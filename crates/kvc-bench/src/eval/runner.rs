@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use kvc_core::{Budget, CaptureSpec, PressSpec};
+use kvc_core::{CaptureSpec, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
 use kvc_models::{GenerationConfig, LoadedModel};
 
@@ -156,7 +156,10 @@ pub fn run<B: Backend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &mut
                     row.max_new_tokens
                 )));
             }
-            Budget::Ratio(0.5).validate(t.context.len()).map_err(|e| EvalError::Skip(e.to_string()))?;
+            if t.context.len() < 2 {
+                // every press needs two context tokens; the row is skipped as a whole
+                return Err(EvalError::Skip(kvc_core::CoreError::ContextTooShort(t.context.len()).to_string()));
+            }
             Ok(t)
         });
         let tokens = match prepared {
