@@ -5,11 +5,11 @@
 //! cargo run --release -p kvc-examples --example compress -- [PRESS] [RATIO]
 //! ```
 
-use burn::tensor::backend::Backend;
+use kvc_core::KvcBackend;
 use kvc_core::{Budget, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
 
-fn run<B: Backend>(device: B::Device, press: &str, ratio: f64) -> anyhow::Result<()> {
+fn run<B: KvcBackend>(device: B::Device, press: &str, ratio: f64) -> anyhow::Result<()> {
     let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, &device)?;
     let request = Request {
         context: std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/pride_and_prejudice_ch1-2.txt"))?,

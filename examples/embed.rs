@@ -6,10 +6,10 @@
 //! ```
 
 use burn::backend::NdArray;
-use burn::tensor::backend::Backend;
+use kvc_core::KvcBackend;
 use kvc_models::{generate, GenerationConfig};
 
-fn run<B: Backend>(device: B::Device) -> anyhow::Result<()> {
+fn run<B: KvcBackend>(device: B::Device) -> anyhow::Result<()> {
     let path = kvc_models::default_model::ensure_default_model()?;
     let m = kvc_models::load::<B>(&path, &device)?;
     let ids = m.tokenizer.encode("The three primary colors are", true)?;

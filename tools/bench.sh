@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# One benchmark run (machines are noisy: compare figures from the same run only).
-# kvc prefill/decode speed vs transformers (torch CPU, 2 threads); KVCompose compression time vs plain
-# prefill, kvc and kvpress; peak RSS of plain prefill vs KVCompose at 2k and 4k tokens.
+# One benchmark run (machines are noisy: compare figures from the same run only, on a quiet machine).
+# kvc prefill/decode speed vs transformers (torch CPU, 2 threads) at 1k-8k tokens; KVCompose
+# compression time vs plain prefill, kvc and kvpress; peak RSS of plain prefill vs KVCompose at 2k
+# and 4k tokens; time against context length (kvc-bench scaling: table + scaling/scaling.{svg,png}).
 # Needs: cargo, python3 with tools/requirements.txt and kvpress==0.5.5 (only for the Python rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXT=assets/pride_and_prejudice_ch1-2.txt
+export OMP_WAIT_POLICY=PASSIVE
+lscpu | grep -E "Model name|^CPU\(s\)"
 cargo build --release -p kvc-bench -q
 B=./target/release/kvc-bench
 echo "== prefill/decode speed (tokens/s)"
-$B speed --text $TEXT --tokens 1024,2048 --decode 32 --backends flex,ndarray
-python3 tools/bench_transformers.py --text $TEXT --tokens 1024,2048 --decode 32 --threads 2
+$B speed --text $TEXT --tokens 1024,2048,4096,8000 --decode 32 --backends flex
+$B speed --text $TEXT --tokens 1024,2048 --decode 32 --backends ndarray
+python3 tools/bench_transformers.py --text $TEXT --tokens 1024,2048,4096,8000 --decode 32 --threads 2
 echo "== KVCompose compression time vs plain prefill (ratio 0.5)"
-for be in flex ndarray; do for n in 1024 2048; do $B compress --text $TEXT --tokens $n --backend $be; done; done
+for n in 1024 2048; do $B compress --text $TEXT --tokens $n --backend flex; done
 python3 tools/make_kvcompose_fixtures.py --timing-only
 echo "== peak RSS: plain prefill vs prefill + KVCompose (flex, separate processes)"
 for n in 2048 4096; do
   $B compress --text $TEXT --tokens $n --press none --repeat 1
   $B compress --text $TEXT --tokens $n --repeat 1
 done
+echo "== time against context length (KVCompose 0.75)"
+$B scaling --text $TEXT --out scaling

@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
+use kvc_core::KvcBackend;
 use clap::{Parser, Subcommand};
 use kvc_bench::eval;
 use kvc_core::{Budget, PressSpec};
@@ -101,6 +101,43 @@ enum Command {
         /// Repetitions (the best time is reported).
         #[arg(long, default_value_t = 2)]
         repeat: usize,
+        /// Prefill chunk (tokens).
+        #[arg(long, default_value_t = kvc_models::GenerationConfig::default().prefill_chunk)]
+        chunk: usize,
+        /// A press option, key=value (repeatable), as `kvc generate --press-option`.
+        #[arg(long = "press-option", value_name = "KEY=VALUE")]
+        press_options: Vec<String>,
+    },
+    /// Prefill, compression and decode time against context length: a table (stdout), a JSON
+    /// line per length, and `scaling.{svg,png}` in --out.
+    Scaling {
+        /// Model path or known name (default: the default model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Text to cut the contexts from (repeated if shorter).
+        #[arg(long)]
+        text: PathBuf,
+        /// Context lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8000")]
+        tokens: Vec<usize>,
+        /// Press.
+        #[arg(long, default_value = "kvcompose")]
+        press: String,
+        /// Compression ratio.
+        #[arg(long, default_value_t = 0.75)]
+        ratio: f64,
+        /// Decode steps timed on each cache (uncompressed and compressed).
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        /// Prefill chunk (tokens).
+        #[arg(long, default_value_t = kvc_models::GenerationConfig::default().prefill_chunk)]
+        chunk: usize,
+        /// Backend (ndarray, flex, wgpu, cuda; among those compiled in).
+        #[arg(long, default_value = backend::default_backend())]
+        backend: String,
+        /// Folder for the plot (created).
+        #[arg(long, default_value = "scaling")]
+        out: PathBuf,
     },
 }
 
@@ -148,7 +185,7 @@ struct EvalJob {
 impl backend::BackendJob for EvalJob {
     type Output = eval::summary::Summary;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<eval::summary::Summary> {
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<eval::summary::Summary> {
         let loaded = kvc_models::load::<B>(&self.model, &device)?;
         let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
@@ -268,18 +305,20 @@ struct CompressJob<'a> {
     text: &'a str,
     tokens: usize,
     press: &'a str,
+    spec: Option<PressSpec>,
     ratio: f64,
     repeat: usize,
+    chunk: usize,
 }
 
 impl backend::BackendJob for CompressJob<'_> {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
         let m = kvc_models::load::<B>(self.model, &device)?;
         let ids = context_ids(&m.tokenizer, self.text, self.tokens)?;
         let pipeline = Pipeline::new(&m);
-        let spec = (self.press != "none").then(|| PressSpec::new(self.press, Budget::Ratio(self.ratio)));
+        let spec = self.spec;
         let needs = match &spec {
             Some(s) => s.needs()?,
             None => Default::default(),
@@ -287,7 +326,7 @@ impl backend::BackendJob for CompressJob<'_> {
         let (mut best_prefill, mut best_compress) = (f64::INFINITY, f64::INFINITY);
         let mut bytes = (0, 0);
         for _ in 0..self.repeat.max(1) {
-            let prefilled = pipeline.prefill(&ids, needs, 512, &mut |_| {})?;
+            let prefilled = pipeline.prefill(&ids, needs, self.chunk, &mut |_| {})?;
             best_prefill = best_prefill.min(prefilled.seconds);
             if let Some(spec) = &spec {
                 let c = pipeline.compress(&prefilled, spec, &mut |_, _| {})?;
@@ -298,11 +337,65 @@ impl backend::BackendJob for CompressJob<'_> {
         let compress = spec.as_ref().map(|_| best_compress);
         println!(
             "{}",
-            serde_json::json!({"tokens": self.tokens, "press": self.press, "ratio": self.ratio, "prefill_s": best_prefill,
+            serde_json::json!({"tokens": self.tokens, "press": self.press, "ratio": self.ratio, "chunk": self.chunk, "prefill_s": best_prefill,
                 "compress_s": compress, "total_over_prefill": compress.map(|c| (best_prefill + c) / best_prefill),
                 "kv_bytes_before": bytes.0, "kv_bytes_after": bytes.1, "peak_rss_bytes": peak_rss()})
         );
         Ok(())
+    }
+}
+
+struct ScalingJob<'a> {
+    model: &'a std::path::Path,
+    text: &'a str,
+    lens: &'a [usize],
+    spec: PressSpec,
+    n_decode: usize,
+    chunk: usize,
+}
+
+impl backend::BackendJob for ScalingJob<'_> {
+    type Output = Vec<kvc_bench::scaling::ScalingRow>;
+
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<Self::Output> {
+        let m = kvc_models::load::<B>(self.model, &device)?;
+        let window = m.model.config().max_position_embeddings;
+        let longest = self.lens.iter().copied().max().unwrap_or(1);
+        if longest + self.n_decode + 1 > window {
+            bail!("{longest} context tokens + {} decoded exceed the model's window of {window} tokens", self.n_decode + 1);
+        }
+        let ids = context_ids(&m.tokenizer, self.text, longest)?;
+        let pipeline = Pipeline::new(&m);
+        let needs = self.spec.needs()?;
+        // warm-up (first-call allocations, thread pool)
+        pipeline.prefill(&ids[..16.min(ids.len())], needs, self.chunk, &mut |_| {})?;
+        let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
+        let mut rows = Vec::new();
+        for &n in self.lens {
+            let context = &ids[..n];
+            let prefilled = pipeline.prefill(context, needs, self.chunk, &mut |_| {})?;
+            let compressed = pipeline.compress(&prefilled, &self.spec, &mut |_, _| {})?;
+            let mut step_ms = [0.0; 2];
+            for (slot, cache) in step_ms.iter_mut().zip([prefilled.cache.clone(), compressed.cache.clone()]) {
+                // one more token gives the first logits (a question would play this part)
+                let mut cache = cache;
+                let logits = m.model.forward(generate::token_tensor::<B>(&context[n - 1..], &device), &mut cache, None, kvc_models::Logits::Last)?;
+                let d = generate::decode(&m.model, &mut cache, logits, &cfg, &[], |_| true, &device)?;
+                *slot = d.elapsed.as_secs_f64() * 1e3 / d.tokens.len().max(1) as f64;
+            }
+            let row = kvc_bench::scaling::ScalingRow {
+                tokens: n,
+                prefill_s: prefilled.seconds,
+                compress_s: compressed.seconds,
+                total_over_prefill: (prefilled.seconds + compressed.seconds) / prefilled.seconds,
+                decode_step_ms: step_ms[0],
+                decode_step_ms_compressed: step_ms[1],
+                kv_bytes: (compressed.report.bytes_before, compressed.report.bytes_after),
+            };
+            println!("{}", serde_json::to_string(&row)?);
+            rows.push(row);
+        }
+        Ok(rows)
     }
 }
 
@@ -318,7 +411,7 @@ struct SpeedJob<'a> {
 impl backend::BackendJob for SpeedJob<'_> {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
         let loaded = kvc_models::load::<B>(self.model, &device)?;
         let ids = context_ids(&loaded.tokenizer, self.text, self.lens.iter().copied().max().unwrap_or(1))?;
         for &n in self.lens {
@@ -418,10 +511,36 @@ fn real_main() -> Result<()> {
             std::fs::write(&out, body).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {} rows to {}", rows.len(), out.display());
         }
-        Command::Compress { model, text, tokens, press, ratio, backend, repeat } => {
+        Command::Compress { model, text, tokens, press, ratio, backend, repeat, chunk, press_options } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;
             let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
-            backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, ratio, repeat })?;
+            let spec = if press == "none" {
+                None
+            } else {
+                let mut spec = PressSpec::new(&press, Budget::Ratio(ratio));
+                for o in &press_options {
+                    let (k, v) = kvc_core::press::parse_option(&press, o)?;
+                    spec = spec.with_option(&k, v);
+                }
+                Some(spec)
+            };
+            backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk })?;
+        }
+        Command::Scaling { model, text, tokens, press, ratio, decode, chunk, backend, out } => {
+            let model = kvc_models::default_model::resolve(model.as_deref())?;
+            let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            if tokens.is_empty() || tokens.contains(&0) {
+                bail!("--tokens needs positive lengths");
+            }
+            let spec = PressSpec::new(&press, Budget::Ratio(ratio));
+            spec.needs()?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let job = ScalingJob { model: &model, text: &text, lens: &tokens, spec, n_decode: decode, chunk };
+            let rows = backend::run(&backend, job)?;
+            print!("{}", kvc_bench::scaling::table(&rows));
+            for f in kvc_bench::scaling::write_plot(&out, &rows, &press)? {
+                println!("wrote {}", f.display());
+            }
         }
         Command::Speed { model, text, tokens, decode, backends, chunk } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;

@@ -3,7 +3,7 @@
 //! `ndarray`, `flex` (default), `wgpu`, `cuda`. The libraries never name a backend.
 
 use anyhow::{bail, Result};
-use burn::tensor::backend::Backend;
+use kvc_core::KvcBackend;
 
 /// Names of the backends compiled into this binary, fastest CPU backend first.
 pub const COMPILED: &[&str] = &[
@@ -31,7 +31,7 @@ pub trait BackendJob {
     ///
     /// # Errors
     /// The work's own errors.
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 /// Runs `job` on the backend called `name` (its default device).

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
+use kvc_core::KvcBackend;
 use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -153,7 +153,7 @@ struct GenerateJob {
 impl backend::BackendJob for GenerateJob {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
         let t_load = std::time::Instant::now();
         let loaded = kvc_models::load::<B>(&self.model, &device).with_context(|| format!("loading model {}", self.model.display()))?;
         let load_secs = t_load.elapsed().as_secs_f64();
@@ -226,7 +226,7 @@ fn update(bar: &Option<ProgressBar>, phase: &'static str, done: usize, total: us
     }
 }
 
-fn print_json<B: Backend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel<B>, r: &Response, load_secs: f64) -> Result<()> {
+fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel<B>, r: &Response, load_secs: f64) -> Result<()> {
     let first = &r.answers[0];
     let spec = job.request.press.as_ref();
     let press = r.report.as_ref().zip(spec).map(|(rep, p)| {

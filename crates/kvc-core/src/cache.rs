@@ -72,16 +72,100 @@ impl<B: Backend> LayerKv<B> {
 /// Layers may hold different numbers of tokens (after compression); `next_position` is the
 /// original position of the next token fed to the model, so decoding after compression continues
 /// at the original position even though the cache is shorter.
+///
+/// Appends write into a per-layer buffer with spare capacity (as llama-burn's preallocated cache),
+/// so a decode step copies one token's keys and values, not the whole layer; a layer's `keys` and
+/// `values` are views of the buffer's first `len` slots. [`KvCache::reserve`] sizes the buffers
+/// for a known number of tokens; without it a full buffer grows by a quarter.
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<LayerKv<B>>>,
     next_position: usize,
+    /// Per layer: the buffer the layer's keys/values are views of, when appends may write into it.
+    buffers: Vec<Option<Buffer<B>>>,
+    /// Per layer: slots the next buffer should hold (from [`KvCache::reserve`]).
+    targets: Vec<usize>,
+}
+
+/// Writes `[b, h, c, d]` new slots into a `[b, h, capacity, d]` buffer at slot `start` and returns
+/// the buffer ([`crate::kernels::write_slots`] and [`crate::KvcBackend::kvc_write_slots`]).
+pub type SlotWriter<B> = fn(Tensor<B, 4>, usize, Tensor<B, 4>) -> Tensor<B, 4>;
+
+/// Preallocated keys/values of one layer, `[batch, kv_heads, capacity, head_dim]`; the first
+/// `len` slots are the layer's content.
+#[derive(Clone, Debug)]
+struct Buffer<B: Backend> {
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
     /// An empty cache for a decoder of `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), next_position: 0 }
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            next_position: 0,
+            buffers: (0..num_layers).map(|_| None).collect(),
+            targets: vec![0; num_layers],
+        }
+    }
+
+    /// Expects `additional` more tokens in every layer: the next buffer a layer allocates holds
+    /// them all, so they are appended without reallocating (a prefill reserves its prompt, a
+    /// decode its new tokens). A hint only: appending more still works. Never lowers an earlier
+    /// reservation; replacing or gathering a layer (compression) clears its reservation.
+    pub fn reserve(&mut self, additional: usize) {
+        let lens = self.lens();
+        for (t, len) in self.targets.iter_mut().zip(lens) {
+            *t = (*t).max(len + additional);
+        }
+    }
+
+    /// Writes `keys`/`values` (`[b, h, c, d]`) after the `old_len` slots of a layer whose current
+    /// content is `old` (`None` for an empty layer); returns views of the first `old_len + c` slots.
+    fn write(
+        &mut self,
+        layer: usize,
+        old: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        old_len: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        writer: SlotWriter<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, c, d] = keys.dims();
+        let total = old_len + c;
+        let reusable = |buf: &Buffer<B>| {
+            let [bb, bh, cap, bd] = buf.keys.dims();
+            buf.len == old_len && (bb, bh, bd) == (b, h, d) && cap >= total
+        };
+        let (kb, vb) = match self.buffers[layer].take().filter(reusable) {
+            Some(buf) => {
+                // the layer's views of the buffer go first, so the buffer is not shared and the
+                // write below happens in place (burn's tensors copy on write when shared)
+                drop(old);
+                (buf.keys, buf.values)
+            }
+            None => {
+                let target = self.targets[layer];
+                let cap = if target >= total { target } else { total + total / 4 + 16 };
+                let device = keys.device();
+                let mut kb = Tensor::<B, 4>::empty([b, h, cap, d], (&device, keys.dtype()));
+                let mut vb = Tensor::<B, 4>::empty([b, h, cap, d], (&device, values.dtype()));
+                if let Some((ok, ov)) = old {
+                    if old_len > 0 {
+                        kb = kb.slice_assign([0..b, 0..h, 0..old_len, 0..d], ok);
+                        vb = vb.slice_assign([0..b, 0..h, 0..old_len, 0..d], ov);
+                    }
+                }
+                (kb, vb)
+            }
+        };
+        let kb = writer(kb, old_len, keys);
+        let vb = writer(vb, old_len, values);
+        let views = (kb.clone().narrow(2, 0, total), vb.clone().narrow(2, 0, total));
+        self.buffers[layer] = Some(Buffer { keys: kb, values: vb, len: total });
+        views
     }
 
     /// Number of layers.
@@ -143,6 +227,23 @@ impl<B: Backend> KvCache<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), CoreError> {
+        self.append_with(layer, first_position, keys, values, crate::kernels::write_slots)
+    }
+
+    /// As [`append`](Self::append), with the function that writes the new slots into the layer's
+    /// buffer (a decoder passes its backend's [`crate::KvcBackend::kvc_write_slots`], which writes
+    /// in place where the backend can).
+    ///
+    /// # Errors
+    /// As [`append`](Self::append).
+    pub fn append_with(
+        &mut self,
+        layer: usize,
+        first_position: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        writer: SlotWriter<B>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), CoreError> {
         self.check_layer(layer)?;
         let [b, h, c, d] = keys.dims();
         if values.dims() != [b, h, c, d] {
@@ -156,6 +257,7 @@ impl<B: Backend> KvCache<B> {
         let entry = match self.layers[layer].take() {
             None => {
                 let positions = (0..b * h).flat_map(|_| new_positions.iter().copied()).collect();
+                let (keys, values) = self.write(layer, None, 0, keys, values, writer);
                 LayerKv { keys, values, positions, valid: None }
             }
             Some(old) => {
@@ -173,12 +275,8 @@ impl<B: Backend> KvCache<B> {
                 let valid = old.valid.map(|v| {
                     (0..b * h).flat_map(|row| v[row * ol..(row + 1) * ol].iter().copied().chain(std::iter::repeat_n(true, c))).collect()
                 });
-                LayerKv {
-                    keys: Tensor::cat(vec![old.keys, keys], 2),
-                    values: Tensor::cat(vec![old.values, values], 2),
-                    positions,
-                    valid,
-                }
+                let (keys, values) = self.write(layer, Some((old.keys, old.values)), ol, keys, values, writer);
+                LayerKv { keys, values, positions, valid }
             }
         };
         let out = (entry.keys.clone(), entry.values.clone());
@@ -206,6 +304,8 @@ impl<B: Backend> KvCache<B> {
             )));
         }
         self.layers[layer] = Some(kv);
+        self.buffers[layer] = None;
+        self.targets[layer] = 0;
         Ok(())
     }
 
@@ -256,15 +356,23 @@ impl<B: Backend> KvCache<B> {
         let values = kv.values.clone().gather(2, idx);
         let valid = (ragged || kv.valid.is_some()).then_some(valid).filter(|v| v.iter().any(|x| !x));
         self.layers[layer] = Some(LayerKv { keys, values, positions, valid });
+        self.buffers[layer] = None;
+        self.targets[layer] = 0;
         Ok(())
     }
 
     /// Keeps only the first `len` slots of every layer (drops tokens appended after them, e.g. a
     /// second copy of the context fed for scoring).
     pub fn truncate(&mut self, len: usize) {
-        for kv in self.layers.iter_mut().flatten() {
+        for (kv, buf) in self.layers.iter_mut().zip(self.buffers.iter_mut()) {
+            let Some(kv) = kv.as_mut() else { continue };
             let [b, h, l, _] = kv.keys.dims();
             if l > len {
+                // the buffer's first `len` slots are still the layer's: later appends overwrite the rest
+                match buf.as_mut() {
+                    Some(b) if b.len == l => b.len = len,
+                    _ => *buf = None,
+                }
                 kv.keys = kv.keys.clone().narrow(2, 0, len);
                 kv.values = kv.values.clone().narrow(2, 0, len);
                 kv.positions = kv.positions.chunks(l).take(b * h).flat_map(|r| r[..len].to_vec()).collect();
@@ -294,6 +402,51 @@ mod tests {
     fn ramp(b: usize, h: usize, l: usize, d: usize, offset: f32) -> Tensor<B, 4> {
         let v: Vec<f32> = (0..b * h * l * d).map(|i| i as f32 + offset).collect();
         Tensor::from_data(TensorData::new(v, [b, h, l, d]), &Default::default())
+    }
+
+    fn host(t: Tensor<B, 4>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// Appends write into preallocated buffers: whatever the reserve, clones, truncation or
+    /// replacement in between, every layer reads back exactly what a concatenation would hold.
+    #[test]
+    fn buffered_appends_match_concatenation() {
+        for reserve in [None, Some(3), Some(40)] {
+            let mut cache = KvCache::<B>::new(1);
+            if let Some(r) = reserve {
+                cache.reserve(r);
+            }
+            let mut want_k: Vec<Tensor<B, 4>> = Vec::new();
+            let mut pos = 0;
+            for (i, c) in [4, 1, 1, 7, 1, 2, 9, 1].into_iter().enumerate() {
+                let k = ramp(2, 3, c, 2, 1000.0 * i as f32);
+                let (keys, values) = cache.append(0, pos, k.clone(), k.clone() * 2.0).unwrap();
+                want_k.push(k);
+                pos += c;
+                let want = host(Tensor::cat(want_k.clone(), 2));
+                assert_eq!(host(keys), want, "reserve {reserve:?}, step {i}");
+                assert_eq!(host(values), want.iter().map(|x| x * 2.0).collect::<Vec<_>>());
+            }
+            // a clone appends independently of the original (copy on write)
+            let mut other = cache.clone();
+            let (a, _) = cache.append(0, pos, ramp(2, 3, 1, 2, -1.0), ramp(2, 3, 1, 2, -1.0)).unwrap();
+            let (b, _) = other.append(0, pos, ramp(2, 3, 1, 2, -5.0), ramp(2, 3, 1, 2, -5.0)).unwrap();
+            let base = host(Tensor::cat(want_k.clone(), 2));
+            let with = |x: f32| host(Tensor::cat(vec![Tensor::cat(want_k.clone(), 2), ramp(2, 3, 1, 2, x)], 2));
+            assert_eq!(host(a), with(-1.0));
+            assert_eq!(host(b), with(-5.0));
+            // truncation, then an append overwrites what was dropped
+            cache.truncate(5);
+            let (t, _) = cache.append(0, 5, ramp(2, 3, 2, 2, 77.0), ramp(2, 3, 2, 2, 77.0)).unwrap();
+            let first5 = Tensor::<B, 4>::from_data(TensorData::new(base.clone(), [2, 3, base.len() / 12, 2]), &Default::default()).narrow(2, 0, 5);
+            assert_eq!(host(t), host(Tensor::cat(vec![first5, ramp(2, 3, 2, 2, 77.0)], 2)));
+            // a replaced layer starts over from its new content
+            let fresh = ramp(2, 3, 2, 2, 500.0);
+            cache.replace_layer(0, LayerKv { keys: fresh.clone(), values: fresh.clone(), positions: vec![0; 12], valid: None }).unwrap();
+            let (r, _) = cache.append(0, 9, ramp(2, 3, 1, 2, 9.0), ramp(2, 3, 1, 2, 9.0)).unwrap();
+            assert_eq!(host(r), host(Tensor::cat(vec![fresh, ramp(2, 3, 1, 2, 9.0)], 2)));
+        }
     }
 
     #[test]

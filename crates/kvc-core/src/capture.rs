@@ -11,7 +11,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::{AttentionObserver, LayerObservation};
+use crate::{AttentionObserver, LayerObservation, QueryReduce};
 
 /// What to record during a prefill. Merge the needs of several presses with [`CaptureSpec::merge`]
 /// to serve them all from one prefill.
@@ -21,7 +21,7 @@ pub struct CaptureSpec {
     /// (SnapKV's observation window, TOVA's last query). 0 = none.
     pub window: usize,
     /// Sum, over all context queries, of the attention probabilities paid to every key
-    /// (ObservedAttention / H2O). Makes the prefill take the explicit-softmax attention path.
+    /// (ObservedAttention / H2O), reduced inside the attention kernel.
     pub attention_sums: bool,
     /// Mean and covariance of the pre-RoPE queries of positions `>= skip`
     /// (ExpectedAttention); `None` = not recorded.
@@ -140,8 +140,8 @@ impl<B: Backend> PrefillCapture<B> {
 }
 
 impl<B: Backend> AttentionObserver<B> for PrefillCapture<B> {
-    fn wants_attention(&self, _layer: usize) -> bool {
-        self.spec.attention_sums
+    fn reduce_attention(&self, _layer: usize) -> Option<QueryReduce> {
+        self.spec.attention_sums.then_some(QueryReduce::Sum)
     }
 
     fn wants_pre_rope_queries(&self, _layer: usize) -> bool {
@@ -164,9 +164,9 @@ impl<B: Backend> AttentionObserver<B> for PrefillCapture<B> {
             slot.window_queries = Some(if n > w { q.narrow(2, n - w, w) } else { q });
         }
         if self.spec.attention_sums {
-            if let Some(att) = o.attention {
-                let len = att.dims()[3];
-                let sums = att.clone().sum_dim(2).reshape([hq, len]);
+            if let Some(sums) = o.attention_reduced {
+                let len = sums.dims()[2];
+                let sums = sums.clone().reshape([hq, len]);
                 slot.attention_sums = Some(match slot.attention_sums.take() {
                     None => sums,
                     Some(prev) => {

@@ -13,11 +13,16 @@
 //! - [`press`]: compression methods (presses) applied between prefill and decode, and the pieces
 //!   they share ([`select`]: score aggregation, top-k, global budget allocation).
 //!
-//! Everything is generic over `B: burn::tensor::backend::Backend`; no backend is named here.
+//! - [`KvcBackend`] ([`kernels`]): the attention kernel a decoder calls, with a generic default and
+//!   a multi-threaded host kernel for the CPU backends.
+//!
+//! Everything is generic over `B: burn::tensor::backend::Backend`; backends are named only in
+//! `kernels`' feature-gated `KvcBackend` impls.
 
 pub mod cache;
 pub mod capture;
 pub mod error;
+pub mod kernels;
 pub mod observer;
 pub mod press;
 pub mod select;
@@ -25,5 +30,6 @@ pub mod select;
 pub use cache::{KvCache, LayerKv};
 pub use capture::{CaptureSpec, PrefillCapture};
 pub use error::CoreError;
+pub use kernels::{KvcBackend, QueryReduce};
 pub use observer::{AttentionObserver, LayerObservation};
 pub use press::{Budget, ForwardModel, Press, PressReport, PressSpec};

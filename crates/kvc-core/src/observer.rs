@@ -2,6 +2,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::QueryReduce;
+
 /// What one attention layer shows an observer during a forward pass over a chunk of `chunk` new
 /// tokens.
 ///
@@ -27,6 +29,10 @@ pub struct LayerObservation<'a, B: Backend> {
     /// `[batch, q_heads, chunk, len]`; present only when [`AttentionObserver::wants_attention`]
     /// returned true for this layer.
     pub attention: Option<&'a Tensor<B, 4>>,
+    /// Attention probabilities reduced over the chunk's queries, `[batch, q_heads, len]`; present
+    /// only when [`AttentionObserver::reduce_attention`] returned a reduction for this layer.
+    /// Computed inside the attention kernel's softmax pass (no `[.., chunk, len]` tensor).
+    pub attention_reduced: Option<&'a Tensor<B, 3>>,
 }
 
 /// Receives per-layer observations during a forward pass.
@@ -39,6 +45,12 @@ pub trait AttentionObserver<B: Backend> {
     /// Whether this layer's attention probabilities should be passed (default: no).
     fn wants_attention(&self, _layer: usize) -> bool {
         false
+    }
+    /// Whether (and how) this layer's attention probabilities should be reduced over the chunk's
+    /// queries and passed as [`LayerObservation::attention_reduced`] (default: no). Far cheaper
+    /// than [`wants_attention`](Self::wants_attention) on CPU backends.
+    fn reduce_attention(&self, _layer: usize) -> Option<QueryReduce> {
+        None
     }
     /// Whether this layer's pre-RoPE queries should be passed (default: no).
     fn wants_pre_rope_queries(&self, _layer: usize) -> bool {

@@ -2,9 +2,9 @@
 //! `spec::names()`, so a new press is checked the moment it is registered.
 
 use burn::backend::NdArray;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use kvc_core::kernels::{generic_attention, AttentionArgs};
 use kvc_core::press::scorer::window_attention;
 use kvc_core::press::spec;
 use kvc_core::press::{pyramidkv, Budget, ForwardModel, PressReport, PressSpec};
@@ -67,16 +67,14 @@ impl<Bk: Backend> ForwardModel<Bk> for Fake {
             for l in 0..self.layers {
                 let q = self.values::<Bk>(self.q_heads, part, first, l, 0.3);
                 let (keys, values) = cache.append(l, first, self.values(self.kv_heads, part, first, l, 1.9), self.values(self.kv_heads, part, first, l, 4.2))?;
-                let len = keys.dims()[2];
-                let g = self.q_heads / self.kv_heads;
-                let attention = observer.wants_attention(l).then(|| {
-                    let scores = (q.clone() / (self.d as f32).sqrt()).reshape([1, self.kv_heads, g * c, self.d]).matmul(keys.clone().swap_dims(2, 3));
-                    let mut mask = vec![0f32; c * len];
-                    for i in 0..c {
-                        mask[i * len + len - c + i + 1..(i + 1) * len].fill(f32::NEG_INFINITY);
-                    }
-                    let mask = Tensor::<Bk, 4>::from_data(TensorData::new(mask, [1, 1, c, len]), &Default::default());
-                    softmax(scores.reshape([1, self.q_heads, c, len]) + mask, 3)
+                // the generic attention kernel: probabilities and reductions as a decoder passes them
+                let att = generic_attention(AttentionArgs {
+                    queries: q.clone(),
+                    keys: keys.clone(),
+                    values: values.clone(),
+                    valid: None,
+                    reduce: observer.reduce_attention(l),
+                    probs: observer.wants_attention(l),
                 });
                 let pre = observer.wants_pre_rope_queries(l).then(|| q.clone());
                 observer.observe(LayerObservation {
@@ -86,7 +84,8 @@ impl<Bk: Backend> ForwardModel<Bk> for Fake {
                     queries_pre_rope: pre.as_ref(),
                     keys: &keys,
                     values: &values,
-                    attention: attention.as_ref(),
+                    attention: att.probs.as_ref(),
+                    attention_reduced: att.reduced.as_ref(),
                 });
             }
             cache.advance(c);

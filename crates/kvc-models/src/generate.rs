@@ -12,7 +12,7 @@ pub use stream::TextStream;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use kvc_core::KvCache;
+use kvc_core::{KvCache, KvcBackend};
 use rand::SeedableRng;
 
 use crate::error::{ModelError, Result};
@@ -115,7 +115,7 @@ pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2,
 ///
 /// # Errors
 /// [`ModelError::Generation`] for invalid settings, errors of the forward pass.
-pub fn decode<B: Backend>(
+pub fn decode<B: KvcBackend>(
     model: &Decoder<B>,
     cache: &mut KvCache<B>,
     logits: Tensor<B, 3>,
@@ -125,6 +125,7 @@ pub fn decode<B: Backend>(
     device: &B::Device,
 ) -> Result<Decoded> {
     config.validate()?;
+    cache.reserve(config.max_new_tokens);
     let start = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let mut tokens = Vec::new();

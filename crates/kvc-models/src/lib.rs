@@ -6,10 +6,12 @@
 //! F32/F16/BF16, `tokenizer.json`), with their tokenizer, chat template, and a generation loop
 //! whose KV cache a press can compress between prefill and decode.
 //!
-//! Generic over `B: Backend`; no backend is named in this crate.
+//! Generic over the backend: loading needs `B: Backend`, running the decoder
+//! `B: kvc_core::KvcBackend` (burn's backend plus kvc's kernels, with generic defaults; burn's
+//! backends have it through kvc-core's features). No backend is named in this crate.
 //!
 //! ```no_run
-//! # fn demo<B: burn::tensor::backend::Backend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {
+//! # fn demo<B: kvc_core::KvcBackend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {
 //! let path = kvc_models::default_model::ensure_default_model()?;
 //! let loaded = kvc_models::load::<B>(&path, device)?;
 //! let ids = loaded.tokenizer.encode("The capital of France is", true)?;

@@ -6,11 +6,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use kvc_core::{AttentionObserver, KvCache, LayerObservation};
+use kvc_core::kernels::AttentionArgs;
+use kvc_core::{AttentionObserver, KvCache, KvcBackend, LayerObservation};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -203,6 +201,9 @@ impl<B: Backend> Decoder<B> {
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.config.num_layers)
     }
+}
+
+impl<B: KvcBackend> Decoder<B> {
 
     /// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing
     /// logits: a context prefill before compression, or a press's scoring pass (with an
@@ -212,6 +213,7 @@ impl<B: Backend> Decoder<B> {
     /// Errors of the forward pass.
     pub fn feed(&self, ids: &[u32], cache: &mut KvCache<B>, mut observer: Option<&mut dyn AttentionObserver<B>>, chunk: usize) -> Result<()> {
         let device = self.embed_tokens.weight.device();
+        cache.reserve(ids.len());
         for part in ids.chunks(chunk.max(1)) {
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
             self.forward_hidden(crate::generate::token_tensor::<B>(part, &device), cache, obs)?;
@@ -229,6 +231,7 @@ impl<B: Backend> Decoder<B> {
             return Err(ModelError::EmptyPrompt);
         }
         let chunk = chunk.max(1);
+        cache.reserve(ids.len());
         let last = (ids.len() - 1) / chunk * chunk;
         self.feed(&ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk)?;
         let device = self.embed_tokens.weight.device();
@@ -276,14 +279,13 @@ impl<B: Backend> Decoder<B> {
         let rope_q = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_heads, &device);
         let rope_k = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_kv_heads, &device);
         let mut x = self.embed_tokens.forward(tokens);
-        let mut masks = MaskCache::default();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(x.clone());
-            let a = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, &mut masks, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
+            let a = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
             let x1 = x + a;
             let h = layer.post_attention_layernorm.forward(x1.clone());
             let m = &layer.mlp;
-            let ff = m.down_proj.forward(silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h));
+            let ff = m.down_proj.forward(B::kvc_swiglu(m.gate_proj.forward(h.clone()), m.up_proj.forward(h)));
             x = x1 + ff;
         }
         cache.advance(chunk);
@@ -291,7 +293,7 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: KvcBackend> Attention<B> {
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -300,7 +302,6 @@ impl<B: Backend> Attention<B> {
         first: usize,
         rope_q: &(Tensor<B, 4>, Tensor<B, 4>),
         rope_k: &(Tensor<B, 4>, Tensor<B, 4>),
-        masks: &mut MaskCache<B>,
         cache: &mut KvCache<B>,
         observer: Option<&mut dyn AttentionObserver<B>>,
     ) -> Result<Tensor<B, 3>> {
@@ -320,40 +321,18 @@ impl<B: Backend> Attention<B> {
         let q_pre_rope = wants_pre_rope.then(|| q.clone().swap_dims(1, 2));
         let q = rope::apply(q, &rope_q.0, &rope_q.1).swap_dims(1, 2);
         let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
-        let (keys, values) = cache.append(layer, first, k, v)?;
-        let len = keys.dims()[2];
-        let g = hq / hkv;
-        // per-head budgets leave padded slots in the cache: they must be masked out
-        let key_bias = cache.layer(layer)?.and_then(|kv| kv.key_bias());
-        let wants_attention = observer.as_ref().is_some_and(|o| o.wants_attention(layer));
-        let (out, probs) = if !wants_attention && key_bias.is_none() {
-            // burn's fused attention (flash attention where the backend has it)
-            let opts = |is_causal| AttentionModuleOptions { scale: None, softcap: None, is_causal };
-            let out = if c == 1 {
-                // decode: the g query heads of a group attend together, no K/V copies
-                attention(q.clone().reshape([b, hkv, g, d]), keys.clone(), values.clone(), None, None, opts(false))
-            } else {
-                // causal mask aligned bottom-right: cached keys all visible, the chunk causal
-                let expand = |t: &Tensor<B, 4>| t.clone().unsqueeze_dim::<5>(2).expand([b, hkv, g, len, d]).reshape([b, hq, len, d]);
-                attention(q.clone(), expand(&keys), expand(&values), None, None, opts(true))
-            };
-            (out.reshape([b, hkv, g * c, d]), None)
-        } else {
-            // explicit softmax, for observers that read the probabilities and for padded layouts
-            // scaling q instead of the scores saves a pass over the scores; for head_dim 64 (or any
-            // power of 4) the scale is a power of two and both orders give identical bits
-            let scores = (q.clone() * (d as f64).powf(-0.5)).reshape([b, hkv, g * c, d]).matmul(keys.clone().swap_dims(2, 3));
-            let scores = scores.reshape([b, hkv, g, c, len]);
-            let scores = if c > 1 { scores + masks.get([b, hkv, g, c, len], &keys.device()) } else { scores };
-            let scores = match key_bias {
-                Some(bias) => scores + bias,
-                None => scores,
-            };
-            let probs = softmax(scores, 4).reshape([b, hkv, g * c, len]);
-            (probs.clone().matmul(values.clone()), Some(probs))
-        };
+        let (keys, values) = cache.append_with(layer, first, k, v, B::kvc_write_slots)?;
+        // per-head budgets leave padded slots in the cache: the kernel masks them out
+        let valid = cache.layer(layer)?.and_then(|kv| kv.valid.as_deref());
+        let att = B::kvc_attention(AttentionArgs {
+            queries: q.clone(),
+            keys: keys.clone(),
+            values: values.clone(),
+            valid,
+            reduce: observer.as_ref().and_then(|o| o.reduce_attention(layer)),
+            probs: observer.as_ref().is_some_and(|o| o.wants_attention(layer)),
+        });
         if let Some(obs) = observer {
-            let attention = probs.filter(|_| wants_attention).map(|p| p.reshape([b, hq, c, len]));
             obs.observe(LayerObservation {
                 layer,
                 first_position: first,
@@ -361,15 +340,16 @@ impl<B: Backend> Attention<B> {
                 queries_pre_rope: q_pre_rope.as_ref(),
                 keys: &keys,
                 values: &values,
-                attention: attention.as_ref(),
+                attention: att.probs.as_ref(),
+                attention_reduced: att.reduced.as_ref(),
             });
         }
-        let out = out.reshape([b, hq, c, d]).swap_dims(1, 2).reshape([b, c, hq * d]);
+        let out = att.output.swap_dims(1, 2).reshape([b, c, hq * d]);
         Ok(self.o_proj.forward(out))
     }
 }
 
-impl<B: Backend> kvc_core::ForwardModel<B> for Decoder<B> {
+impl<B: KvcBackend> kvc_core::ForwardModel<B> for Decoder<B> {
     fn num_layers(&self) -> usize {
         self.config.num_layers
     }
@@ -390,41 +370,5 @@ impl<B: Backend> kvc_core::ForwardModel<B> for Decoder<B> {
         chunk: usize,
     ) -> std::result::Result<(), kvc_core::CoreError> {
         Decoder::feed(self, tokens, cache, Some(observer), chunk).map_err(|e| kvc_core::CoreError::Model(e.to_string()))
-    }
-}
-
-/// Causal masks of one forward pass, by shape (layers of a compressed cache differ in length).
-struct MaskCache<B: Backend> {
-    masks: Vec<([usize; 5], Tensor<B, 5>)>,
-}
-
-impl<B: Backend> Default for MaskCache<B> {
-    fn default() -> Self {
-        Self { masks: Vec::new() }
-    }
-}
-
-impl<B: Backend> MaskCache<B> {
-    /// Additive mask of shape `[b, hkv, g, chunk, len]`, materialized at full size (a broadcast add
-    /// would walk the scores with strided indexing on CPU backends): the first `len - chunk` keys
-    /// (cache) are visible to all; within the chunk, query `i` sees keys `0..=i`.
-    fn get(&mut self, shape: [usize; 5], device: &B::Device) -> Tensor<B, 5> {
-        if let Some((_, m)) = self.masks.iter().find(|(s, _)| *s == shape) {
-            return m.clone();
-        }
-        let [b, hkv, g, chunk, len] = shape;
-        let past = len - chunk;
-        let mut one = vec![0f32; chunk * len];
-        for i in 0..chunk {
-            one[i * len + past + i + 1..(i + 1) * len].fill(f32::NEG_INFINITY);
-        }
-        let reps = b * hkv * g;
-        let mut full = Vec::with_capacity(reps * one.len());
-        for _ in 0..reps {
-            full.extend_from_slice(&one);
-        }
-        let m = Tensor::from_data(TensorData::new(full, shape), device);
-        self.masks.push((shape, m.clone()));
-        m
     }
 }

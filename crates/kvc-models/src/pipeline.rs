@@ -12,7 +12,7 @@
 //!   compressed cache do not interfere (each reads its own copy).
 //!
 //! ```no_run
-//! # fn demo<B: burn::tensor::backend::Backend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {
+//! # fn demo<B: kvc_core::KvcBackend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {
 //! use kvc_core::{Budget, PressSpec};
 //! use kvc_models::pipeline::{Pipeline, Request};
 //! let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, device)?;
@@ -33,7 +33,7 @@ use std::cell::RefCell;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use kvc_core::{AttentionObserver, CaptureSpec, CoreError, ForwardModel, KvCache, PrefillCapture, PressReport, PressSpec};
+use kvc_core::{AttentionObserver, CaptureSpec, CoreError, ForwardModel, KvCache, KvcBackend, PrefillCapture, PressReport, PressSpec};
 
 use crate::error::{ModelError, Result};
 use crate::generate::{self, GenerationConfig, StopReason, TextStream};
@@ -189,7 +189,7 @@ pub struct Response {
 }
 
 /// Runs the pipeline on a loaded model.
-pub struct Pipeline<'a, B: Backend> {
+pub struct Pipeline<'a, B: KvcBackend> {
     model: &'a LoadedModel<B>,
     device: B::Device,
 }
@@ -203,7 +203,7 @@ pub struct Tokenized {
     pub questions: Vec<Vec<u32>>,
 }
 
-impl<'a, B: Backend> Pipeline<'a, B> {
+impl<'a, B: KvcBackend> Pipeline<'a, B> {
     /// A pipeline over `model` on the device of its weights.
     pub fn new(model: &'a LoadedModel<B>) -> Self {
         let device = model.model.device();
@@ -246,6 +246,7 @@ impl<'a, B: Backend> Pipeline<'a, B> {
     pub fn prefill(&self, context: &[u32], needs: CaptureSpec, chunk: usize, progress: &mut dyn FnMut(usize)) -> Result<Prefilled<B>> {
         let model = &self.model.model;
         let mut cache = model.new_cache();
+        cache.reserve(context.len());
         let mut capture = PrefillCapture::new(needs, model.config().num_layers);
         let start = Instant::now();
         let mut done = 0;
@@ -289,6 +290,7 @@ impl<'a, B: Backend> Pipeline<'a, B> {
         generate::check_prompt(cache.next_position() + question.len(), m.config.max_position_embeddings, cfg.max_new_tokens)?;
         let start = Instant::now();
         let mut cache = cache.clone();
+        cache.reserve(question.len() + cfg.max_new_tokens);
         let logits = m.model.forward(generate::token_tensor::<B>(question, &self.device), &mut cache, None, Logits::Last)?;
         let mut stream = TextStream::new(&m.tokenizer);
         let mut failed = None;
@@ -391,13 +393,13 @@ impl<'a, B: Backend> Pipeline<'a, B> {
 }
 
 /// The decoder as a press sees it, reporting the tokens of every pass a press makes.
-struct Reporting<'a, 'p, B: Backend> {
+struct Reporting<'a, 'p, B: KvcBackend> {
     model: &'a Decoder<B>,
     progress: RefCell<&'p mut dyn FnMut(usize, usize)>,
     total: usize,
 }
 
-impl<B: Backend> ForwardModel<B> for Reporting<'_, '_, B> {
+impl<B: KvcBackend> ForwardModel<B> for Reporting<'_, '_, B> {
     fn num_layers(&self) -> usize {
         self.model.num_layers()
     }

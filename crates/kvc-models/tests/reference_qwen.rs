@@ -27,7 +27,7 @@ fn qwen25_coder_logits_greedy_and_tokenizer_match_transformers() {
     assert!(m.tokenizer.eos_ids().contains(&151645), "<|im_end|> ends generation");
 }
 
-fn tiny<B: burn::tensor::backend::Backend>(name: &str) -> f32 {
+fn tiny<B: kvc_core::KvcBackend>(name: &str) -> f32 {
     let dir = fixture(name);
     let model = load_hf_decoder::<B>(&dir, &Default::default()).unwrap();
     let fx = Fixture::open(&format!("{name}/logits.safetensors"));

@@ -15,14 +15,14 @@ use super::EvalError;
 static FONT: &[u8] = include_bytes!("../../../../assets/fonts/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER.call_once(|| {
         // the font is compiled in and valid; a failure would only lose PNG text
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
 }
 
-type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+pub(crate) type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Line colors (matplotlib's tab10: distinguishable, readable on white).
 const TAB10: [RGBColor; 10] = [
@@ -38,7 +38,7 @@ const TAB10: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
-fn color(i: usize) -> RGBAColor {
+pub(crate) fn color(i: usize) -> RGBAColor {
     TAB10[i % TAB10.len()].to_rgba()
 }
 

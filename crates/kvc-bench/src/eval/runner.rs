@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use kvc_core::KvcBackend;
 use kvc_core::{CaptureSpec, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
 use kvc_models::{GenerationConfig, LoadedModel};
@@ -88,7 +88,7 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>, EvalError> {
 /// Data errors (file and line), press specification errors (before any work), I/O errors,
 /// model errors. A row longer than the model's window is not an error: it is written as
 /// skipped, with the reason, and the run goes on.
-pub fn run<B: Backend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &mut dyn FnMut(Progress)) -> Result<Summary, EvalError> {
+pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &mut dyn FnMut(Progress)) -> Result<Summary, EvalError> {
     let rows = load_rows(&cfg.data, cfg.rows_per_task)?;
     let specs: Vec<(PressSpec, f64)> = cfg
         .presses

@@ -42,7 +42,7 @@ use crate::capture::PrefillCapture;
 use crate::press::spec::{Layout, OptionDoc, Options, PressDoc};
 use crate::press::{check_prefilled, Budget, ForwardModel, Press, PressReport};
 use crate::select::{allocate, sorted_desc, top_k_in_order, Agg};
-use crate::{AttentionObserver, CoreError, KvCache, LayerObservation};
+use crate::{AttentionObserver, CoreError, KvCache, LayerObservation, QueryReduce};
 
 /// The KVCompose press. Fields are kvpress's parameters with their defaults (see [`KvCompose::new`]).
 #[derive(Clone, Debug)]
@@ -247,24 +247,23 @@ struct TaskObserver<B: Backend> {
 }
 
 impl<B: Backend> AttentionObserver<B> for TaskObserver<B> {
-    fn wants_attention(&self, _layer: usize) -> bool {
-        true
+    fn reduce_attention(&self, _layer: usize) -> Option<QueryReduce> {
+        Some(match self.agg {
+            Agg::Max => QueryReduce::Max,
+            Agg::Mean => QueryReduce::Sum,
+        })
     }
 
     fn observe(&mut self, o: LayerObservation<'_, B>) {
-        let Some(att) = o.attention else {
+        let Some(red) = o.attention_reduced else {
             self.missing_attention = true;
             return;
         };
-        let [_, hq, c, _] = att.dims();
-        // probabilities over every visible key, reduced over queries, then restricted to the T
-        // original keys (reducing first walks contiguous memory)
-        let red = match self.agg {
-            Agg::Max => att.clone().max_dim(2),
-            Agg::Mean => att.clone().sum_dim(2),
-        }
-        .narrow(3, 0, self.context_len)
-        .reshape([hq, self.context_len]);
+        let [_, hq, _] = red.dims();
+        let c = o.queries.dims()[2];
+        // probabilities over every visible key, reduced over queries by the attention kernel,
+        // restricted to the T original keys
+        let red = red.clone().narrow(2, 0, self.context_len).reshape([hq, self.context_len]);
         let slot = &mut self.acc[o.layer];
         *slot = Some(match (slot.take(), self.agg) {
             (None, _) => red,

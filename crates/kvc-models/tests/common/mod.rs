@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
+use kvc_core::KvcBackend;
 use kvc_core::KvCache;
 use kvc_models::{generate, Decoder, GenerationConfig, Logits};
 
@@ -52,7 +53,7 @@ impl Fixture {
 
 /// Logits `[tokens, vocab]` at every position of `ids`, fed in chunks of `chunk` tokens (so the
 /// chunked prefill path is what is checked).
-pub fn all_logits<B: Backend>(model: &Decoder<B>, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+pub fn all_logits<B: KvcBackend>(model: &Decoder<B>, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
     let device = Default::default();
     let mut cache: KvCache<B> = model.new_cache();
     let mut rows = Vec::new();
@@ -70,7 +71,7 @@ pub fn all_logits<B: Backend>(model: &Decoder<B>, ids: &[u32], chunk: usize) -> 
 }
 
 /// Pure argmax continuation of `n` tokens (no EOS stop), as the fixtures' reference loop.
-pub fn greedy<B: Backend>(model: &Decoder<B>, ids: &[u32], n: usize) -> Vec<u32> {
+pub fn greedy<B: KvcBackend>(model: &Decoder<B>, ids: &[u32], n: usize) -> Vec<u32> {
     let device = Default::default();
     let mut cache = model.new_cache();
     let logits = model.prefill(ids, &mut cache, None, 512).expect("prefill");

@@ -1,0 +1,497 @@
+//! Attention on host memory (CPU backends): blocked, multi-threaded, GEMM-based, with a
+//! vectorized `exp`.
+//!
+//! Per (batch, KV head, block of [`QUERY_BLOCK`] queries), one task on the rayon pool (the GQA
+//! group's query heads stacked into the same GEMMs):
+//! `S = scale * Q_blk K^T` over the keys the block can see (GEMM), a row softmax (max, `exp`,
+//! sum, normalize; keys after a query's position and padded slots get exactly 0), optional
+//! reduction of the probabilities over the block's queries, then `O_blk = P V` (GEMM). The
+//! softmax is the textbook one (`exp(s - max) / sum`, as torch's eager attention), not an online
+//! one: a block's whole score rows are in memory (`QUERY_BLOCK x len` floats).
+//!
+//! Why: burn-flex 0.21's fused attention runs every head on one thread and calls scalar `expf`
+//! (41% of a 2048-token prefill in `perf`, issue 10).
+
+use rayon::prelude::*;
+
+use super::QueryReduce;
+
+/// Queries per task.
+pub const QUERY_BLOCK: usize = 8;
+
+/// One attention call on host slices (all row-major, `f32`).
+///
+/// Query `i` of the chunk sits at cache slot `len - chunk + i` and sees slots `0..=len - chunk + i`
+/// (cached keys all visible, the chunk causal; decode is `chunk = 1`).
+#[derive(Clone, Copy, Debug)]
+pub struct HostAttention<'a> {
+    /// Queries `[batch, q_heads, chunk, head_dim]`.
+    pub q: &'a [f32],
+    /// Keys `[batch, kv_heads, len, head_dim]`, (batch, KV head) rows `kv_stride` apart.
+    pub k: &'a [f32],
+    /// Values, laid out as `k`.
+    pub v: &'a [f32],
+    /// Elements between the starts of consecutive (batch, KV head) rows of `k` and `v`:
+    /// `len * head_dim` when contiguous, the capacity times `head_dim` for views of a
+    /// preallocated cache buffer.
+    pub kv_stride: usize,
+    /// Which slots hold a real token, `[batch, kv_heads, len]`; `None` = all.
+    pub valid: Option<&'a [bool]>,
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads (a multiple of `kv_heads`: GQA).
+    pub q_heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Queries per head.
+    pub chunk: usize,
+    /// Key/value slots per head (`>= chunk`).
+    pub len: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Score scale (`1/sqrt(head_dim)`).
+    pub scale: f32,
+    /// Also return the probabilities reduced over queries.
+    pub reduce: Option<QueryReduce>,
+    /// Also return the full probabilities.
+    pub probs: bool,
+}
+
+/// What [`attention`] returns.
+#[derive(Clone, Debug, Default)]
+pub struct HostOutput {
+    /// Attention output, `[batch, chunk, q_heads, head_dim]` (the layout the output projection
+    /// reads).
+    pub out: Vec<f32>,
+    /// Probabilities reduced over the chunk's queries, `[batch, q_heads, len]`.
+    pub reduced: Option<Vec<f32>>,
+    /// Probabilities `[batch, q_heads, chunk, len]`.
+    pub probs: Option<Vec<f32>>,
+}
+
+/// One task's result: `g` query heads (one GQA group) x `rows` queries, stacked head-major.
+struct Block {
+    b: usize,
+    kv: usize,
+    r0: usize,
+    rows: usize,
+    /// Keys visible to the block's last query.
+    n: usize,
+    /// `[g * rows, head_dim]`.
+    out: Vec<f32>,
+    /// `[g * rows, n]` (only when probabilities are returned).
+    probs: Vec<f32>,
+    /// `[g, n]`.
+    reduced: Option<Vec<f32>>,
+}
+
+/// Runs one attention call. Panics only on inconsistent slice lengths (a caller bug: the burn
+/// wrappers derive every length from tensor shapes).
+///
+/// Tasks are (batch, KV head, block of [`QUERY_BLOCK`] queries): the `g` query heads of a GQA
+/// group are stacked into one `g * rows`-row GEMM, so each task packs its keys and values once.
+pub fn attention(a: &HostAttention<'_>) -> HostOutput {
+    let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
+    assert!(hkv > 0 && hq % hkv == 0 && c <= len && a.q.len() == b * hq * c * d, "host attention: inconsistent shapes");
+    let kv_extent = (b * hkv - 1) * a.kv_stride + len * d;
+    assert!(a.kv_stride >= len * d && a.k.len() >= kv_extent && a.v.len() >= kv_extent, "host attention: inconsistent key/value lengths");
+    assert!(a.valid.is_none_or(|v| v.len() == b * hkv * len), "host attention: inconsistent mask length");
+    let g = hq / hkv;
+    let past = len - c;
+    let mut tasks = Vec::new();
+    for bi in 0..b {
+        for kv in 0..hkv {
+            for r0 in (0..c).step_by(QUERY_BLOCK) {
+                tasks.push((bi, kv, r0, QUERY_BLOCK.min(c - r0)));
+            }
+        }
+    }
+    let blocks: Vec<Block> = tasks
+        .into_par_iter()
+        .map(|(bi, kv, r0, rows)| {
+            let n = past + r0 + rows;
+            let m = g * rows;
+            // the group's queries, head-major: row gi * rows + i = head kv * g + gi, query r0 + i
+            let mut q = Vec::with_capacity(m * d);
+            for gi in 0..g {
+                q.extend_from_slice(&a.q[((bi * hq + kv * g + gi) * c + r0) * d..][..rows * d]);
+            }
+            let row = bi * hkv + kv;
+            let k = &a.k[row * a.kv_stride..][..n * d];
+            let v = &a.v[row * a.kv_stride..][..n * d];
+            let valid = a.valid.map(|mask| &mask[row * len..row * len + n]);
+            let mut s = vec![0f32; m * n];
+            // S = scale * Q K^T: lhs [m, d] row-major, rhs K^T [d, n] (K row-major), dst [m, n]
+            // SAFETY: every pointer is valid for the given extents and strides (slices above).
+            unsafe {
+                gemm::gemm(
+                    m, n, d, s.as_mut_ptr(), 1, n as isize, false, q.as_ptr(), 1, d as isize, k.as_ptr(), d as isize, 1, 0.0, a.scale,
+                    false, false, false, gemm::Parallelism::None,
+                );
+            }
+            let mut reduced = a.reduce.map(|_| vec![0f32; g * n]);
+            let mut inv_sums = vec![0f32; m];
+            for (r, row) in s.chunks_exact_mut(n).enumerate() {
+                let visible = past + r0 + r % rows + 1;
+                let inv = softmax_row(row, visible, valid);
+                inv_sums[r] = inv;
+                if let (Some(red), Some(op)) = (reduced.as_mut(), a.reduce) {
+                    let red = &mut red[(r / rows) * n..][..visible];
+                    match op {
+                        QueryReduce::Max => simd::max_scaled_into(red, &row[..visible], inv),
+                        QueryReduce::Sum => simd::add_scaled_into(red, &row[..visible], inv),
+                    }
+                }
+            }
+            let mut out = vec![0f32; m * d];
+            // O = P V with P unnormalized (rows scaled after): lhs [m, n], rhs V [n, d], dst [m, d]
+            // SAFETY: as above.
+            unsafe {
+                gemm::gemm(
+                    m, d, n, out.as_mut_ptr(), 1, d as isize, false, s.as_ptr(), 1, n as isize, v.as_ptr(), 1, d as isize, 0.0, 1.0,
+                    false, false, false, gemm::Parallelism::None,
+                );
+            }
+            for (row, &inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
+                simd::scale(row, inv);
+            }
+            if a.probs {
+                for (row, &inv) in s.chunks_exact_mut(n).zip(&inv_sums) {
+                    simd::scale(row, inv);
+                }
+            }
+            Block { b: bi, kv, r0, rows, n, out, probs: if a.probs { s } else { Vec::new() }, reduced }
+        })
+        .collect();
+    let mut out = vec![0f32; b * c * hq * d];
+    let mut reduced = a.reduce.map(|_| vec![0f32; b * hq * len]);
+    let mut probs = a.probs.then(|| vec![0f32; b * hq * c * len]);
+    for blk in blocks {
+        for gi in 0..g {
+            let h = blk.kv * g + gi;
+            for i in 0..blk.rows {
+                let src = gi * blk.rows + i;
+                let dst = ((blk.b * c + blk.r0 + i) * hq + h) * d;
+                out[dst..dst + d].copy_from_slice(&blk.out[src * d..(src + 1) * d]);
+                if let Some(p) = probs.as_mut() {
+                    let dst = ((blk.b * hq + h) * c + blk.r0 + i) * len;
+                    p[dst..dst + blk.n].copy_from_slice(&blk.probs[src * blk.n..(src + 1) * blk.n]);
+                }
+            }
+            if let (Some(all), Some(part), Some(op)) = (reduced.as_mut(), blk.reduced.as_ref(), a.reduce) {
+                let dst = &mut all[(blk.b * hq + h) * len..][..blk.n];
+                let part = &part[gi * blk.n..(gi + 1) * blk.n];
+                match op {
+                    QueryReduce::Max => dst.iter_mut().zip(part).for_each(|(r, &p)| *r = if p > *r { p } else { *r }),
+                    QueryReduce::Sum => dst.iter_mut().zip(part).for_each(|(r, &p)| *r += p),
+                }
+            }
+        }
+    }
+    HostOutput { out, reduced, probs }
+}
+
+/// `silu(gate) * up` elementwise (the SwiGLU MLP's activation, HF `LlamaMLP`), split over the
+/// rayon pool. Within a few ulp of `x / (1 + exp(-x)) * up`.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "swiglu: gate and up differ in length");
+    let mut out = vec![0f32; gate.len()];
+    const PART: usize = 1 << 15;
+    out.par_chunks_mut(PART).enumerate().for_each(|(i, o)| {
+        let g = &gate[i * PART..][..o.len()];
+        let u = &up[i * PART..][..o.len()];
+        simd::swiglu(g, u, o);
+    });
+    out
+}
+
+/// Unnormalized softmax of `row[..visible]` over the slots `valid` allows, in place:
+/// `exp(s - max)`, everything else exactly 0. Returns `1 / sum` (0 when every slot is masked).
+fn softmax_row(row: &mut [f32], visible: usize, valid: Option<&[bool]>) -> f32 {
+    let (live, tail) = row.split_at_mut(visible);
+    tail.fill(0.0);
+    if let Some(m) = valid {
+        live.iter_mut().zip(m).for_each(|(s, &ok)| {
+            if !ok {
+                *s = f32::NEG_INFINITY;
+            }
+        });
+    }
+    let max = simd::max(live);
+    if max == f32::NEG_INFINITY {
+        // every slot masked (cannot happen with at least one real token per head): no attention
+        live.fill(0.0);
+        return 0.0;
+    }
+    let mut sum = simd::exp_sub_sum(live, max);
+    if let Some(m) = valid {
+        // exp of (-inf - max) is clamped to ~1e-38, not 0: padded slots must weigh nothing
+        live.iter_mut().zip(m).for_each(|(p, &ok)| {
+            if !ok {
+                sum -= *p;
+                *p = 0.0;
+            }
+        });
+    }
+    1.0 / sum
+}
+
+/// Row kernels written as plain loops over fixed-width lanes, compiled once per instruction set
+/// (AVX-512, AVX2+FMA, baseline) and chosen at run time, so one binary runs everywhere.
+pub(crate) mod simd {
+    const LANES: usize = 16;
+
+    macro_rules! dispatch {
+        ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+            pub fn $name($($arg: $ty),*) -> $ret {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn v4($($arg: $ty),*) -> $ret {
+                        $body($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn v3($($arg: $ty),*) -> $ret {
+                        $body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU supports the instructions the function was compiled for.
+                        return unsafe { v4($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                        // SAFETY: as above.
+                        return unsafe { v3($($arg),*) };
+                    }
+                }
+                $body($($arg),*)
+            }
+        };
+    }
+
+    dispatch!(max, max_body, (x: &[f32]) -> f32);
+    dispatch!(exp_sub_sum, exp_sub_sum_body, (x: &mut [f32], m: f32) -> f32);
+    dispatch!(scale, scale_body, (x: &mut [f32], s: f32) -> ());
+    dispatch!(max_scaled_into, max_scaled_into_body, (acc: &mut [f32], x: &[f32], s: f32) -> ());
+    dispatch!(add_scaled_into, add_scaled_into_body, (acc: &mut [f32], x: &[f32], s: f32) -> ());
+    dispatch!(swiglu, swiglu_body, (gate: &[f32], up: &[f32], out: &mut [f32]) -> ());
+
+    /// `acc[j] = max(acc[j], x[j] * s)`.
+    #[inline(always)]
+    fn max_scaled_into_body(acc: &mut [f32], x: &[f32], s: f32) {
+        acc.iter_mut().zip(x).for_each(|(a, &v)| {
+            let p = v * s;
+            *a = if p > *a { p } else { *a };
+        });
+    }
+
+    /// `acc[j] += x[j] * s`.
+    #[inline(always)]
+    fn add_scaled_into_body(acc: &mut [f32], x: &[f32], s: f32) {
+        acc.iter_mut().zip(x).for_each(|(a, &v)| *a += v * s);
+    }
+
+    /// `out = silu(gate) * up`, `silu(x) = x * sigmoid(x)`, with `sigmoid` from `e = exp(-|x|)`
+    /// (never overflows): `1 / (1 + e)` for `x >= 0`, `e / (1 + e)` below.
+    #[inline(always)]
+    fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            let e = exp(if g > 0.0 { -g } else { g });
+            let sig = if g >= 0.0 { 1.0 } else { e } / (1.0 + e);
+            *o = g * sig * u;
+        }
+    }
+
+    #[inline(always)]
+    fn max_body(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+            }
+        }
+        let mut m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        for &v in chunks.remainder() {
+            m = if v > m { v } else { m };
+        }
+        m
+    }
+
+    #[inline(always)]
+    fn exp_sub_sum_body(x: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let e = exp(c[l] - m);
+                c[l] = e;
+                acc[l] += e;
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp(*v - m);
+            s += *v;
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn scale_body(x: &mut [f32], s: f32) {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+
+    /// `e^x` for `x <= 0` (a shifted score), within ~2 ulp of libm's `expf` over `[-87, 0]`;
+    /// inputs below -87.3 give ~1e-38 instead of underflowing (callers zero masked slots).
+    /// Cephes' `expf`: `x = n ln2 + r`, `|r| <= ln2/2`, degree-6 polynomial, `2^n` from the
+    /// exponent bits. Branch-free, so the lane loops above vectorize.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+        const MAGIC: f32 = 12_582_912.0;
+        let x = if x < -87.3 { -87.3 } else { x };
+        let t = x * LOG2E + MAGIC;
+        let n = t - MAGIC;
+        let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let r2 = r * r;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+        let y = p * r2 + r + 1.0;
+        y * f32::from_bits(((ni + 127) << 23) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (got, want) = (simd::exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_731;
+        }
+        assert!(worst < 3.0 * f32::EPSILON, "relative error {worst}");
+        assert_eq!(simd::exp(0.0), 1.0);
+        assert!(simd::exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn row_kernels_match_scalar_on_every_length() {
+        for n in [1, 7, 16, 17, 100] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(simd::max(&x), m);
+            let mut e = x.clone();
+            let s = simd::exp_sub_sum(&mut e, m);
+            let want: f32 = x.iter().map(|v| (v - m).exp()).sum();
+            assert!((s - want).abs() <= 1e-5 * want, "{n}: {s} vs {want}");
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_scalar() {
+        let gate: Vec<f32> = (0..70_001).map(|i| (i as f32 - 35_000.0) * 0.003).collect();
+        let up: Vec<f32> = (0..70_001).map(|i| ((i % 13) as f32 - 6.0) * 0.5).collect();
+        let got = swiglu(&gate, &up);
+        for ((&o, &g), &u) in got.iter().zip(&gate).zip(&up) {
+            let want = (g as f64 / (1.0 + (-g as f64).exp())) * u as f64;
+            assert!((o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3), "silu({g}) * {u}: {o} vs {want}");
+        }
+    }
+
+    /// Naive attention in f64 over the same inputs.
+    fn naive(a: &HostAttention<'_>) -> (Vec<f64>, Vec<f64>) {
+        let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
+        assert_eq!(a.kv_stride, len * d);
+        let g = hq / hkv;
+        let mut out = vec![0f64; b * c * hq * d];
+        let mut probs = vec![0f64; b * hq * c * len];
+        for bi in 0..b {
+            for h in 0..hq {
+                let kv = bi * hkv + h / g;
+                for i in 0..c {
+                    let q = &a.q[((bi * hq + h) * c + i) * d..][..d];
+                    let vis = len - c + i + 1;
+                    let ok = |j: usize| j < vis && a.valid.is_none_or(|m| m[kv * len + j]);
+                    let s: Vec<f64> = (0..len)
+                        .map(|j| (0..d).map(|x| q[x] as f64 * a.k[(kv * len + j) * d + x] as f64).sum::<f64>() * a.scale as f64)
+                        .collect();
+                    let m = (0..len).filter(|&j| ok(j)).map(|j| s[j]).fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = (0..len).filter(|&j| ok(j)).map(|j| (s[j] - m).exp()).sum();
+                    for j in (0..len).filter(|&j| ok(j)) {
+                        let p = (s[j] - m).exp() / z;
+                        probs[((bi * hq + h) * c + i) * len + j] = p;
+                        for x in 0..d {
+                            out[((bi * c + i) * hq + h) * d + x] += p * a.v[(kv * len + j) * d + x] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        (out, probs)
+    }
+
+    #[test]
+    fn matches_naive_attention() {
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5) * 3.0).collect()
+        };
+        // (batch, q_heads, kv_heads, chunk, len, head_dim, masked)
+        for (b, hq, hkv, c, len, d, masked) in
+            [(1, 4, 2, 1, 9, 8, false), (1, 6, 2, 40, 70, 16, false), (2, 3, 3, 33, 33, 4, true), (1, 2, 1, 5, 90, 64, true)]
+        {
+            let q = vals(b * hq * c * d, 1);
+            let k = vals(b * hkv * len * d, 2);
+            let v = vals(b * hkv * len * d, 3);
+            let mask: Vec<bool> = (0..b * hkv * len).map(|i| !masked || i % 5 != 3).collect();
+            let a = HostAttention {
+                q: &q,
+                k: &k,
+                v: &v,
+                kv_stride: len * d,
+                valid: masked.then_some(&mask[..]),
+                batch: b,
+                q_heads: hq,
+                kv_heads: hkv,
+                chunk: c,
+                len,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+                reduce: Some(QueryReduce::Max),
+                probs: true,
+            };
+            let (want_out, want_p) = naive(&a);
+            let got = attention(&a);
+            let err = |x: &[f32], y: &[f64]| x.iter().zip(y).map(|(&a, &b)| (a as f64 - b).abs()).fold(0f64, f64::max);
+            assert!(err(&got.out, &want_out) < 2e-6, "out {:?}", (b, hq, c, len));
+            let p = got.probs.unwrap();
+            assert!(err(&p, &want_p) < 1e-6, "probs");
+            let red = got.reduced.unwrap();
+            for bi in 0..b {
+                for h in 0..hq {
+                    for j in 0..len {
+                        let m = (0..c).map(|i| want_p[((bi * hq + h) * c + i) * len + j]).fold(0f64, f64::max);
+                        assert!((red[(bi * hq + h) * len + j] as f64 - m).abs() < 1e-6);
+                    }
+                }
+            }
+            let sum = attention(&HostAttention { reduce: Some(QueryReduce::Sum), probs: false, ..a });
+            let s = sum.reduced.unwrap();
+            let want: f64 = (0..c).map(|i| want_p[i * len]).sum();
+            assert!((s[0] as f64 - want).abs() < 1e-5);
+            assert_eq!(sum.out, got.out, "reduction must not change the output");
+            // the same keys/values as views of a buffer with 3 spare slots per row
+            let pad = |x: &[f32]| -> Vec<f32> { x.chunks(len * d).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(f32::NAN, 3 * d))).collect() };
+            let (kp, vp) = (pad(&k), pad(&v));
+            let strided = attention(&HostAttention { k: &kp, v: &vp, kv_stride: (len + 3) * d, ..a });
+            assert_eq!(strided.out, got.out, "strided rows");
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! [`KvcBackend`] for burn's backends, each behind the cargo feature of the same name (the
+//! binaries turn on the ones they compile in). GPU backends keep the generic default.
+
+#[allow(unused_imports)]
+use super::{AttentionArgs, AttentionOutput, KvcBackend};
+
+#[cfg(feature = "flex")]
+impl KvcBackend for burn::backend::Flex {
+    /// The host kernel on flex's own buffers: no copy of queries, keys or values when they are
+    /// contiguous (the cache's are).
+    fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        if a.queries.dtype() != DType::F32 {
+            return super::generic_attention(a);
+        }
+        let req = super::HostRequest::of(&a);
+        let [_, _, len, d] = req.kv;
+        let q = flex_f32(a.queries);
+        // contiguous with offset 0 after `to_contiguous`: `as_slice` is the whole tensor
+        let qs = q.as_slice::<f32>().unwrap_or(&[]);
+        let (k, k_off, k_stride) = flex_rows(a.keys);
+        let (v, v_off, v_stride) = flex_rows(a.values);
+        let (k, v) = if k_stride == v_stride { (k, v) } else { (k.to_contiguous(), v.to_contiguous()) };
+        let (ks, vs, kv_stride) = if k_stride == v_stride {
+            (&k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], k_stride)
+        } else {
+            (k.as_slice::<f32>().unwrap_or(&[]), v.as_slice::<f32>().unwrap_or(&[]), len * d)
+        };
+        req.run(qs, ks, vs, kv_stride, |data, shape| {
+            Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))))
+        })
+    }
+
+    /// A row copy into the buffer's own storage when it is contiguous, `f32` and not shared.
+    fn kvc_write_slots(buffer: burn::tensor::Tensor<Self, 4>, start: usize, slots: burn::tensor::Tensor<Self, 4>) -> burn::tensor::Tensor<Self, 4> {
+        use burn::tensor::{DType, Tensor, TensorPrimitive};
+        let ([b, h, cap, d], [sb, sh, c, sd]) = (buffer.dims(), slots.dims());
+        if buffer.dtype() != DType::F32 || slots.dtype() != DType::F32 || (sb, sh, sd) != (b, h, d) || start + c > cap {
+            return super::write_slots(buffer, start, slots);
+        }
+        let mut buf = buffer.into_primitive().tensor();
+        let whole = buf.as_slice::<f32>().is_some_and(|s| s.len() == b * h * cap * d);
+        let src = flex_f32(slots);
+        let src = src.as_slice::<f32>().unwrap_or(&[]);
+        if whole && src.len() == b * h * c * d {
+            if let Some(dst) = buf.try_storage_mut::<f32>() {
+                for row in 0..b * h {
+                    dst[(row * cap + start) * d..][..c * d].copy_from_slice(&src[row * c * d..][..c * d]);
+                }
+                return Tensor::from_primitive(TensorPrimitive::Float(buf));
+            }
+        }
+        let slots = Tensor::from_primitive(TensorPrimitive::Float(burn::backend::flex::FlexTensor::from_data(
+            burn::tensor::TensorData::new(src.to_vec(), [b, h, c, d]),
+        )));
+        super::write_slots(Tensor::from_primitive(TensorPrimitive::Float(buf)), start, slots)
+    }
+
+    /// [`super::host::swiglu`]: vectorized `exp`, both cores.
+    fn kvc_swiglu<const D: usize>(gate: burn::tensor::Tensor<Self, D>, up: burn::tensor::Tensor<Self, D>) -> burn::tensor::Tensor<Self, D> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.dims() != up.dims() {
+            return burn::tensor::activation::silu(gate) * up;
+        }
+        let shape = gate.dims();
+        let (g, u) = (flex_f32(gate), flex_f32(up));
+        let out = super::host::swiglu(g.as_slice::<f32>().unwrap_or(&[]), u.as_slice::<f32>().unwrap_or(&[]));
+        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(out, shape))))
+    }
+}
+
+#[cfg(feature = "flex")]
+fn flex_f32<const D: usize>(t: burn::tensor::Tensor<burn::backend::Flex, D>) -> burn::backend::flex::FlexTensor {
+    let p = t.into_primitive().tensor();
+    if p.as_slice::<f32>().is_some() {
+        p
+    } else {
+        p.to_contiguous()
+    }
+}
+
+/// A `[batch, heads, len, head_dim]` f32 tensor whose (batch, head) rows are each contiguous and
+/// evenly spaced (the cache's views of its preallocated buffer): the tensor, the offset of its
+/// first element and the row stride, without copying. Anything else is made contiguous.
+#[cfg(feature = "flex")]
+fn flex_rows(t: burn::tensor::Tensor<burn::backend::Flex, 4>) -> (burn::backend::flex::FlexTensor, usize, usize) {
+    let [b, h, len, d] = t.dims();
+    let p = t.into_primitive().tensor();
+    let l = p.layout();
+    let st = l.strides();
+    let row = st[1];
+    let even = st[3] == 1 && st[2] == d as isize && row >= (len * d) as isize && (b == 1 || st[0] == h as isize * row);
+    if even && (h > 1 || b == 1) {
+        let off = l.start_offset();
+        (p, off, row as usize)
+    } else {
+        let p = p.to_contiguous();
+        (p, 0, len * d)
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl KvcBackend for burn::backend::NdArray<f32> {
+    /// The host kernel through copies (ndarray's arrays are not reachable without one).
+    fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
+        super::host_attention_copying(a)
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl KvcBackend for burn::backend::Wgpu {}
+
+#[cfg(feature = "cuda")]
+impl KvcBackend for burn::backend::Cuda {}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::KvcBackend;
+
+    fn t(v: Vec<f32>, shape: [usize; 4]) -> Tensor<Flex, 4> {
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    fn host(x: Tensor<Flex, 4>) -> Vec<f32> {
+        x.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// Slots land where `slice_assign` puts them, in place when the buffer is not shared, and a
+    /// shared buffer's other holder never sees the write.
+    #[test]
+    fn flex_slot_writes_match_slice_assign_and_copy_on_write() {
+        let buf = t((0..2 * 3 * 5 * 2).map(|i| i as f32).collect(), [2, 3, 5, 2]);
+        let slots = t((0..2 * 3 * 2 * 2).map(|i| -(i as f32) - 1.0).collect(), [2, 3, 2, 2]);
+        let want = host(super::super::write_slots(buf.clone(), 2, slots.clone()));
+        let kept = buf.clone();
+        let shared = Flex::kvc_write_slots(buf, 2, slots.clone());
+        assert_eq!(host(shared), want);
+        assert_eq!(host(kept.clone()), (0..60).map(|i| i as f32).collect::<Vec<_>>(), "the other holder changed");
+        let unique = Flex::kvc_write_slots(kept, 2, slots.clone().swap_dims(0, 1).swap_dims(0, 1));
+        assert_eq!(host(unique), want);
+    }
+
+    /// Attention reads the cache's strided views of its buffer without copying them first and
+    /// gives what it gives on contiguous copies.
+    #[test]
+    fn flex_attention_on_buffer_views_matches_contiguous() {
+        use crate::kernels::{AttentionArgs, QueryReduce};
+        let v = |n: usize, s: f32| (0..n).map(|i| (i as f32 * 0.37 + s).sin()).collect::<Vec<f32>>();
+        let buf_k = t(v(2 * 9 * 4, 0.1), [1, 2, 9, 4]);
+        let buf_v = t(v(2 * 9 * 4, 0.7), [1, 2, 9, 4]);
+        let q = t(v(4 * 3 * 4, 0.3), [1, 4, 3, 4]);
+        let (k, vv) = (buf_k.narrow(2, 0, 6), buf_v.narrow(2, 0, 6));
+        let args = |k: Tensor<Flex, 4>, vv: Tensor<Flex, 4>| AttentionArgs { queries: q.clone(), keys: k, values: vv, valid: None, reduce: Some(QueryReduce::Max), probs: false };
+        let a = Flex::kvc_attention(args(k.clone(), vv.clone()));
+        let contiguous = |x: Tensor<Flex, 4>| t(host(x), [1, 2, 6, 4]);
+        let b = Flex::kvc_attention(args(contiguous(k), contiguous(vv)));
+        assert_eq!(host(a.output), host(b.output));
+        assert_eq!(a.reduced.unwrap().into_data().to_vec::<f32>().unwrap(), b.reduced.unwrap().into_data().to_vec::<f32>().unwrap());
+    }
+}

@@ -1,0 +1,210 @@
+//! Kernels a backend may specialise: burn's documented way to add custom operations is a trait
+//! extending `Backend` whose methods have a generic default ([`KvcBackend`]).
+//!
+//! kvc's kernels: attention over a KV cache and the SwiGLU activation. Attention because that is where burn's generic
+//! tensor API leaves CPU speed on the table (issue 10: burn-flex's fused attention runs on one
+//! thread with a scalar `exp`; the explicit path materializes full-size masks) and where presses
+//! want more than the output (KVCompose's max over queries, H2O's sum over queries); SwiGLU
+//! because burn-flex computes `silu` with a scalar `expf` per element.
+//!
+//! - Every backend gets [`generic_attention`] (burn's fused `attention` when only the output is
+//!   wanted; an explicit softmax with device-side masks otherwise).
+//! - CPU backends (`flex`, `ndarray` features) run [`host::attention`]: blocked, multi-threaded,
+//!   GEMM-based, reductions computed inside the softmax pass.
+//!
+//! An app on another backend opts in with one line, `impl kvc_core::KvcBackend for MyBackend {}`.
+
+pub mod host;
+mod impls;
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+
+/// How attention probabilities are reduced over a chunk's queries for an observer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryReduce {
+    /// Maximum over queries (KVCompose's `max` aggregation, kvpress `KVComposePress`).
+    Max,
+    /// Sum over queries (ObservedAttention / H2O, kvpress `ObservedAttentionPress`).
+    Sum,
+}
+
+/// One attention call of a decoder layer over its KV cache.
+///
+/// Query `i` of the chunk sits at cache slot `len - chunk + i` and sees slots `0..=len - chunk + i`:
+/// cached keys all visible, the chunk causal (bottom-right aligned); decode is `chunk = 1`.
+/// Scale: `1/sqrt(head_dim)`.
+#[derive(Clone, Debug)]
+pub struct AttentionArgs<'a, B: Backend> {
+    /// Queries after RoPE, `[batch, q_heads, chunk, head_dim]`.
+    pub queries: Tensor<B, 4>,
+    /// Keys after RoPE, `[batch, kv_heads, len, head_dim]` (GQA: query head `h` reads KV head
+    /// `h / (q_heads / kv_heads)`).
+    pub keys: Tensor<B, 4>,
+    /// Values, `[batch, kv_heads, len, head_dim]`.
+    pub values: Tensor<B, 4>,
+    /// Which cache slots hold a real token, row-major `[batch, kv_heads, len]`; `None` = all
+    /// (see [`crate::LayerKv::valid`]).
+    pub valid: Option<&'a [bool]>,
+    /// Also return the probabilities reduced over the chunk's queries.
+    pub reduce: Option<QueryReduce>,
+    /// Also return the full probabilities `[batch, q_heads, chunk, len]`.
+    pub probs: bool,
+}
+
+/// What an attention call returns.
+#[derive(Clone, Debug)]
+pub struct AttentionOutput<B: Backend> {
+    /// Output `[batch, q_heads, chunk, head_dim]`.
+    pub output: Tensor<B, 4>,
+    /// Probabilities reduced over queries, `[batch, q_heads, len]` (when asked).
+    pub reduced: Option<Tensor<B, 3>>,
+    /// Probabilities `[batch, q_heads, chunk, len]` (when asked).
+    pub probs: Option<Tensor<B, 4>>,
+}
+
+/// A burn backend with kvc's kernels. Every method has a generic default; CPU backends override
+/// them with host kernels.
+pub trait KvcBackend: Backend {
+    /// Attention of a chunk of queries over a KV cache ([`AttentionArgs`]).
+    fn kvc_attention(args: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
+        generic_attention(args)
+    }
+
+    /// Writes `slots` (`[b, h, c, d]`) into `buffer` (`[b, h, capacity, d]`) at slot `start`
+    /// (the KV cache's preallocated buffer, [`crate::KvCache::append_with`]); in place when the
+    /// buffer is not shared.
+    fn kvc_write_slots(buffer: Tensor<Self, 4>, start: usize, slots: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        write_slots(buffer, start, slots)
+    }
+
+    /// The SwiGLU MLP's activation, `silu(gate) * up` elementwise (HF `LlamaMLP`:
+    /// `act_fn(gate_proj(x)) * up_proj(x)`); `gate`, `up`: same shape.
+    fn kvc_swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        silu(gate) * up
+    }
+}
+
+/// The generic slot write: `slice_assign` (burn-flex 0.21's copies the whole buffer even when it
+/// is not shared, hence [`KvcBackend::kvc_write_slots`]).
+pub fn write_slots<B: Backend>(buffer: Tensor<B, 4>, start: usize, slots: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, c, d] = slots.dims();
+    buffer.slice_assign([0..b, 0..h, start..start + c, 0..d], slots)
+}
+
+/// The generic attention: burn's fused `attention` when only the output is wanted and every slot
+/// is real; otherwise `softmax(Q K^T / sqrt(d) + causal mask + padding mask) V` with the masks
+/// built on the device (no host upload per call).
+pub fn generic_attention<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionOutput<B> {
+    let [b, hq, c, d] = a.queries.dims();
+    let [_, hkv, len, _] = a.keys.dims();
+    let g = hq / hkv;
+    let device = a.queries.device();
+    if a.valid.is_none() && a.reduce.is_none() && !a.probs {
+        let opts = |is_causal| AttentionModuleOptions { scale: None, softcap: None, is_causal };
+        let output = if c == 1 {
+            // decode: the g query heads of a group attend together, no K/V copies
+            attention(a.queries.reshape([b, hkv, g, d]), a.keys, a.values, None, None, opts(false)).reshape([b, hq, 1, d])
+        } else {
+            let expand = |t: Tensor<B, 4>| t.unsqueeze_dim::<5>(2).expand([b, hkv, g, len, d]).reshape([b, hq, len, d]);
+            attention(a.queries, expand(a.keys), expand(a.values), None, None, opts(true))
+        };
+        return AttentionOutput { output, reduced: None, probs: None };
+    }
+    // scaling q instead of the scores saves a pass over the scores; for head_dim 64 (or any power
+    // of 4) the scale is a power of two and both orders give identical bits
+    let scores = (a.queries * (d as f64).powf(-0.5)).reshape([b, hkv, g * c, d]).matmul(a.keys.swap_dims(2, 3));
+    let mut scores = scores.reshape([b, hkv, g, c, len]);
+    if c > 1 {
+        // key slot j is hidden from query i when j > len - c + i
+        let keys = Tensor::<B, 1, Int>::arange(0..len as i64, &device).reshape([1, len]);
+        let last = Tensor::<B, 1, Int>::arange((len - c) as i64..len as i64, &device).reshape([c, 1]);
+        let hidden: Tensor<B, 2, Bool> = keys.greater(last);
+        scores = scores.mask_fill(hidden.reshape([1, 1, 1, c, len]).expand([b, hkv, g, c, len]), f32::NEG_INFINITY);
+    }
+    if let Some(valid) = a.valid {
+        let bias: Vec<f32> = valid.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+        scores = scores + Tensor::from_data(TensorData::new(bias, [b, hkv, 1, 1, len]), &device);
+    }
+    let probs = softmax(scores, 4).reshape([b, hkv, g * c, len]);
+    let output = probs.clone().matmul(a.values).reshape([b, hq, c, d]);
+    let probs = probs.reshape([b, hq, c, len]);
+    let reduced = a.reduce.map(|r| match r {
+        QueryReduce::Max => probs.clone().max_dim(2),
+        QueryReduce::Sum => probs.clone().sum_dim(2),
+    });
+    AttentionOutput { output, reduced: reduced.map(|t| t.reshape([b, hq, len])), probs: a.probs.then_some(probs) }
+}
+
+/// [`host::attention`] on any backend through `into_data` / `from_data` (copies; for CPU
+/// backends whose tensors are not reachable without a copy). Falls back to
+/// [`generic_attention`] for non-`f32` tensors.
+pub fn host_attention_copying<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionOutput<B> {
+    if a.queries.dtype() != burn::tensor::DType::F32 {
+        return generic_attention(a);
+    }
+    let device = a.queries.device();
+    let read = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().expect("f32 tensor reads as f32");
+    let req = HostRequest::of(&a);
+    let (q, k, v) = (read(a.queries), read(a.keys), read(a.values));
+    let kv_stride = req.kv[2] * req.kv[3];
+    req.run(&q, &k, &v, kv_stride, |data, shape| Tensor::from_data(TensorData::new(data, shape), &device))
+}
+
+/// What a host attention call needs besides the data: shapes and requests of an
+/// [`AttentionArgs`], taken before its tensors are consumed.
+struct HostRequest<'a> {
+    valid: Option<&'a [bool]>,
+    reduce: Option<QueryReduce>,
+    probs: bool,
+    /// `[batch, q_heads, chunk, head_dim]`.
+    q: [usize; 4],
+    /// `[batch, kv_heads, len, head_dim]`.
+    kv: [usize; 4],
+}
+
+impl<'a> HostRequest<'a> {
+    fn of<B: Backend>(a: &AttentionArgs<'a, B>) -> Self {
+        Self { valid: a.valid, reduce: a.reduce, probs: a.probs, q: a.queries.dims(), kv: a.keys.dims() }
+    }
+
+    /// Runs [`host::attention`] on host slices (`kv_stride`: [`host::HostAttention::kv_stride`])
+    /// and wraps the result as tensors built by `make`.
+    fn run<B: Backend>(&self, q: &[f32], k: &[f32], v: &[f32], kv_stride: usize, make: impl Fn(Vec<f32>, [usize; 4]) -> Tensor<B, 4>) -> AttentionOutput<B> {
+        let ([b, hq, c, d], [_, hkv, len, _]) = (self.q, self.kv);
+        let out = host::attention(&host::HostAttention {
+            q,
+            k,
+            v,
+            kv_stride,
+            valid: self.valid,
+            batch: b,
+            q_heads: hq,
+            kv_heads: hkv,
+            chunk: c,
+            len,
+            head_dim: d,
+            scale: (d as f32).powf(-0.5),
+            reduce: self.reduce,
+            probs: self.probs,
+        });
+        host_output(out, self.q, len, make)
+    }
+}
+
+/// Wraps a [`host::HostOutput`] as tensors; `make` builds a tensor from host data.
+fn host_output<B: Backend>(
+    out: host::HostOutput,
+    [b, hq, c, d]: [usize; 4],
+    len: usize,
+    make: impl Fn(Vec<f32>, [usize; 4]) -> Tensor<B, 4>,
+) -> AttentionOutput<B> {
+    // the host layout is [b, c, hq, d]: returned as a [b, hq, c, d] view, so the decoder's swap
+    // back to [b, c, hq*d] costs nothing
+    let output = make(out.out, [b, c, hq, d]).swap_dims(1, 2);
+    let reduced = out.reduced.map(|r| make(r, [b, hq, 1, len]).reshape([b, hq, len]));
+    let probs = out.probs.map(|p| make(p, [b, hq, c, len]));
+    AttentionOutput { output, reduced, probs }
+}
