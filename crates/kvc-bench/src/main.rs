@@ -538,7 +538,7 @@ fn real_main() -> Result<()> {
             let job = ScalingJob { model: &model, text: &text, lens: &tokens, spec, n_decode: decode, chunk };
             let rows = backend::run(&backend, job)?;
             print!("{}", kvc_bench::scaling::table(&rows));
-            for f in kvc_bench::scaling::write_plot(&out, &rows, &press)? {
+            for f in kvc_bench::scaling::write_plot(&out, &rows, &format!("{press} {ratio}"))? {
                 println!("wrote {}", f.display());
             }
         }

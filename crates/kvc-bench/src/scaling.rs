@@ -87,7 +87,7 @@ where
             .x_label_area_size(32)
             .y_label_area_size(48)
             .build_cartesian_2d(0.0..max_tokens * 1.05, 0.0..max_y)?;
-        chart.configure_mesh().x_desc("context tokens").y_desc(y).label_style(("sans-serif", 12)).draw()?;
+        chart.configure_mesh().x_desc("context tokens").y_desc(y).x_label_formatter(&|x| format!("{}", x.round() as i64)).label_style(("sans-serif", 12)).draw()?;
         for (i, (name, pts)) in curves.iter().enumerate() {
             let c = color(i);
             chart

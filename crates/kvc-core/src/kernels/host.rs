@@ -98,6 +98,9 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
     assert!(a.valid.is_none_or(|v| v.len() == b * hkv * len), "host attention: inconsistent mask length");
     let g = hq / hkv;
     let past = len - c;
+    if c == 1 && a.reduce.is_none() && !a.probs && len > KEY_TILE {
+        return decode_split(a);
+    }
     let mut tasks = Vec::new();
     for bi in 0..b {
         for kv in 0..hkv {
@@ -120,6 +123,11 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
             let k = &a.k[row * a.kv_stride..][..n * d];
             let v = &a.v[row * a.kv_stride..][..n * d];
             let valid = a.valid.map(|mask| &mask[row * len..row * len + n]);
+            if a.reduce.is_none() && !a.probs && n > KEY_TILE {
+                // only the output is wanted: key tiles with an online softmax keep the scores in cache
+                let out = online_block(&q, k, v, valid, Geometry { rows, m, n, d, first_visible: past + r0 + 1, scale: a.scale });
+                return Block { b: bi, kv, r0, rows, n, out, probs: Vec::new(), reduced: None };
+            }
             let mut s = vec![0f32; m * n];
             // S = scale * Q K^T: lhs [m, d] row-major, rhs K^T [d, n] (K row-major), dst [m, n]
             // SAFETY: every pointer is valid for the given extents and strides (slices above).
@@ -133,7 +141,7 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
             let mut inv_sums = vec![0f32; m];
             for (r, row) in s.chunks_exact_mut(n).enumerate() {
                 let visible = past + r0 + r % rows + 1;
-                let inv = softmax_row(row, visible, valid);
+                let (_, inv) = softmax_row(row, visible, valid);
                 inv_sums[r] = inv;
                 if let (Some(red), Some(op)) = (reduced.as_mut(), a.reduce) {
                     let red = &mut red[(r / rows) * n..][..visible];
@@ -191,6 +199,143 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
     HostOutput { out, reduced, probs }
 }
 
+/// Keys per tile of the online-softmax path (scores of one tile: `g * QUERY_BLOCK x KEY_TILE`
+/// floats, well inside L2).
+pub const KEY_TILE: usize = 512;
+
+/// Shapes of one task: `m = g * rows` stacked query rows (row `r` is query `r % rows` of the
+/// block), `n` visible keys, head dim `d`; row `r` sees keys `0..first_visible + r % rows`.
+#[derive(Clone, Copy)]
+struct Geometry {
+    rows: usize,
+    m: usize,
+    n: usize,
+    d: usize,
+    first_visible: usize,
+    scale: f32,
+}
+
+/// One task's output `[m, d]` with the online softmax (FlashAttention's recurrence: per row a
+/// running max `mx` and sum `l`; when a tile raises the max, the accumulated output and sum are
+/// scaled by `exp(old - new)`), one key tile at a time.
+fn online_block(q: &[f32], k: &[f32], v: &[f32], valid: Option<&[bool]>, g: Geometry) -> Vec<f32> {
+    let Geometry { rows, m, n, d, first_visible, scale } = g;
+    let mut acc = vec![0f32; m * d];
+    let mut mx = vec![f32::NEG_INFINITY; m];
+    let mut l = vec![0f32; m];
+    let mut s = vec![0f32; m * KEY_TILE];
+    for t0 in (0..n).step_by(KEY_TILE) {
+        let tn = KEY_TILE.min(n - t0);
+        let s = &mut s[..m * tn];
+        // SAFETY: every pointer is valid for the given extents and strides.
+        unsafe {
+            gemm::gemm(
+                m, tn, d, s.as_mut_ptr(), 1, tn as isize, false, q.as_ptr(), 1, d as isize, k[t0 * d..].as_ptr(), d as isize, 1, 0.0, scale,
+                false, false, false, gemm::Parallelism::None,
+            );
+        }
+        for (r, row) in s.chunks_exact_mut(tn).enumerate() {
+            let lim = (first_visible + r % rows).saturating_sub(t0).min(tn);
+            let (tile_max, inv) = softmax_row(row, lim, valid.map(|m| &m[t0..t0 + tn]));
+            if inv == 0.0 {
+                continue;
+            }
+            // bring the tile and the running state to the larger max
+            if tile_max > mx[r] {
+                let corr = if mx[r] == f32::NEG_INFINITY { 0.0 } else { simd::exp(mx[r] - tile_max) };
+                l[r] *= corr;
+                simd::scale(&mut acc[r * d..(r + 1) * d], corr);
+                mx[r] = tile_max;
+                l[r] += 1.0 / inv;
+            } else {
+                let corr = simd::exp(tile_max - mx[r]);
+                simd::scale(&mut row[..lim], corr);
+                l[r] += corr / inv;
+            }
+        }
+        // acc += P V_tile
+        // SAFETY: as above.
+        unsafe {
+            gemm::gemm(
+                m, d, tn, acc.as_mut_ptr(), 1, d as isize, true, s.as_ptr(), 1, tn as isize, v[t0 * d..].as_ptr(), 1, d as isize, 1.0, 1.0,
+                false, false, false, gemm::Parallelism::None,
+            );
+        }
+    }
+    for (row, &sum) in acc.chunks_exact_mut(d).zip(&l) {
+        simd::scale(row, if sum > 0.0 { 1.0 / sum } else { 0.0 });
+    }
+    acc
+}
+
+/// Decode (one query per head) over a long cache, split over key tiles so both cores work even
+/// with few KV heads (flash-decoding): per (batch, KV head, tile) a partial max, sum and output of
+/// the group's `g` query rows, merged with `exp(max_t - max)` weights.
+fn decode_split(a: &HostAttention<'_>) -> HostOutput {
+    let (b, hq, hkv, len, d) = (a.batch, a.q_heads, a.kv_heads, a.len, a.head_dim);
+    let g = hq / hkv;
+    let tiles = len.div_ceil(KEY_TILE);
+    let tasks: Vec<(usize, usize, usize)> = (0..b).flat_map(|bi| (0..hkv).flat_map(move |kv| (0..tiles).map(move |t| (bi, kv, t)))).collect();
+    // per task: max [g], sum [g], unnormalized output [g * d]
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(bi, kv, t)| {
+            let t0 = t * KEY_TILE;
+            let tn = KEY_TILE.min(len - t0);
+            let row = bi * hkv + kv;
+            let q = &a.q[(bi * hq + kv * g) * d..][..g * d];
+            let k = &a.k[row * a.kv_stride + t0 * d..][..tn * d];
+            let v = &a.v[row * a.kv_stride + t0 * d..][..tn * d];
+            let valid = a.valid.map(|m| &m[row * len + t0..row * len + t0 + tn]);
+            let mut s = vec![0f32; g * tn];
+            // SAFETY: every pointer is valid for the given extents and strides.
+            unsafe {
+                gemm::gemm(
+                    g, tn, d, s.as_mut_ptr(), 1, tn as isize, false, q.as_ptr(), 1, d as isize, k.as_ptr(), d as isize, 1, 0.0, a.scale,
+                    false, false, false, gemm::Parallelism::None,
+                );
+            }
+            let mut mx = vec![f32::NEG_INFINITY; g];
+            let mut l = vec![0f32; g];
+            for (r, srow) in s.chunks_exact_mut(tn).enumerate() {
+                let (max, inv) = softmax_row(srow, tn, valid);
+                mx[r] = max;
+                l[r] = if inv > 0.0 { 1.0 / inv } else { 0.0 };
+            }
+            let mut out = vec![0f32; g * d];
+            // SAFETY: as above.
+            unsafe {
+                gemm::gemm(
+                    g, d, tn, out.as_mut_ptr(), 1, d as isize, false, s.as_ptr(), 1, tn as isize, v.as_ptr(), 1, d as isize, 0.0, 1.0,
+                    false, false, false, gemm::Parallelism::None,
+                );
+            }
+            (mx, l, out)
+        })
+        .collect();
+    let mut out = vec![0f32; b * hq * d];
+    for bi in 0..b {
+        for kv in 0..hkv {
+            let parts = &parts[(bi * hkv + kv) * tiles..][..tiles];
+            for gi in 0..g {
+                let top = parts.iter().map(|p| p.0[gi]).fold(f32::NEG_INFINITY, f32::max);
+                let dst = &mut out[(bi * hq + kv * g + gi) * d..][..d];
+                let mut total = 0f32;
+                for (mx, l, o) in parts {
+                    if l[gi] == 0.0 {
+                        continue;
+                    }
+                    let w = simd::exp(mx[gi] - top);
+                    total += w * l[gi];
+                    dst.iter_mut().zip(&o[gi * d..(gi + 1) * d]).for_each(|(x, &y)| *x += w * y);
+                }
+                simd::scale(dst, if total > 0.0 { 1.0 / total } else { 0.0 });
+            }
+        }
+    }
+    HostOutput { out, reduced: None, probs: None }
+}
+
 /// `silu(gate) * up` elementwise (the SwiGLU MLP's activation, HF `LlamaMLP`), split over the
 /// rayon pool. Within a few ulp of `x / (1 + exp(-x)) * up`.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
@@ -206,8 +351,9 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 }
 
 /// Unnormalized softmax of `row[..visible]` over the slots `valid` allows, in place:
-/// `exp(s - max)`, everything else exactly 0. Returns `1 / sum` (0 when every slot is masked).
-fn softmax_row(row: &mut [f32], visible: usize, valid: Option<&[bool]>) -> f32 {
+/// `exp(s - max)`, everything else exactly 0. Returns the max and `1 / sum` (`-inf` and 0 when
+/// every slot is masked).
+fn softmax_row(row: &mut [f32], visible: usize, valid: Option<&[bool]>) -> (f32, f32) {
     let (live, tail) = row.split_at_mut(visible);
     tail.fill(0.0);
     if let Some(m) = valid {
@@ -221,7 +367,7 @@ fn softmax_row(row: &mut [f32], visible: usize, valid: Option<&[bool]>) -> f32 {
     if max == f32::NEG_INFINITY {
         // every slot masked (cannot happen with at least one real token per head): no attention
         live.fill(0.0);
-        return 0.0;
+        return (max, 0.0);
     }
     let mut sum = simd::exp_sub_sum(live, max);
     if let Some(m) = valid {
@@ -233,7 +379,7 @@ fn softmax_row(row: &mut [f32], visible: usize, valid: Option<&[bool]>) -> f32 {
             }
         });
     }
-    1.0 / sum
+    (max, 1.0 / sum)
 }
 
 /// Row kernels written as plain loops over fixed-width lanes, compiled once per instruction set
@@ -445,7 +591,7 @@ mod tests {
         };
         // (batch, q_heads, kv_heads, chunk, len, head_dim, masked)
         for (b, hq, hkv, c, len, d, masked) in
-            [(1, 4, 2, 1, 9, 8, false), (1, 6, 2, 40, 70, 16, false), (2, 3, 3, 33, 33, 4, true), (1, 2, 1, 5, 90, 64, true)]
+            [(1, 4, 2, 1, 9, 8, false), (1, 6, 2, 40, 70, 16, false), (2, 3, 3, 33, 33, 4, true), (1, 2, 1, 5, 90, 64, true), (1, 6, 2, 40, 1300, 8, true), (1, 3, 1, 1, 1100, 8, false), (2, 4, 2, 1, 1500, 8, true)]
         {
             let q = vals(b * hq * c * d, 1);
             let k = vals(b * hkv * len * d, 2);
@@ -487,6 +633,9 @@ mod tests {
             let want: f64 = (0..c).map(|i| want_p[i * len]).sum();
             assert!((s[0] as f64 - want).abs() < 1e-5);
             assert_eq!(sum.out, got.out, "reduction must not change the output");
+            // output only: key tiles with the online softmax once more than one tile is visible
+            let plain = attention(&HostAttention { reduce: None, probs: false, ..a });
+            assert!(err(&plain.out, &want_out) < 2e-6, "online softmax {:?}", (b, hq, c, len));
             // the same keys/values as views of a buffer with 3 spare slots per row
             let pad = |x: &[f32]| -> Vec<f32> { x.chunks(len * d).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(f32::NAN, 3 * d))).collect() };
             let (kp, vp) = (pad(&k), pad(&v));

@@ -103,9 +103,15 @@ fn flex_rows(t: burn::tensor::Tensor<burn::backend::Flex, 4>) -> (burn::backend:
 
 #[cfg(feature = "ndarray")]
 impl KvcBackend for burn::backend::NdArray<f32> {
-    /// The host kernel through copies (ndarray's arrays are not reachable without one).
+    /// The host kernel through copies (ndarray's arrays are not reachable without one) for
+    /// chunks of queries; decode keeps the generic path (copying the whole cache out for one
+    /// query costs more than it saves).
     fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
-        super::host_attention_copying(a)
+        if a.queries.dims()[2] == 1 && a.reduce.is_none() && !a.probs {
+            super::generic_attention(a)
+        } else {
+            super::host_attention_copying(a)
+        }
     }
 }
 
