@@ -85,6 +85,11 @@ pub struct ModelConfig {
     pub qk_norm: bool,
 }
 
+/// The largest size kvc accepts for any config dimension (vocabulary, hidden, layers, heads, ...):
+/// 2^24, far above real models, low enough that no product of two sizes overflows or sizes an
+/// allocation the weights could not back.
+pub const MAX_SIZE: usize = 1 << 24;
+
 impl ModelConfig {
     /// Query heads per KV head.
     pub fn group_size(&self) -> usize {
@@ -108,6 +113,9 @@ impl ModelConfig {
         ] {
             if v == 0 {
                 return bad(format!("{name} is 0"));
+            }
+            if v > MAX_SIZE {
+                return bad(format!("{name} is {v}, more than kvc supports ({MAX_SIZE})"));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {

@@ -54,6 +54,18 @@ pub enum ModelError {
     /// A weight the architecture needs is absent.
     #[error("missing tensor {0}")]
     MissingTensor(String),
+
+    /// A weight is NaN or infinite (a corrupt or badly converted file): found at load, with the
+    /// tensor's name and the first bad element.
+    #[error("tensor {name}: element {index} is {value} (weights must be finite)")]
+    NonFiniteWeight {
+        /// HF tensor name.
+        name: String,
+        /// Flat index of the first non-finite element.
+        index: usize,
+        /// Its value (NaN, inf or -inf).
+        value: f32,
+    },
     /// A weight whose shape does not match the config.
     #[error("tensor {name}: shape {actual:?} does not match the config, expected {expected:?}")]
     ShapeMismatch {

@@ -299,7 +299,9 @@ impl GgufFile {
                     if ne.first().is_some_and(|&d| d % per_block != 0) {
                         return Err(invalid(format!("tensor {name}: row of {} not a multiple of {per_block}", ne[0])));
                     }
-                    elems / per_block * bytes
+                    (elems / per_block)
+                        .checked_mul(bytes)
+                        .ok_or_else(|| invalid(format!("tensor {name}: {elems} elements overflow the data size")))?
                 }
                 None => 0,
             };
@@ -362,19 +364,21 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
             GgmlType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             GgmlType::F16 => out.push(f16_at(b, 0)),
             GgmlType::BF16 => out.push(half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            // the _1 types add the min m; the _0 types must not add a zero in its place, which
+            // would turn ggml's -0.0 (a zero quant times a negative d) into +0.0
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
                 let d = f16_at(b, 0);
-                let (m, qs) = if kind == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (0.0, &b[2..18]) };
+                let (m, qs) = if kind == GgmlType::Q4_1 { (Some(f16_at(b, 2)), &b[4..20]) } else { (None, &b[2..18]) };
                 let off = if kind == GgmlType::Q4_1 { 0 } else { 8 };
-                let lo = qs.iter().map(|&q| ((q & 0xF) as i32 - off) as f32 * d + m);
-                let hi = qs.iter().map(|&q| ((q >> 4) as i32 - off) as f32 * d + m);
+                let lo = qs.iter().map(|&q| affine((q & 0xF) as i32 - off, d, m));
+                let hi = qs.iter().map(|&q| affine((q >> 4) as i32 - off, d, m));
                 out.extend(lo);
                 out.extend(hi);
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let d = f16_at(b, 0);
                 let (m, rest, off) =
-                    if kind == GgmlType::Q5_1 { (f16_at(b, 2), &b[4..], 0) } else { (0.0, &b[2..], 16) };
+                    if kind == GgmlType::Q5_1 { (Some(f16_at(b, 2)), &b[4..], 0) } else { (None, &b[2..], 16) };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 let mut hi = [0f32; 16];
@@ -383,8 +387,8 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
                     let h1 = (qh >> (j + 12)) & 0x10;
                     let x0 = ((qs[j] as u32 & 0xF) | h0) as i32 - off;
                     let x1 = ((qs[j] as u32 >> 4) | h1) as i32 - off;
-                    out.push(x0 as f32 * d + m);
-                    hi[j] = x1 as f32 * d + m;
+                    out.push(affine(x0, d, m));
+                    hi[j] = affine(x1, d, m);
                 }
                 out.extend_from_slice(&hi);
             }
@@ -439,6 +443,14 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
         }
     }
     Some(out)
+}
+
+/// `x * d + m` (ggml's `_1` types), or just `x * d` without a min (the `_0` types).
+fn affine(x: i32, d: f32, m: Option<f32>) -> f32 {
+    match m {
+        Some(m) => x as f32 * d + m,
+        None => x as f32 * d,
+    }
 }
 
 /// 6-bit scale and min of sub-block `j` of a K-quant super-block (ggml's `get_scale_min_k4`).

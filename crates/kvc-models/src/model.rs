@@ -97,6 +97,9 @@ impl<B: Backend> Loader<'_, B> {
         if shape != expected {
             return Err(ModelError::ShapeMismatch { name: name.into(), expected: expected.to_vec(), actual: shape });
         }
+        if let Some(index) = data.iter().position(|x| !x.is_finite()) {
+            return Err(ModelError::NonFiniteWeight { name: name.into(), index, value: data[index] });
+        }
         Ok(data)
     }
 
@@ -133,7 +136,8 @@ impl<B: Backend> Decoder<B> {
     /// tensor's shape against `config`.
     ///
     /// # Errors
-    /// [`ModelError::MissingTensor`], [`ModelError::ShapeMismatch`], format errors of the source,
+    /// [`ModelError::MissingTensor`], [`ModelError::ShapeMismatch`],
+    /// [`ModelError::NonFiniteWeight`] for a NaN or infinite weight, format errors of the source,
     /// [`ModelError::Config`] for an inconsistent config.
     pub fn from_source(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self> {
         config.validate()?;
@@ -153,7 +157,8 @@ impl<B: Backend> Decoder<B> {
             weight: Param::from_tensor(Tensor::from_data(TensorData::new(lm_head_weight, [h, c.vocab_size]), device)),
             bias: None,
         };
-        let mut layers = Vec::with_capacity(c.num_layers);
+        // grows with the tensors found (the config's count is checked against them, not trusted)
+        let mut layers = Vec::new();
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");

@@ -18,6 +18,10 @@ const QWEN2_PATTERN: &str =
 const LLAMA3_PATTERN: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Instructions a chat template may execute per rendering (minijinja fuel): real templates need a
+/// few thousand for a conversation; a template that loops over huge ranges stops with an error.
+pub const CHAT_TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// One chat message.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ChatMessage {
@@ -28,6 +32,7 @@ pub struct ChatMessage {
 }
 
 /// A model's tokenizer with its special tokens and chat template.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos_ids: Vec<u32>,
@@ -226,11 +231,19 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// The same tokenizer with another chat template (`None`: ChatML), e.g. to fix a model file's.
+    pub fn with_chat_template(mut self, template: Option<String>) -> Self {
+        self.chat_template = template;
+        self
+    }
+
     /// Renders `messages` with the model's chat template (generation prompt appended); ChatML when
-    /// the model has no template.
+    /// the model has no template. The template runs on at most [`CHAT_TEMPLATE_FUEL`] minijinja
+    /// instructions and its own recursion limit.
     ///
     /// # Errors
-    /// [`ModelError::Tokenizer`] when the template fails to render.
+    /// [`ModelError::Tokenizer`] when the template fails to parse or render, raises
+    /// (`raise_exception`), recurses too deep or runs out of fuel.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         let Some(template) = self.chat_template.as_deref() else {
             let mut s = String::new();
@@ -241,6 +254,8 @@ impl Tokenizer {
             return Ok(s);
         };
         let mut env = minijinja::Environment::new();
+        // templates come with model files: one that loops for ever is an error, not a hang
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))

@@ -169,6 +169,65 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// A NaN or infinite weight is an error naming the tensor and the element, not silent garbage;
+/// absurd config sizes are rejected before anything is allocated for them.
+#[test]
+fn non_finite_weights_and_absurd_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("tiny_llama3"), dir.path());
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let name = "model.layers.0.mlp.down_proj.weight";
+    let start = header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    assert_eq!(header[name]["dtype"], "F32", "the fixture stores f32");
+    for (value, shown) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+        let mut b = bytes.clone();
+        let at = 8 + header_len + start + 4 * 5;
+        b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        let e = err_of(load_hf_decoder::<Nd>(dir.path(), &Default::default()));
+        assert!(matches!(e, ModelError::NonFiniteWeight { index: 5, .. }), "{e}");
+        assert!(e.to_string().contains(name) && e.to_string().contains(shown), "{e}");
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["num_hidden_layers"] = u64::MAX.into();
+    std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+    let e = err_of(load_hf_decoder::<Nd>(dir.path(), &Default::default()));
+    assert!(matches!(e, ModelError::Config(_)) && e.to_string().contains("num_hidden_layers"), "{e}");
+}
+
+/// Chat templates come with model files: one that loops for ever, recurses, raises or does not
+/// parse is a clear error in bounded time.
+#[test]
+fn hostile_chat_templates() {
+    let file = GgufFile::open(&kvc_models::default_model::ensure_default_model().unwrap()).unwrap();
+    let tok = kvc_models::Tokenizer::from_gguf(&file).unwrap();
+    let messages = vec![kvc_models::ChatMessage { role: "user".into(), content: "hi".into() }];
+    let render = |template: &str| {
+        let tok = tok.clone().with_chat_template(Some(template.into()));
+        let start = std::time::Instant::now();
+        let r = tok.apply_chat_template(&messages);
+        (r, start.elapsed())
+    };
+    let (ok, _) = render("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}");
+    assert_eq!(ok.unwrap(), "<user>hi");
+    for (template, says) in [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "fuel"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+        ("{{ raise_exception('only user and assistant roles') }}", "only user and assistant roles"),
+        ("{% for m in messages %}", "chat template"),
+    ] {
+        let (r, took) = render(template);
+        let e = err_of(r);
+        assert!(matches!(e, ModelError::Tokenizer(_)) && e.to_string().contains(says), "{template}: {e}");
+        assert!(took.as_secs_f64() < 10.0, "{template}: {took:?}");
+    }
+}
+
 #[test]
 fn config_tensor_mismatch_and_missing_tokenizer() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,399 @@
+//! Mutation fuzzing of the model-file parsers, on stable Rust, within a fixed time budget.
+//!
+//! Targets: the GGUF reader (`GgufFile::open`, every tensor's `tensor_f32`, `ModelConfig::from_gguf`)
+//! seeded with a small synthetic GGUF, the all-tensor-types fixture of `gguf_types.rs` and the real
+//! SmolLM2 header (metadata, vocabulary, tensor directory); and HF folders (`config.json` + `model.safetensors` through
+//! `load_hf_decoder`) seeded with the tiny Llama 3 / Qwen2 / Qwen3 fixtures. Mutations: bit flips,
+//! truncation, interesting integers (0, 1, -1, 2^31, 2^32-1, 2^63, u64::MAX, the file size) written
+//! over aligned words, byte-range duplication and deletion, and for JSON numbers replaced by 0,
+//! negative, huge and non-integer values.
+//!
+//! Property: every call returns `Ok` or an error; no panic, and no single heap allocation larger
+//! than `64 x file size + 1 MiB` (counted by this binary's global allocator on the fuzzing thread).
+//! A failing input is written to `$CARGO_TARGET_TMPDIR/fuzz-failures/` and the test fails naming
+//! it; committed regressions live in `tests/fixtures/fuzz_regressions/` and are replayed first.
+//!
+//! Budget: `KVC_FUZZ_SECONDS` per seed (default 10: ~50 s in all in CI). Longer runs:
+//! `KVC_FUZZ_SECONDS=600 cargo test --release -p kvc-models --test fuzz_parsers -- --nocapture`.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{fixture, Nd};
+use kvc_models::config::ModelConfig;
+use kvc_models::gguf::GgufFile;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Counts the largest single allocation made while the current thread is armed.
+struct Counting;
+
+thread_local! {
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+}
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+fn note(size: usize) {
+    if ARMED.try_with(Cell::get).unwrap_or(false) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: forwards to the system allocator unchanged; only records sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` armed: returns whether it panicked and the largest allocation it made.
+fn watched(f: impl FnOnce()) -> (bool, usize) {
+    LARGEST.store(0, Ordering::Relaxed);
+    ARMED.with(|a| a.set(true));
+    let panicked = catch_unwind(AssertUnwindSafe(f)).is_err();
+    ARMED.with(|a| a.set(false));
+    (panicked, LARGEST.load(Ordering::Relaxed))
+}
+
+fn budget() -> Duration {
+    let secs = std::env::var("KVC_FUZZ_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(10.0);
+    Duration::from_secs_f64(secs.max(0.0))
+}
+
+const INTERESTING: [u64; 10] = [0, 1, 2, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 1 << 32, 1 << 62, 1 << 63, u64::MAX];
+
+/// One random mutation of `seed`.
+fn mutate(seed: &[u8], rng: &mut StdRng) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..rng.random_range(1..=3) {
+        if b.is_empty() {
+            b.push(rng.random());
+            continue;
+        }
+        let n = b.len();
+        match rng.random_range(0..6) {
+            0 => {
+                for _ in 0..rng.random_range(1..=8) {
+                    let i = rng.random_range(0..n);
+                    b[i] ^= 1 << rng.random_range(0..8);
+                }
+            }
+            1 => b.truncate(rng.random_range(0..n)),
+            2 => {
+                // an interesting integer over an aligned u64 (counts, lengths, dims, offsets) or u32
+                let v = if rng.random_bool(0.2) { n as u64 } else { INTERESTING[rng.random_range(0..INTERESTING.len())] };
+                let at = rng.random_range(0..n) & !3;
+                let bytes = if rng.random_bool(0.5) { v.to_le_bytes().to_vec() } else { (v as u32).to_le_bytes().to_vec() };
+                for (k, x) in bytes.into_iter().enumerate() {
+                    if at + k < b.len() {
+                        b[at + k] = x;
+                    }
+                }
+            }
+            3 => {
+                let i = rng.random_range(0..n);
+                let len = rng.random_range(1..=64.min(n - i));
+                let chunk = b[i..i + len].to_vec();
+                let at = rng.random_range(0..=b.len());
+                b.splice(at..at, chunk);
+            }
+            4 => {
+                let i = rng.random_range(0..n);
+                let len = rng.random_range(1..=64.min(n - i));
+                b.drain(i..i + len);
+            }
+            _ => {
+                let i = rng.random_range(0..n);
+                b[i] = rng.random();
+            }
+        }
+    }
+    b
+}
+
+/// Fails the test with the input saved where it can be replayed.
+fn fail(what: &str, input: &[u8], why: &str) -> ! {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{what}-{}.bin", input.len()));
+    std::fs::write(&path, input).unwrap();
+    panic!("{what}: {why}; input saved to {} (add it to tests/fixtures/fuzz_regressions/)", path.display());
+}
+
+fn check(what: &str, input: &[u8], size: usize, run: impl FnOnce()) {
+    let (panicked, largest) = watched(run);
+    if panicked {
+        fail(what, input, "panicked");
+    }
+    let bound = 64 * size + (1 << 20);
+    if largest > bound {
+        fail(what, input, &format!("allocated {largest} bytes at once for a {size}-byte input (bound {bound})"));
+    }
+}
+
+/// Opens `path` as GGUF and reads everything a loader would.
+fn gguf_target(path: &Path) {
+    if let Ok(file) = GgufFile::open(path) {
+        let _ = ModelConfig::from_gguf(&file);
+        let names: Vec<String> = file.tensors.iter().map(|t| t.name.clone()).collect();
+        for name in names {
+            let _ = file.tensor_f32(&name);
+        }
+    }
+}
+
+/// A small valid GGUF: metadata of every value type, tensors of several types.
+fn synthetic_gguf() -> Vec<u8> {
+    let s = |x: &str| {
+        let mut v = (x.len() as u64).to_le_bytes().to_vec();
+        v.extend(x.as_bytes());
+        v
+    };
+    let mut kv: Vec<Vec<u8>> = Vec::new();
+    let mut push = |key: &str, kind: u32, value: Vec<u8>| {
+        let mut e = s(key);
+        e.extend(kind.to_le_bytes());
+        e.extend(value);
+        kv.push(e);
+    };
+    push("general.architecture", 8, s("llama"));
+    push("llama.block_count", 4, 1u32.to_le_bytes().to_vec());
+    push("llama.embedding_length", 4, 64u32.to_le_bytes().to_vec());
+    push("llama.feed_forward_length", 4, 128u32.to_le_bytes().to_vec());
+    push("llama.attention.head_count", 4, 4u32.to_le_bytes().to_vec());
+    push("llama.attention.head_count_kv", 4, 2u32.to_le_bytes().to_vec());
+    push("llama.context_length", 4, 256u32.to_le_bytes().to_vec());
+    push("llama.rope.freq_base", 6, 10000f32.to_le_bytes().to_vec());
+    push("llama.attention.layer_norm_rms_epsilon", 6, 1e-5f32.to_le_bytes().to_vec());
+    push("general.flag", 7, vec![1]);
+    push("general.big", 10, 7u64.to_le_bytes().to_vec());
+    push("general.f64", 12, 0.5f64.to_le_bytes().to_vec());
+    let mut arr = 8u32.to_le_bytes().to_vec();
+    arr.extend(3u64.to_le_bytes());
+    for t in ["<s>", "a", "b"] {
+        arr.extend(s(t));
+    }
+    push("tokenizer.ggml.tokens", 9, arr);
+    // (name, dims (ggml order), type, bytes)
+    let f32s: Vec<u8> = (0..64).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect();
+    let f16s: Vec<u8> = (0..64).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect();
+    let q8: Vec<u8> = (0..2).flat_map(|_| half::f16::from_f32(0.5).to_le_bytes().into_iter().chain((0..32).map(|i| i as u8))).collect();
+    let q4: Vec<u8> = (0..2).flat_map(|_| half::f16::from_f32(0.25).to_le_bytes().into_iter().chain((0..16).map(|i| i as u8 * 17))).collect();
+    let tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> =
+        vec![("a.f32", vec![64], 0, f32s), ("b.f16", vec![32, 2], 1, f16s), ("c.q8_0", vec![64], 8, q8), ("d.q4_0", vec![64], 2, q4)];
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kv.len() as u64).to_le_bytes());
+    for e in &kv {
+        out.extend(e);
+    }
+    let mut offset = 0u64;
+    for (name, dims, kind, data) in &tensors {
+        out.extend(s(name));
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(kind.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    for (_, _, _, data) in &tensors {
+        out.extend(data);
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// The real SmolLM2 GGUF up to the end of its tensor directory (metadata, vocabulary, merges,
+/// directory); tensor data left out, so every tensor lies outside the file.
+fn smollm2_header() -> Vec<u8> {
+    let path = kvc_models::default_model::ensure_default_model().expect("the default model (CI fetches it)");
+    let file = GgufFile::open(&path).expect("the real model opens");
+    let header_end = file.tensors.iter().map(|t| t.offset).min().unwrap_or(0);
+    let bytes = std::fs::read(&path).unwrap();
+    bytes[..header_end.min(bytes.len())].to_vec()
+}
+
+fn regressions(prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = fixture("fuzz_regressions");
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) {
+                out.push((name, std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Fuzzes a GGUF seed for `budget`; returns executions.
+fn fuzz_gguf(what: &str, seed: &[u8], budget: Duration, rng: &mut StdRng) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let start = Instant::now();
+    let mut n = 0;
+    while n == 0 || start.elapsed() < budget {
+        let input = mutate(seed, rng);
+        std::fs::write(&path, &input).unwrap();
+        check(what, &input, input.len(), || gguf_target(&path));
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn gguf_reader_survives_mutations() {
+    // the seeds themselves parse (a fuzz run of broken seeds would prove little)
+    let synthetic = synthetic_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seed.gguf");
+    std::fs::write(&path, &synthetic).unwrap();
+    let seed = GgufFile::open(&path).expect("synthetic seed parses");
+    assert_eq!(seed.tensors.len(), 4);
+    for t in ["a.f32", "b.f16", "c.q8_0", "d.q4_0"] {
+        seed.tensor_f32(t).expect("seed tensor reads");
+    }
+    for (name, input) in regressions("gguf") {
+        std::fs::write(&path, &input).unwrap();
+        check(&name, &input, input.len(), || gguf_target(&path));
+    }
+    let mut rng = StdRng::seed_from_u64(0x6767_7566);
+    let b = budget();
+    let t = Instant::now();
+    let n_syn = fuzz_gguf("gguf-synthetic", &synthetic, b, &mut rng);
+    let syn_s = t.elapsed().as_secs_f64();
+    // every tensor type the reader supports, multi-block (tests/gguf_types.rs's fixture)
+    let types = std::fs::read(fixture("gguf_types/types.gguf.bin")).unwrap();
+    let t = Instant::now();
+    let n_types = fuzz_gguf("gguf-types", &types, b, &mut rng);
+    let types_s = t.elapsed().as_secs_f64();
+    let header = smollm2_header();
+    let t = Instant::now();
+    let n_real = fuzz_gguf("gguf-smollm2-header", &header, b, &mut rng);
+    let real_s = t.elapsed().as_secs_f64();
+    println!(
+        "GGUF fuzzing: synthetic seed ({} B) {n_syn} inputs ({:.0}/s); all-types seed ({} B) {n_types} inputs ({:.0}/s); SmolLM2 header ({} B) {n_real} inputs ({:.1}/s)",
+        synthetic.len(),
+        n_syn as f64 / syn_s,
+        types.len(),
+        n_types as f64 / types_s,
+        header.len(),
+        n_real as f64 / real_s
+    );
+}
+
+/// Mutates a `config.json`: numbers replaced by interesting values, keys dropped, or bytes.
+fn mutate_config(text: &str, rng: &mut StdRng) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return mutate(text.as_bytes(), rng);
+    };
+    match rng.random_range(0..4) {
+        0 | 1 => {
+            let keys: Vec<String> = map.keys().cloned().collect();
+            let key = &keys[rng.random_range(0..keys.len())];
+            let values = [
+                serde_json::json!(0),
+                serde_json::json!(-1),
+                serde_json::json!(1),
+                serde_json::json!(3),
+                serde_json::json!(1u64 << 40),
+                serde_json::json!(u64::MAX),
+                serde_json::json!(1.5),
+                serde_json::json!(-1e30),
+                serde_json::json!("x"),
+                serde_json::json!(null),
+                serde_json::json!([]),
+            ];
+            map.insert(key.clone(), values[rng.random_range(0..values.len())].clone());
+            serde_json::to_vec(&map).unwrap()
+        }
+        2 => {
+            let keys: Vec<String> = map.keys().cloned().collect();
+            map.remove(&keys[rng.random_range(0..keys.len())]);
+            serde_json::to_vec(&map).unwrap()
+        }
+        _ => mutate(text.as_bytes(), rng),
+    }
+}
+
+#[test]
+fn hf_folder_loader_survives_mutations() {
+    let mut rng = StdRng::seed_from_u64(0x6866_6c64);
+    let seeds: Vec<PathBuf> = ["tiny_llama3", "tiny_qwen2", "tiny_qwen3"].iter().map(|s| fixture(s)).collect();
+    let device = Default::default();
+    for s in &seeds {
+        kvc_models::load_hf_decoder::<Nd>(s, &device).expect("seed folder loads");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // committed regressions: `config-*` with tiny_qwen2's weights, `safetensors-*` with its config
+    let base = fixture("tiny_qwen2");
+    for (name, input) in regressions("config").into_iter().chain(regressions("safetensors")) {
+        let is_config = name.starts_with("config");
+        let config = if is_config { input.clone() } else { std::fs::read(base.join("config.json")).unwrap() };
+        let weights = if is_config { std::fs::read(base.join("model.safetensors")).unwrap() } else { input.clone() };
+        std::fs::write(d.join("config.json"), &config).unwrap();
+        std::fs::write(d.join("model.safetensors"), &weights).unwrap();
+        check(&name, &input, config.len() + weights.len(), || {
+            let _ = kvc_models::load_hf_decoder::<Nd>(d, &device);
+        });
+    }
+    let start = Instant::now();
+    let (mut n_config, mut n_weights) = (0, 0);
+    while n_config + n_weights == 0 || start.elapsed() < budget() {
+        let seed = &seeds[rng.random_range(0..seeds.len())];
+        let config = std::fs::read_to_string(seed.join("config.json")).unwrap();
+        let weights = std::fs::read(seed.join("model.safetensors")).unwrap();
+        let (config, weights, what, input) = if rng.random_bool(0.5) {
+            let c = mutate_config(&config, &mut rng);
+            n_config += 1;
+            (c.clone(), weights, "config", c)
+        } else {
+            // mostly the header (length prefix + JSON), where the parser lives
+            let header_end = (8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize).min(weights.len());
+            let mut w = mutate(&weights[..header_end], &mut rng);
+            w.extend_from_slice(&weights[header_end..]);
+            n_weights += 1;
+            (config.into_bytes(), w.clone(), "safetensors", w)
+        };
+        std::fs::write(d.join("config.json"), &config).unwrap();
+        std::fs::write(d.join("model.safetensors"), &weights).unwrap();
+        let size = config.len() + weights.len();
+        check(what, &input, size, || {
+            let _ = kvc_models::load_hf_decoder::<Nd>(d, &device);
+        });
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("HF folder fuzzing: {n_config} config.json + {n_weights} safetensors inputs ({:.0}/s)", (n_config + n_weights) as f64 / secs);
+}
