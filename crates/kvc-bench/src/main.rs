@@ -108,6 +108,28 @@ enum Command {
         #[arg(long = "press-option", value_name = "KEY=VALUE")]
         press_options: Vec<String>,
     },
+    /// The same prefill + KVCompose + decode on several backends, side by side: speed, cache bytes,
+    /// peak memory, and agreement with the first backend (kept sets, first logits, greedy tokens).
+    Backends {
+        /// Model path or known name (default: the default model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Text to cut the context from (repeated if shorter).
+        #[arg(long)]
+        text: PathBuf,
+        /// Context tokens.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// KVCompose compression ratio.
+        #[arg(long, default_value_t = 0.5)]
+        ratio: f64,
+        /// Tokens decoded after the last context token.
+        #[arg(long, default_value_t = 16)]
+        decode: usize,
+        /// Backends, among those compiled in; the first is the reference.
+        #[arg(long, value_delimiter = ',', default_value = "flex,ndarray")]
+        backends: Vec<String>,
+    },
     /// Prefill, compression and decode time against context length: a table (stdout), a JSON
     /// line per length, and `scaling.{svg,png}` in --out.
     Scaling {
@@ -345,6 +367,73 @@ impl backend::BackendJob for CompressJob<'_> {
     }
 }
 
+/// One backend's run of `kvc-bench backends`.
+struct BackendRun {
+    prefill_tok_s: f64,
+    compress_s: f64,
+    decode_tok_s: f64,
+    kv_bytes: (usize, usize),
+    peak_rss: Option<u64>,
+    /// Original positions kept per layer and KV head (sorted).
+    kept: Vec<Vec<Vec<u32>>>,
+    first_logits: Vec<f32>,
+    tokens: Vec<u32>,
+}
+
+struct BackendsJob<'a> {
+    model: &'a std::path::Path,
+    ids: &'a [u32],
+    ratio: f64,
+    n_decode: usize,
+}
+
+impl backend::BackendJob for BackendsJob<'_> {
+    type Output = BackendRun;
+
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<BackendRun> {
+        let m = kvc_models::load::<B>(self.model, &device)?;
+        let pipeline = Pipeline::new(&m);
+        let spec = PressSpec::new("kvcompose", Budget::Ratio(self.ratio));
+        let (context, last) = self.ids.split_at(self.ids.len() - 1);
+        // warm-up (first-call allocations, thread pool, autotuning on GPUs)
+        pipeline.prefill(&context[..16.min(context.len())], spec.needs()?, 512, &mut |_| {})?;
+        let prefilled = pipeline.prefill(context, spec.needs()?, 512, &mut |_| {})?;
+        let compressed = pipeline.compress(&prefilled, &spec, &mut |_, _| {})?;
+        let mut kept = Vec::new();
+        for l in 0..compressed.cache.num_layers() {
+            let kv = compressed.cache.layer(l)?.context("empty layer after compression")?;
+            let [_, h, len, _] = kv.keys.dims();
+            kept.push(
+                (0..h)
+                    .map(|hi| {
+                        let mut p: Vec<u32> = (0..len)
+                            .filter(|&j| kv.valid.as_ref().is_none_or(|v| v[hi * len + j]))
+                            .map(|j| kv.positions[hi * len + j])
+                            .collect();
+                        p.sort_unstable();
+                        p
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let mut cache = compressed.cache.clone();
+        let logits = m.model.forward(generate::token_tensor::<B>(last, &device), &mut cache, None, kvc_models::Logits::Last)?;
+        let first_logits = logits.clone().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
+        let d = generate::decode(&m.model, &mut cache, logits, &cfg, &[], |_| true, &device)?;
+        Ok(BackendRun {
+            prefill_tok_s: context.len() as f64 / prefilled.seconds,
+            compress_s: compressed.seconds,
+            decode_tok_s: d.tokens.len().saturating_sub(1) as f64 / d.elapsed.as_secs_f64(),
+            kv_bytes: (compressed.report.bytes_before, compressed.report.bytes_after),
+            peak_rss: peak_rss(),
+            kept,
+            first_logits,
+            tokens: d.tokens,
+        })
+    }
+}
+
 struct ScalingJob<'a> {
     model: &'a std::path::Path,
     text: &'a str,
@@ -525,6 +614,47 @@ fn real_main() -> Result<()> {
                 Some(spec)
             };
             backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk })?;
+        }
+        Command::Backends { model, text, tokens, ratio, decode, backends } => {
+            let model = kvc_models::default_model::resolve(model.as_deref())?;
+            let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            if tokens < 3 {
+                bail!("--tokens must be at least 3 (a context of two tokens and one to answer)");
+            }
+            if let Some(b) = backends.iter().find(|b| !backend::COMPILED.contains(&b.as_str())) {
+                bail!("backend {b} is not compiled in (compiled: {}); rebuild with `--features {b}`", backend::COMPILED.join(", "));
+            }
+            let tok = kvc_models::load_tokenizer(&model)?;
+            let ids = context_ids(&tok, &text, tokens)?;
+            let mut runs: Vec<(String, BackendRun)> = Vec::new();
+            for b in &backends {
+                let run = backend::run(b, BackendsJob { model: &model, ids: &ids, ratio, n_decode: decode })?;
+                runs.push((b.clone(), run));
+            }
+            println!(
+                "{:<9} {:>11} {:>11} {:>10} {:>16} {:>13} {:>14} {:>15} {:>10}",
+                "backend", "prefill t/s", "compress s", "decode t/s", "KV MB (after)", "peak RSS MB", "kept sets =", "max |dlogit|", "tokens ="
+            );
+            let reference = &runs[0].1;
+            for (name, r) in &runs {
+                let heads: usize = r.kept.iter().map(Vec::len).sum();
+                let same = r.kept.iter().flatten().zip(reference.kept.iter().flatten()).filter(|(a, b)| a == b).count();
+                let dlogit = r.first_logits.iter().zip(&reference.first_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let tokens_same = r.tokens.iter().zip(&reference.tokens).take_while(|(a, b)| a == b).count();
+                println!(
+                    "{:<9} {:>11.1} {:>11.2} {:>10.1} {:>16} {:>13} {:>14} {:>15.2e} {:>10}",
+                    name,
+                    r.prefill_tok_s,
+                    r.compress_s,
+                    r.decode_tok_s,
+                    format!("{:.1} ({:.1})", r.kv_bytes.0 as f64 / 1e6, r.kv_bytes.1 as f64 / 1e6),
+                    r.peak_rss.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6)),
+                    format!("{same}/{heads}"),
+                    dlogit,
+                    format!("{tokens_same}/{}", reference.tokens.len())
+                );
+            }
+            println!("peak RSS is the process's high-water mark after each backend (backends run in this order, in one process)");
         }
         Command::Scaling { model, text, tokens, press, ratio, decode, chunk, backend, out } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;

@@ -1,0 +1,43 @@
+//! The `kvc-bench` binary's speed-side subcommands on small inputs: `backends` (the side-by-side
+//! table agrees with itself across CPU backends) and `scaling` (table and plot).
+
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kvc-bench"))
+}
+
+fn text() -> String {
+    format!("{}/../../assets/pride_and_prejudice_ch1-2.txt", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn backends_table_compares_cpu_backends() {
+    let out = bench().args(["backends", "--text", &text(), "--tokens", "96", "--decode", "4", "--backends", "flex,ndarray"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("flex") || l.starts_with("ndarray")).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    // KVCompose keeps the same tokens in all 30 layers x 3 KV heads, and greedy decoding agrees
+    for r in rows {
+        assert!(r.contains("90/90") && r.contains("4/4"), "{r}");
+    }
+    let bad = bench().args(["backends", "--text", &text(), "--backends", "flex,tpu"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not compiled in"));
+}
+
+#[test]
+fn scaling_writes_a_table_and_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("plots");
+    let out = bench()
+        .args(["scaling", "--text", &text(), "--tokens", "64,128", "--decode", "2", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("{\"tokens\"")).count(), 2, "{stdout}");
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("128 ")), "{stdout}");
+    assert!(out_dir.join("scaling.svg").exists() && out_dir.join("scaling.png").exists());
+}

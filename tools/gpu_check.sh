@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The CUDA check, for a machine with an NVIDIA GPU (driver only; burn's cuda builds offline):
+# builds kvc and kvc-bench with the cuda backend, answers a question on the default model with
+# KVCompose on cuda, and puts cuda beside flex in the backend table (speed, cache bytes, and the
+# agreement with flex: KVCompose kept sets, first logits, greedy tokens). Prints everything; the
+# README's Backends section takes the table. Meant to finish well under 10 minutes.
+# NOT YET RUN ON A GPU: no device was available to the sessions that wrote it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEXT=assets/pride_and_prejudice_ch1-2.txt
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+time cargo build --release -p kvc-cli -p kvc-bench --features cuda
+./target/release/kvc inspect --model smollm2-135m-instruct > /dev/null   # fetches the model if needed
+./target/release/kvc generate --backend cuda --prompt-file $TEXT --question "Who has taken Netherfield Park?" \
+  --press kvcompose --ratio 0.5 --compare --max-new-tokens 24
+./target/release/kvc-bench backends --text $TEXT --tokens 1024 --backends flex,cuda
+./target/release/kvc-bench backends --text $TEXT --tokens 4096 --backends flex,cuda
+./target/release/kvc-bench speed --text $TEXT --tokens 1024,2048,4096,8000 --decode 32 --backends cuda
