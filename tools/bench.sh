@@ -2,7 +2,7 @@
 # One benchmark run (machines are noisy: compare figures from the same run only, on a quiet machine).
 # kvc prefill/decode speed vs transformers (torch CPU, 2 threads) at 1k-8k tokens; KVCompose
 # compression time vs plain prefill, kvc and kvpress; peak RSS of plain prefill vs KVCompose at 2k
-# and 4k tokens; time against context length (kvc-bench scaling: table + scaling/scaling.{svg,png}).
+# and 4k tokens; time against context length (kvc-bench scaling: table + docs/scaling.{svg,png}).
 # Needs: cargo, python3 with tools/requirements.txt and kvpress==0.5.5 (only for the Python rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +24,4 @@ for n in 2048 4096; do
   $B compress --text $TEXT --tokens $n --repeat 1
 done
 echo "== time against context length (KVCompose 0.75)"
-$B scaling --text $TEXT --out scaling
+$B scaling --text $TEXT --out docs
