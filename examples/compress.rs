@@ -9,7 +9,7 @@ use kvc_core::KvcBackend;
 use kvc_core::{Budget, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
 
-fn run<B: KvcBackend>(device: B::Device, press: &str, ratio: f64) -> anyhow::Result<()> {
+fn run<B: KvcBackend>(device: B::Device, press: &str, ratio: f64) -> anyhow::Result<Vec<String>> {
     let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, &device)?;
     let request = Request {
         context: std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/pride_and_prejudice_ch1-2.txt"))?,
@@ -23,12 +23,19 @@ fn run<B: KvcBackend>(device: B::Device, press: &str, ratio: f64) -> anyhow::Res
     }
     let (before, after) = response.kv_bytes;
     println!("{press} at ratio {ratio}: KV cache {before} -> {after} bytes, compressed in {:.1} s", response.timings.compress);
-    Ok(())
+    Ok(response.answers.into_iter().map(|a| a.text).collect())
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let press = args.get(1).map_or("kvcompose", String::as_str);
     let ratio = args.get(2).map_or(Ok(0.5), |r| r.parse::<f64>())?;
-    run::<burn::backend::Flex>(Default::default(), press, ratio)
+    run::<burn::backend::Flex>(Default::default(), press, ratio).map(|_| ())
+}
+
+#[test]
+fn compress_answers_both_questions() {
+    let answers = run::<burn::backend::Flex>(Default::default(), "snapkv", 0.5).unwrap();
+    assert_eq!(answers.len(), 2);
+    assert!(answers.iter().all(|a| !a.trim().is_empty()), "{answers:?}");
 }

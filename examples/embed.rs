@@ -9,7 +9,7 @@ use burn::backend::NdArray;
 use kvc_core::KvcBackend;
 use kvc_models::{generate, GenerationConfig};
 
-fn run<B: KvcBackend>(device: B::Device) -> anyhow::Result<()> {
+fn run<B: KvcBackend>(device: B::Device) -> anyhow::Result<String> {
     let path = kvc_models::default_model::ensure_default_model()?;
     let m = kvc_models::load::<B>(&path, &device)?;
     let ids = m.tokenizer.encode("The three primary colors are", true)?;
@@ -18,10 +18,16 @@ fn run<B: KvcBackend>(device: B::Device) -> anyhow::Result<()> {
     println!("prefilled {} tokens; KV cache {} bytes over {} layers", ids.len(), cache.bytes(), cache.num_layers());
     let cfg = GenerationConfig { max_new_tokens: 16, ..Default::default() };
     let out = generate::decode(&m.model, &mut cache, logits, &cfg, m.tokenizer.eos_ids(), |_| true, &device)?;
-    println!("{}", m.tokenizer.decode(&out.tokens, true)?);
-    Ok(())
+    let text = m.tokenizer.decode(&out.tokens, true)?;
+    println!("{text}");
+    Ok(text)
 }
 
 fn main() -> anyhow::Result<()> {
-    run::<NdArray<f32>>(Default::default())
+    run::<NdArray<f32>>(Default::default()).map(|_| ())
+}
+
+#[test]
+fn embed_runs() {
+    assert!(!run::<NdArray<f32>>(Default::default()).unwrap().trim().is_empty());
 }

@@ -4,11 +4,11 @@
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use kvc_core::kernels::{generic_attention, AttentionArgs};
+use kvc_core::kernels::{generic_attention, observed_attention};
 use kvc_core::press::scorer::window_attention;
 use kvc_core::press::spec;
 use kvc_core::press::{pyramidkv, Budget, ForwardModel, PressReport, PressSpec};
-use kvc_core::{AttentionObserver, CaptureSpec, CoreError, KvCache, LayerObservation, PrefillCapture};
+use kvc_core::{AttentionObserver, CaptureSpec, CoreError, KvCache, PrefillCapture};
 
 type B = NdArray<f32>;
 
@@ -68,25 +68,7 @@ impl<Bk: Backend> ForwardModel<Bk> for Fake {
                 let q = self.values::<Bk>(self.q_heads, part, first, l, 0.3);
                 let (keys, values) = cache.append(l, first, self.values(self.kv_heads, part, first, l, 1.9), self.values(self.kv_heads, part, first, l, 4.2))?;
                 // the generic attention kernel: probabilities and reductions as a decoder passes them
-                let att = generic_attention(AttentionArgs {
-                    queries: q.clone(),
-                    keys: keys.clone(),
-                    values: values.clone(),
-                    valid: None,
-                    reduce: observer.reduce_attention(l),
-                    probs: observer.wants_attention(l),
-                });
-                let pre = observer.wants_pre_rope_queries(l).then(|| q.clone());
-                observer.observe(LayerObservation {
-                    layer: l,
-                    first_position: first,
-                    queries: &q,
-                    queries_pre_rope: pre.as_ref(),
-                    keys: &keys,
-                    values: &values,
-                    attention: att.probs.as_ref(),
-                    attention_reduced: att.reduced.as_ref(),
-                });
+                observed_attention(Some(&mut *observer), l, first, q.clone(), || q.clone(), keys, values, None, generic_attention);
             }
             cache.advance(c);
         }

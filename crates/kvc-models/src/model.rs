@@ -7,8 +7,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use kvc_core::kernels::AttentionArgs;
-use kvc_core::{AttentionObserver, KvCache, KvcBackend, LayerObservation};
+use kvc_core::kernels::observed_attention;
+use kvc_core::{AttentionObserver, KvCache, KvcBackend};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -322,34 +322,14 @@ impl<B: KvcBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let wants_pre_rope = observer.as_ref().is_some_and(|o| o.wants_pre_rope_queries(layer));
-        let q_pre_rope = wants_pre_rope.then(|| q.clone().swap_dims(1, 2));
+        let q_pre_rope = q.clone();
         let q = rope::apply(q, &rope_q.0, &rope_q.1).swap_dims(1, 2);
         let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
         let (keys, values) = cache.append_with(layer, first, k, v, B::kvc_write_slots)?;
         // per-head budgets leave padded slots in the cache: the kernel masks them out
         let valid = cache.layer(layer)?.and_then(|kv| kv.valid.as_deref());
-        let att = B::kvc_attention(AttentionArgs {
-            queries: q.clone(),
-            keys: keys.clone(),
-            values: values.clone(),
-            valid,
-            reduce: observer.as_ref().and_then(|o| o.reduce_attention(layer)),
-            probs: observer.as_ref().is_some_and(|o| o.wants_attention(layer)),
-        });
-        if let Some(obs) = observer {
-            obs.observe(LayerObservation {
-                layer,
-                first_position: first,
-                queries: &q,
-                queries_pre_rope: q_pre_rope.as_ref(),
-                keys: &keys,
-                values: &values,
-                attention: att.probs.as_ref(),
-                attention_reduced: att.reduced.as_ref(),
-            });
-        }
-        let out = att.output.swap_dims(1, 2).reshape([b, c, hq * d]);
+        let out = observed_attention(observer, layer, first, q, || q_pre_rope.swap_dims(1, 2), keys, values, valid, B::kvc_attention);
+        let out = out.swap_dims(1, 2).reshape([b, c, hq * d]);
         Ok(self.o_proj.forward(out))
     }
 }

@@ -87,6 +87,45 @@ pub trait KvcBackend: Backend {
     }
 }
 
+/// One attention call of a layer that an observer watches: asks `observer` what it wants
+/// (reduced or full probabilities, pre-RoPE queries), runs `attend` (a backend's
+/// [`KvcBackend::kvc_attention`], or [`generic_attention`]), shows the chunk to the observer and
+/// returns the attention output `[batch, q_heads, chunk, head_dim]`.
+///
+/// `queries` `[batch, q_heads, chunk, head_dim]` after RoPE; `queries_pre_rope` the same before
+/// RoPE (only read when the observer asks); `keys`, `values` and `valid` as returned by
+/// [`crate::KvCache::append`] / [`crate::LayerKv::valid`]; `first_position` of the chunk.
+#[allow(clippy::too_many_arguments)]
+pub fn observed_attention<B: Backend>(
+    observer: Option<&mut dyn crate::AttentionObserver<B>>,
+    layer: usize,
+    first_position: usize,
+    queries: Tensor<B, 4>,
+    queries_pre_rope: impl FnOnce() -> Tensor<B, 4>,
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    valid: Option<&[bool]>,
+    attend: impl FnOnce(AttentionArgs<'_, B>) -> AttentionOutput<B>,
+) -> Tensor<B, 4> {
+    let reduce = observer.as_ref().and_then(|o| o.reduce_attention(layer));
+    let probs = observer.as_ref().is_some_and(|o| o.wants_attention(layer));
+    let pre = observer.as_ref().is_some_and(|o| o.wants_pre_rope_queries(layer)).then(queries_pre_rope);
+    let att = attend(AttentionArgs { queries: queries.clone(), keys: keys.clone(), values: values.clone(), valid, reduce, probs });
+    if let Some(obs) = observer {
+        obs.observe(crate::LayerObservation {
+            layer,
+            first_position,
+            queries: &queries,
+            queries_pre_rope: pre.as_ref(),
+            keys: &keys,
+            values: &values,
+            attention: att.probs.as_ref(),
+            attention_reduced: att.reduced.as_ref(),
+        });
+    }
+    att.output
+}
+
 /// The generic slot write: `slice_assign` (burn-flex 0.21's copies the whole buffer even when it
 /// is not shared, hence [`KvcBackend::kvc_write_slots`]).
 pub fn write_slots<B: Backend>(buffer: Tensor<B, 4>, start: usize, slots: Tensor<B, 4>) -> Tensor<B, 4> {
