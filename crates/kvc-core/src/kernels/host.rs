@@ -504,7 +504,7 @@ pub(crate) mod simd {
         let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
         let r = x - n * LN2_HI - n * LN2_LO;
         let r2 = r * r;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
         let y = p * r2 + r + 1.0;
         y * f32::from_bits(((ni + 127) << 23) as u32)
     }
