@@ -9,7 +9,6 @@ tokens. Prints one JSON line per length, like `kvc-bench speed`.
     python3 tools/bench_llamacpp.py --text assets/pride_and_prejudice_ch1-2.txt --tokens 1024,2048 --decode 32 --threads 2
 """
 
-import argparse
 import json
 import sys
 import time
@@ -17,28 +16,16 @@ from pathlib import Path
 
 import numpy as np
 from llama_cpp import Llama
-from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_model_fixtures as mmf  # noqa: E402
+import bench_common  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--tokens", default="1024,2048")
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_common.parser(__doc__)
     ap.add_argument("--batch", type=int, default=512, help="llama.cpp prefill batch (n_batch)")
-    ap.add_argument("--smollm2", default=None)
     args = ap.parse_args()
-    path = mmf.locate_smollm2(args.smollm2, True)
-    gguf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok = mmf.smollm2_reference_tokenizer(gguf_tok, mmf.gguf_meta(path))
-    ids = tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"]
-    lens = [int(x) for x in args.tokens.split(",")]
-    while len(ids) < max(lens):
-        ids = ids + ids
+    path, ids, lens = bench_common.model_and_ids(args)
     llm = Llama(model_path=str(path), n_ctx=max(lens) + args.decode + 16, n_threads=args.threads,
                 n_threads_batch=args.threads, n_batch=args.batch, logits_all=False, verbose=False)
     n_vocab = llm.n_vocab()

@@ -8,38 +8,26 @@ length, like `kvc-bench speed`.
     python3 tools/bench_transformers.py --text assets/pride_and_prejudice_ch1-2.txt --tokens 1024,2048 --decode 32 --threads 2
 """
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 import make_model_fixtures as mmf  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--tokens", default="1024,2048")
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_common.parser(__doc__)
     ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
-    ap.add_argument("--smollm2", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = mmf.locate_smollm2(args.smollm2, True)
+    path, ids, lens = bench_common.model_and_ids(args)
     model = mmf.load_gguf_model(path)
     model.config._attn_implementation = args.attn
-    gguf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok = mmf.smollm2_reference_tokenizer(gguf_tok, mmf.gguf_meta(path))
-    ids = tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"]
-    lens = [int(x) for x in args.tokens.split(",")]
-    while len(ids) < max(lens):
-        ids = ids + ids
     with torch.no_grad():
         for n in lens:
             prompt = torch.tensor([ids[:n]])
