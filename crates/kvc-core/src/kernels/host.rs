@@ -287,14 +287,10 @@ fn decode_split(a: &HostAttention<'_>) -> HostOutput {
             let k = &a.k[row * a.kv_stride + t0 * d..][..tn * d];
             let v = &a.v[row * a.kv_stride + t0 * d..][..tn * d];
             let valid = a.valid.map(|m| &m[row * len + t0..row * len + t0 + tn]);
+            // a few query rows against a tile of keys: plain loops read K and V once (a GEMM would
+            // first pack them, doubling the memory traffic that bounds decoding)
             let mut s = vec![0f32; g * tn];
-            // SAFETY: every pointer is valid for the given extents and strides.
-            unsafe {
-                gemm::gemm(
-                    g, tn, d, s.as_mut_ptr(), 1, tn as isize, false, q.as_ptr(), 1, d as isize, k.as_ptr(), d as isize, 1, 0.0, a.scale,
-                    false, false, false, gemm::Parallelism::None,
-                );
-            }
+            simd::scores(q, k, d, a.scale, &mut s);
             let mut mx = vec![f32::NEG_INFINITY; g];
             let mut l = vec![0f32; g];
             for (r, srow) in s.chunks_exact_mut(tn).enumerate() {
@@ -303,13 +299,7 @@ fn decode_split(a: &HostAttention<'_>) -> HostOutput {
                 l[r] = if inv > 0.0 { 1.0 / inv } else { 0.0 };
             }
             let mut out = vec![0f32; g * d];
-            // SAFETY: as above.
-            unsafe {
-                gemm::gemm(
-                    g, d, tn, out.as_mut_ptr(), 1, d as isize, false, s.as_ptr(), 1, tn as isize, v.as_ptr(), 1, d as isize, 0.0, 1.0,
-                    false, false, false, gemm::Parallelism::None,
-                );
-            }
+            simd::weighted_rows(&s, v, d, &mut out);
             (mx, l, out)
         })
         .collect();
@@ -420,6 +410,46 @@ pub(crate) mod simd {
     dispatch!(max_scaled_into, max_scaled_into_body, (acc: &mut [f32], x: &[f32], s: f32) -> ());
     dispatch!(add_scaled_into, add_scaled_into_body, (acc: &mut [f32], x: &[f32], s: f32) -> ());
     dispatch!(swiglu, swiglu_body, (gate: &[f32], up: &[f32], out: &mut [f32]) -> ());
+    dispatch!(scores, scores_body, (q: &[f32], k: &[f32], d: usize, scale: f32, s: &mut [f32]) -> ());
+    dispatch!(weighted_rows, weighted_rows_body, (p: &[f32], v: &[f32], d: usize, out: &mut [f32]) -> ());
+
+    /// `s[r * n + j] = scale * q_r . k_j` for the `g = q.len() / d` rows of `q` and the
+    /// `n = k.len() / d` rows of `k` (row-major), each key row read once.
+    #[inline(always)]
+    fn scores_body(q: &[f32], k: &[f32], d: usize, scale: f32, s: &mut [f32]) {
+        let (g, n) = (q.len() / d, k.len() / d);
+        for (j, kj) in k.chunks_exact(d).enumerate() {
+            for r in 0..g {
+                let qr = &q[r * d..(r + 1) * d];
+                let mut acc = [0f32; LANES];
+                let mut qc = qr.chunks_exact(LANES);
+                let mut kc = kj.chunks_exact(LANES);
+                for (a, b) in (&mut qc).zip(&mut kc) {
+                    for l in 0..LANES {
+                        acc[l] += a[l] * b[l];
+                    }
+                }
+                let mut dot: f32 = acc.iter().sum();
+                for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
+                    dot += a * b;
+                }
+                s[r * n + j] = scale * dot;
+            }
+        }
+    }
+
+    /// `out[r] = sum_j p[r * n + j] * v_j` for `g = out.len() / d` rows, `n = v.len() / d` value
+    /// rows (row-major), each value row read once.
+    #[inline(always)]
+    fn weighted_rows_body(p: &[f32], v: &[f32], d: usize, out: &mut [f32]) {
+        let n = v.len() / d;
+        for (j, vj) in v.chunks_exact(d).enumerate() {
+            for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                let w = p[r * n + j];
+                o.iter_mut().zip(vj).for_each(|(x, &y)| *x += w * y);
+            }
+        }
+    }
 
     /// `acc[j] = max(acc[j], x[j] * s)`.
     #[inline(always)]
