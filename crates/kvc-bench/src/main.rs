@@ -367,6 +367,21 @@ impl backend::BackendJob for CompressJob<'_> {
     }
 }
 
+/// Feeds `token` on `cache` (as a question would be) and decodes `n` tokens greedily, EOS
+/// ignored: the first logits on the host and the decode run.
+fn decode_after<B: KvcBackend>(
+    m: &kvc_models::LoadedModel<B>,
+    mut cache: kvc_core::KvCache<B>,
+    token: &[u32],
+    n: usize,
+    device: &B::Device,
+) -> Result<(Vec<f32>, generate::Decoded)> {
+    let logits = m.model.forward(generate::token_tensor::<B>(token, device), &mut cache, None, kvc_models::Logits::Last)?;
+    let first = logits.clone().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let cfg = GenerationConfig { max_new_tokens: n, stop_at_eos: false, ..Default::default() };
+    Ok((first, generate::decode(&m.model, &mut cache, logits, &cfg, &[], |_| true, device)?))
+}
+
 /// One backend's run of `kvc-bench backends`.
 struct BackendRun {
     prefill_tok_s: f64,
@@ -416,11 +431,7 @@ impl backend::BackendJob for BackendsJob<'_> {
                     .collect::<Vec<_>>(),
             );
         }
-        let mut cache = compressed.cache.clone();
-        let logits = m.model.forward(generate::token_tensor::<B>(last, &device), &mut cache, None, kvc_models::Logits::Last)?;
-        let first_logits = logits.clone().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
-        let d = generate::decode(&m.model, &mut cache, logits, &cfg, &[], |_| true, &device)?;
+        let (first_logits, d) = decode_after(&m, compressed.cache.clone(), last, self.n_decode, &device)?;
         Ok(BackendRun {
             prefill_tok_s: context.len() as f64 / prefilled.seconds,
             compress_s: compressed.seconds,
@@ -458,7 +469,6 @@ impl backend::BackendJob for ScalingJob<'_> {
         let needs = self.spec.needs()?;
         // warm-up (first-call allocations, thread pool)
         pipeline.prefill(&ids[..16.min(ids.len())], needs, self.chunk, &mut |_| {})?;
-        let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
         let mut rows = Vec::new();
         for &n in self.lens {
             let context = &ids[..n];
@@ -467,9 +477,7 @@ impl backend::BackendJob for ScalingJob<'_> {
             let mut step_ms = [0.0; 2];
             for (slot, cache) in step_ms.iter_mut().zip([prefilled.cache.clone(), compressed.cache.clone()]) {
                 // one more token gives the first logits (a question would play this part)
-                let mut cache = cache;
-                let logits = m.model.forward(generate::token_tensor::<B>(&context[n - 1..], &device), &mut cache, None, kvc_models::Logits::Last)?;
-                let d = generate::decode(&m.model, &mut cache, logits, &cfg, &[], |_| true, &device)?;
+                let (_, d) = decode_after(&m, cache, &context[n - 1..], self.n_decode, &device)?;
                 *slot = d.elapsed.as_secs_f64() * 1e3 / d.tokens.len().max(1) as f64;
             }
             let row = kvc_bench::scaling::ScalingRow {

@@ -154,8 +154,9 @@ impl<B: Backend> KvCache<B> {
                 let mut vb = Tensor::<B, 4>::empty([b, h, cap, d], (&device, values.dtype()));
                 if let Some((ok, ov)) = old {
                     if old_len > 0 {
-                        kb = kb.slice_assign([0..b, 0..h, 0..old_len, 0..d], ok);
-                        vb = vb.slice_assign([0..b, 0..h, 0..old_len, 0..d], ov);
+                        // the new buffer is not shared: the backend's writer copies in place
+                        kb = writer(kb, 0, ok);
+                        vb = writer(vb, 0, ov);
                     }
                 }
                 (kb, vb)

@@ -5,9 +5,11 @@
 //! group's query heads stacked into the same GEMMs):
 //! `S = scale * Q_blk K^T` over the keys the block can see (GEMM), a row softmax (max, `exp`,
 //! sum, normalize; keys after a query's position and padded slots get exactly 0), optional
-//! reduction of the probabilities over the block's queries, then `O_blk = P V` (GEMM). The
-//! softmax is the textbook one (`exp(s - max) / sum`, as torch's eager attention), not an online
-//! one: a block's whole score rows are in memory (`QUERY_BLOCK x len` floats).
+//! reduction of the probabilities over the block's queries, then `O_blk = P V` (GEMM). When
+//! probabilities or reductions are wanted the softmax is the textbook one (`exp(s - max) / sum`,
+//! as torch's eager attention) over whole score rows; when only the output is wanted, blocks that
+//! see more than [`KEY_TILE`] keys use the online softmax over key tiles, and decode splits the
+//! keys over tasks ([`decode_split`]).
 //!
 //! Why: burn-flex 0.21's fused attention runs every head on one thread and calls scalar `expf`
 //! (41% of a 2048-token prefill in `perf`, issue 10).
@@ -144,11 +146,7 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
                 let (_, inv) = softmax_row(row, visible, valid);
                 inv_sums[r] = inv;
                 if let (Some(red), Some(op)) = (reduced.as_mut(), a.reduce) {
-                    let red = &mut red[(r / rows) * n..][..visible];
-                    match op {
-                        QueryReduce::Max => simd::max_scaled_into(red, &row[..visible], inv),
-                        QueryReduce::Sum => simd::add_scaled_into(red, &row[..visible], inv),
-                    }
+                    reduce_into(op, &mut red[(r / rows) * n..][..visible], &row[..visible], inv);
                 }
             }
             let mut out = vec![0f32; m * d];
@@ -188,15 +186,19 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
             }
             if let (Some(all), Some(part), Some(op)) = (reduced.as_mut(), blk.reduced.as_ref(), a.reduce) {
                 let dst = &mut all[(blk.b * hq + h) * len..][..blk.n];
-                let part = &part[gi * blk.n..(gi + 1) * blk.n];
-                match op {
-                    QueryReduce::Max => dst.iter_mut().zip(part).for_each(|(r, &p)| *r = if p > *r { p } else { *r }),
-                    QueryReduce::Sum => dst.iter_mut().zip(part).for_each(|(r, &p)| *r += p),
-                }
+                reduce_into(op, dst, &part[gi * blk.n..(gi + 1) * blk.n], 1.0);
             }
         }
     }
     HostOutput { out, reduced, probs }
+}
+
+/// Folds `x * scale` into `acc` with the reduction `op` (max or sum over queries).
+fn reduce_into(op: QueryReduce, acc: &mut [f32], x: &[f32], scale: f32) {
+    match op {
+        QueryReduce::Max => simd::max_scaled_into(acc, x, scale),
+        QueryReduce::Sum => simd::add_scaled_into(acc, x, scale),
+    }
 }
 
 /// Keys per tile of the online-softmax path (scores of one tile: `g * QUERY_BLOCK x KEY_TILE`

@@ -19,15 +19,11 @@ impl KvcBackend for burn::backend::Flex {
         let q = flex_f32(a.queries);
         // contiguous with offset 0 after `to_contiguous`: `as_slice` is the whole tensor
         let qs = q.as_slice::<f32>().unwrap_or(&[]);
-        let (k, k_off, k_stride) = flex_rows(a.keys);
-        let (v, v_off, v_stride) = flex_rows(a.values);
-        let (k, v) = if k_stride == v_stride { (k, v) } else { (k.to_contiguous(), v.to_contiguous()) };
-        let (ks, vs, kv_stride) = if k_stride == v_stride {
-            (&k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], k_stride)
-        } else {
-            (k.as_slice::<f32>().unwrap_or(&[]), v.as_slice::<f32>().unwrap_or(&[]), len * d)
-        };
-        req.run(qs, ks, vs, kv_stride, |data, shape| {
+        let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
+        // keys and values laid out differently: both made contiguous (one row stride for both)
+        let ((k, k_off), (v, v_off), kv_stride) =
+            if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
+        req.run(qs, &k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], kv_stride, |data, shape| {
             Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))))
         })
     }
@@ -42,19 +38,16 @@ impl KvcBackend for burn::backend::Flex {
         let mut buf = buffer.into_primitive().tensor();
         let whole = buf.as_slice::<f32>().is_some_and(|s| s.len() == b * h * cap * d);
         let src = flex_f32(slots);
-        let src = src.as_slice::<f32>().unwrap_or(&[]);
-        if whole && src.len() == b * h * c * d {
+        if let (true, Some(s)) = (whole, src.as_slice::<f32>()) {
             if let Some(dst) = buf.try_storage_mut::<f32>() {
                 for row in 0..b * h {
-                    dst[(row * cap + start) * d..][..c * d].copy_from_slice(&src[row * c * d..][..c * d]);
+                    dst[(row * cap + start) * d..][..c * d].copy_from_slice(&s[row * c * d..][..c * d]);
                 }
                 return Tensor::from_primitive(TensorPrimitive::Float(buf));
             }
         }
-        let slots = Tensor::from_primitive(TensorPrimitive::Float(burn::backend::flex::FlexTensor::from_data(
-            burn::tensor::TensorData::new(src.to_vec(), [b, h, c, d]),
-        )));
-        super::write_slots(Tensor::from_primitive(TensorPrimitive::Float(buf)), start, slots)
+        // shared (copy on write) or strided buffer: burn's own slice_assign
+        super::write_slots(Tensor::from_primitive(TensorPrimitive::Float(buf)), start, Tensor::from_primitive(TensorPrimitive::Float(src)))
     }
 
     /// [`super::host::swiglu`]: vectorized `exp`, both cores.
