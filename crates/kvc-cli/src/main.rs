@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kvc_core::press::spec;
 use kvc_core::press::{self, Budget, PressSpec};
-use kvc_core::CoreError;
+use kvc_core::{CacheHeader, CoreError};
 use kvc_models::pipeline::{Event, Pipeline, Request, Response};
 use kvc_models::{GenerationConfig, ModelError};
 
@@ -68,7 +68,7 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt text (with --question: the context).
-    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    #[arg(long, conflicts_with = "prompt_file", required_unless_present_any = ["prompt_file", "load_cache"])]
     prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(long)]
@@ -116,6 +116,14 @@ struct GenerateArgs {
     /// With --press: also answer from the uncompressed cache and print both.
     #[arg(long)]
     compare: bool,
+    /// Save the context's (compressed) KV cache to FILE (safetensors: keys, values, original
+    /// positions, per-head masks, model fingerprint) before answering.
+    #[arg(long, value_name = "FILE")]
+    save_cache: Option<PathBuf>,
+    /// Answer --question(s) on a KV cache saved by --save-cache, without prefilling the context
+    /// again (same model; give --chat if it was saved with --chat).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_file", "press", "ratio", "budget", "press_options", "compare", "save_cache"])]
+    load_cache: Option<PathBuf>,
 }
 
 /// The press spec of the command line, checked before any model is loaded.
@@ -148,6 +156,8 @@ struct GenerateJob {
     model: PathBuf,
     request: Request,
     json: bool,
+    /// Answer on this saved cache instead of prefilling `request.context`.
+    load_cache: Option<PathBuf>,
 }
 
 impl backend::BackendJob for GenerateJob {
@@ -178,7 +188,15 @@ impl backend::BackendJob for GenerateJob {
             }
             Event::Text { .. } => {}
         };
-        let result = pipeline.run(&self.request, &mut on_event);
+        let mut loaded_header = None;
+        let result = match &self.load_cache {
+            None => pipeline.run(&self.request, &mut on_event),
+            Some(path) => pipeline.load_cache(path).and_then(|(cache, header)| {
+                let r = pipeline.run_saved(&cache, &header, &self.request, &mut on_event);
+                loaded_header = Some(header);
+                r
+            }),
+        };
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
@@ -193,9 +211,9 @@ impl backend::BackendJob for GenerateJob {
             println!();
         }
         if self.json {
-            print_json(&self, &loaded, &response, load_secs)
+            print_json(&self, &loaded, &response, load_secs, loaded_header.as_ref())
         } else {
-            print_summary(&self, &response);
+            print_summary(&self, &response, loaded_header.as_ref());
             Ok(())
         }
     }
@@ -226,7 +244,7 @@ fn update(bar: &Option<ProgressBar>, phase: &'static str, done: usize, total: us
     }
 }
 
-fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel<B>, r: &Response, load_secs: f64) -> Result<()> {
+fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel<B>, r: &Response, load_secs: f64, saved: Option<&CacheHeader>) -> Result<()> {
     let first = &r.answers[0];
     let spec = job.request.press.as_ref();
     let press = r.report.as_ref().zip(spec).map(|(rep, p)| {
@@ -263,14 +281,20 @@ fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel
         "kv_cache_bytes_context": r.kv_bytes.0,
         "kv_cache_bytes_compressed": r.kv_bytes.1,
         "kv_cache_bytes_final": first.kv_bytes_final,
+        "saved_cache": job.request.save_cache.as_ref().or(job.load_cache.as_ref()),
+        "loaded_cache": saved,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
-fn print_summary(job: &GenerateJob, r: &Response) {
+fn print_summary(job: &GenerateJob, r: &Response, saved: Option<&CacheHeader>) {
     let first = &r.answers[0];
     println!("---");
+    if let (Some(h), Some(path)) = (saved, &job.load_cache) {
+        let press = h.press.as_ref().map_or("no press".to_string(), PressSpec::label);
+        println!("saved cache       {} ({} context tokens, {press}, {} read back)", path.display(), h.context_tokens, human_bytes(r.kv_bytes.1));
+    }
     if let Some(b) = &r.baseline {
         for (i, a) in b.iter().enumerate() {
             let n = if b.len() > 1 { format!(" [{}]", i + 1) } else { String::new() };
@@ -288,7 +312,9 @@ fn print_summary(job: &GenerateJob, r: &Response) {
     let which = if r.answers.len() > 1 { " (first question)" } else { "" };
     println!("new tokens        {} (stop: {stop}){which}", first.ids.len());
     let prefill = r.timings.prefill;
-    println!("prefill           {prefill:.2} s, {:.1} tokens/s", r.context_tokens as f64 / prefill.max(1e-9));
+    if saved.is_none() {
+        println!("prefill           {prefill:.2} s, {:.1} tokens/s", r.context_tokens as f64 / prefill.max(1e-9));
+    }
     if let (Some(rep), Some(p)) = (&r.report, &job.request.press) {
         let (kept, total) = (rep.kept_entries(), rep.context_entries());
         println!(
@@ -318,6 +344,9 @@ fn print_summary(job: &GenerateJob, r: &Response) {
             print!("{}", bar_chart(&rep.kept_per_layer(), rep.context_len));
         }
         None => println!("KV cache          {} (context {})", human_bytes(first.kv_bytes_final), human_bytes(r.kv_bytes.0)),
+    }
+    if let Some(path) = &job.request.save_cache {
+        println!("saved cache       {} ({})", path.display(), human_bytes(r.kv_bytes.1));
     }
 }
 
@@ -394,13 +423,17 @@ fn main() {
 fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => {
-            let context = match (&a.prompt, &a.prompt_file) {
-                (Some(p), _) => p.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))?,
-                (None, None) => bail!("give --prompt or --prompt-file"),
+            let context = match (&a.prompt, &a.prompt_file, &a.load_cache) {
+                (Some(p), _, _) => p.clone(),
+                (None, Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))?,
+                (None, None, Some(_)) => String::new(),
+                (None, None, None) => bail!("give --prompt, --prompt-file or --load-cache"),
             };
-            if context.is_empty() {
+            if context.is_empty() && a.load_cache.is_none() {
                 bail!("the prompt is empty");
+            }
+            if a.load_cache.is_some() && a.question.is_empty() {
+                bail!("--load-cache needs --question (the saved cache is the context)");
             }
             let generation = GenerationConfig {
                 max_new_tokens: a.max_new_tokens,
@@ -424,8 +457,9 @@ fn real_main() -> Result<()> {
                 press,
                 generation,
                 compare: a.compare,
+                save_cache: a.save_cache.clone(),
             };
-            backend::run(&a.model.backend, GenerateJob { model, request, json: a.json })
+            backend::run(&a.model.backend, GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone() })
         }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Presses { json } => presses(json),

@@ -181,3 +181,34 @@ fn results_do_not_depend_on_the_thread_count() {
         }
     }
 }
+
+#[test]
+fn a_saved_cache_answers_in_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ctx.kvc");
+    let file = file.to_str().unwrap();
+    let q = "Where does her brother live?";
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = kvc(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let common = ["--chat", "--question", q, "--max-new-tokens", "8", "--json"];
+    let saved = run(&[&["generate", "--prompt", CONTEXT, "--press", "kvcompose", "--ratio", "0.5", "--save-cache", file][..], &common].concat());
+    let loaded = run(&[&["generate", "--load-cache", file][..], &common].concat());
+    assert_eq!(saved["completion_ids"], loaded["completion_ids"]);
+    assert_eq!(saved["kv_cache_bytes_compressed"], loaded["kv_cache_bytes_compressed"]);
+    assert_eq!(loaded["loaded_cache"]["press"]["name"], "kvcompose");
+    // on another backend: the same fingerprint and answer
+    let other = run(&[&["generate", "--load-cache", file, "--backend", "ndarray"][..], &common].concat());
+    assert_eq!(saved["completion_ids"], other["completion_ids"]);
+    // text mode names the file
+    let out = kvc(&["generate", "--load-cache", file, "--chat", "--question", q, "--max-new-tokens", "2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("saved cache"), "{}", String::from_utf8_lossy(&out.stdout));
+    // refused: another model, no question, a context beside it, a missing file, another chat setting
+    fails_with(&["generate", "--model", "qwen2.5-coder-0.5b-instruct", "--load-cache", file, "--chat", "--question", q], "does not fit this model");
+    fails_with(&["generate", "--load-cache", file], "--load-cache needs --question");
+    fails_with(&["generate", "--load-cache", file, "--prompt", "x", "--question", q], "usage:cannot be used with");
+    fails_with(&["generate", "--load-cache", "/nonexistent/ctx.kvc", "--question", q], "/nonexistent/ctx.kvc");
+    fails_with(&["generate", "--load-cache", file, "--question", q], "chat template");
+}

@@ -101,6 +101,18 @@ pub enum ModelError {
     /// An error from the cache layer.
     #[error(transparent)]
     Core(#[from] kvc_core::CoreError),
+    /// A saved KV cache that cannot be written or read.
+    #[error(transparent)]
+    CacheFile(#[from] kvc_core::CacheFileError),
+    /// A saved KV cache written by another model (or the same model in another dtype), or whose
+    /// shapes do not fit this model.
+    #[error("the saved KV cache {path} does not fit this model: {reason}")]
+    CacheMismatch {
+        /// The cache file.
+        path: std::path::PathBuf,
+        /// What differs.
+        reason: String,
+    },
 }
 
 /// Result alias of kvc-models.

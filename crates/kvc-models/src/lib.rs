@@ -6,9 +6,32 @@
 //! F32/F16/BF16, `tokenizer.json`), with their tokenizer, chat template, and a generation loop
 //! whose KV cache a press can compress between prefill and decode.
 //!
+//! A burn app compressing a document's KV cache with a press and asking two questions on it
+//! (`examples/compress.rs`; the same code opens kvc-core's docs):
+//!
+//! ```no_run
+//! # fn demo<B: kvc_core::KvcBackend>(device: &B::Device) -> Result<(), Box<dyn std::error::Error>> {
+//! use kvc_core::{Budget, PressSpec};
+//! use kvc_models::pipeline::{Pipeline, Request};
+//! let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, device)?;
+//! let request = Request {
+//!     context: std::fs::read_to_string("assets/pride_and_prejudice_ch1-2.txt")?,
+//!     questions: vec!["Which estate has been let?".into(), "Who has taken it?".into()],
+//!     press: Some(PressSpec::new("kvcompose", Budget::Ratio(0.5))), // any press of `kvc presses`
+//!     ..Default::default()
+//! };
+//! let response = Pipeline::new(&loaded).run(&request, &mut |_event| {})?;
+//! for answer in &response.answers {
+//!     println!("{}", answer.text); // both questions answered on one compressed cache
+//! }
+//! println!("KV cache {} -> {} bytes", response.kv_bytes.0, response.kv_bytes.1);
+//! # Ok(()) }
+//! ```
+//!
 //! Generic over the backend: loading needs `B: Backend`, running the decoder
 //! `B: kvc_core::KvcBackend` (burn's backend plus kvc's kernels, with generic defaults; burn's
-//! backends have it through kvc-core's features). No backend is named in this crate.
+//! backends have it through kvc-core's features). No backend is named in this crate. The lower
+//! level, prefill and decode by hand:
 //!
 //! ```no_run
 //! # fn demo<B: kvc_core::KvcBackend>(device: &B::Device) -> Result<(), kvc_models::ModelError> {

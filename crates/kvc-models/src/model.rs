@@ -206,6 +206,39 @@ impl<B: Backend> Decoder<B> {
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.config.num_layers)
     }
+
+    /// A fingerprint of the model: 16 hex digits of a 64-bit FNV-1a hash over the config (JSON)
+    /// and the bits of the weights that make its keys and values (the first 64 rows of the
+    /// embedding, layer 0's K and V projections, the last layer's K and V projections), in the
+    /// weights' dtype. A saved KV cache records it ([`kvc_core::CacheHeader::model`]) so that it
+    /// is never read by another model: any fine-tune changes those weights; the same file loaded
+    /// twice gives the same fingerprint on every backend that holds the same dtype.
+    ///
+    /// Reads those weights back from the device (about 1 MB for SmolLM2-135M).
+    pub fn fingerprint(&self) -> String {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                hash = (hash ^ b as u64).wrapping_mul(PRIME);
+            }
+        };
+        eat(serde_json::to_string(&self.config).unwrap_or_default().as_bytes());
+        let rows = self.config.vocab_size.min(64);
+        eat(self.embed_tokens.weight.val().narrow(0, 0, rows).into_data().as_bytes());
+        let first = self.layers.first().map(|l| &l.self_attn);
+        let last = self.layers.last().map(|l| &l.self_attn);
+        for attn in first.into_iter().chain(last) {
+            for proj in [&attn.k_proj, &attn.v_proj] {
+                eat(proj.weight.val().into_data().as_bytes());
+                if let Some(b) = &proj.bias {
+                    eat(b.val().into_data().as_bytes());
+                }
+            }
+        }
+        format!("{hash:016x}")
+    }
 }
 
 impl<B: KvcBackend> Decoder<B> {

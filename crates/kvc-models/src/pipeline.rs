@@ -30,10 +30,11 @@
 //! ```
 
 use std::cell::RefCell;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use kvc_core::{AttentionObserver, CaptureSpec, CoreError, ForwardModel, KvCache, KvcBackend, PrefillCapture, PressReport, PressSpec};
+use kvc_core::{AttentionObserver, CacheHeader, CaptureSpec, CoreError, ForwardModel, KvCache, KvcBackend, PrefillCapture, PressReport, PressSpec};
 
 use crate::error::{ModelError, Result};
 use crate::generate::{self, GenerationConfig, StopReason, TextStream};
@@ -59,6 +60,9 @@ pub struct Request {
     pub generation: GenerationConfig,
     /// With a press: also answer from the uncompressed cache.
     pub compare: bool,
+    /// Write the (compressed) context cache to this file before answering
+    /// ([`Pipeline::save_cache`]); [`Pipeline::run_saved`] answers questions on it later.
+    pub save_cache: Option<PathBuf>,
 }
 
 impl Default for Request {
@@ -71,6 +75,7 @@ impl Default for Request {
             press: None,
             generation: GenerationConfig::default(),
             compare: false,
+            save_cache: None,
         }
     }
 }
@@ -373,6 +378,10 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             }
             None => (prefilled.cache, None),
         };
+        if let Some(path) = &request.save_cache {
+            let header = self.cache_header(&cache, total, request.press.clone(), request.chat);
+            self.save_cache(&cache, &header, path)?;
+        }
         let start = Instant::now();
         let answers = ask(&cache, false, events)?;
         timings.answer = start.elapsed().as_secs_f64();
@@ -384,6 +393,99 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             kv_bytes: (bytes_before, cache.bytes()),
             timings,
             held_back_question: request.questions.is_empty(),
+        })
+    }
+
+    /// The header a cache of this model is saved with: the model's fingerprint and shape,
+    /// `cache`'s next position, the context's token count, the press that compressed it.
+    pub fn cache_header(&self, cache: &KvCache<B>, context_tokens: usize, press: Option<PressSpec>, chat: bool) -> CacheHeader {
+        let c = &self.model.config;
+        CacheHeader {
+            model: self.model.model.fingerprint(),
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            next_position: cache.next_position(),
+            context_tokens,
+            press,
+            chat,
+        }
+    }
+
+    /// Writes `cache` to `path` ([`KvCache::save`]: safetensors with keys, values, original
+    /// positions, per-head masks and `header`).
+    ///
+    /// # Errors
+    /// [`ModelError::CacheFile`] (I/O, an empty layer).
+    pub fn save_cache(&self, cache: &KvCache<B>, header: &CacheHeader, path: &Path) -> Result<()> {
+        Ok(cache.save(path, header)?)
+    }
+
+    /// Reads a cache saved by [`Pipeline::save_cache`] (in this process or another) onto the
+    /// model's device and checks that it belongs to this model: same fingerprint (config and
+    /// weights), same layers, KV heads and head size, and room left in the model's context.
+    ///
+    /// # Errors
+    /// [`ModelError::CacheFile`] for a missing, corrupt or foreign file,
+    /// [`ModelError::CacheMismatch`] for a cache of another model.
+    pub fn load_cache(&self, path: &Path) -> Result<(KvCache<B>, CacheHeader)> {
+        let (cache, header) = KvCache::<B>::load(path, &self.device)?;
+        let c = &self.model.config;
+        let mismatch = |reason: String| ModelError::CacheMismatch { path: path.to_path_buf(), reason };
+        if (header.num_layers, header.num_kv_heads, header.head_dim) != (c.num_layers, c.num_kv_heads, c.head_dim) {
+            return Err(mismatch(format!(
+                "it holds {} layers x {} KV heads x {} per head, the model has {} x {} x {}",
+                header.num_layers, header.num_kv_heads, header.head_dim, c.num_layers, c.num_kv_heads, c.head_dim
+            )));
+        }
+        let fingerprint = self.model.model.fingerprint();
+        if header.model != fingerprint {
+            return Err(mismatch(format!("written by model {}, this model is {fingerprint} (another model or weight dtype)", header.model)));
+        }
+        if header.next_position >= c.max_position_embeddings {
+            return Err(mismatch(format!("its context of {} tokens fills the model's window of {}", header.next_position, c.max_position_embeddings)));
+        }
+        Ok((cache, header))
+    }
+
+    /// Answers `request.questions` on a saved cache (from [`Pipeline::load_cache`]) without
+    /// prefilling anything: each question is fed at the cache's next position, as
+    /// [`Pipeline::run`] does after compression. `request.context` and `request.press` must be
+    /// empty (the cache is the context); `request.chat` must match the cache's.
+    ///
+    /// # Errors
+    /// [`ModelError::Generation`] for a request with a context, a press, no question or another
+    /// chat setting; [`ModelError::PromptTooLong`]; errors of the forward pass.
+    pub fn run_saved(&self, cache: &KvCache<B>, header: &CacheHeader, request: &Request, events: &mut dyn FnMut(Event)) -> Result<Response> {
+        request.generation.validate()?;
+        let refuse = |what: &str| Err(ModelError::Generation(format!("a saved KV cache is the context: {what}")));
+        if !request.context.is_empty() || request.press.is_some() || request.compare || request.save_cache.is_some() {
+            return refuse("no context, press, comparison or saving with it");
+        }
+        if request.questions.is_empty() {
+            return refuse("ask at least one question");
+        }
+        if request.chat != header.chat {
+            return refuse(if header.chat { "it was built with the chat template; ask with it too" } else { "it was built without the chat template; ask without it" });
+        }
+        // the question's ids do not depend on the context (see `generate::split_prompt`)
+        let tokens = self.tokenize(&Request { context: "context".into(), ..request.clone() })?;
+        let c = &self.model.config;
+        let elem = cache.layer(0).ok().flatten().map_or(4, |kv| kv.keys.dtype().size());
+        let uncompressed = header.context_tokens * c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem;
+        let start = Instant::now();
+        let mut answers = Vec::with_capacity(tokens.questions.len());
+        for (question, q) in tokens.questions.iter().enumerate() {
+            answers.push(self.answer(cache, q, &request.generation, &mut |delta| events(Event::Text { question, baseline: false, delta }))?);
+        }
+        Ok(Response {
+            context_tokens: header.context_tokens,
+            answers,
+            baseline: None,
+            report: None,
+            kv_bytes: (uncompressed, cache.bytes()),
+            timings: Timings { answer: start.elapsed().as_secs_f64(), ..Default::default() },
+            held_back_question: false,
         })
     }
 

@@ -80,3 +80,52 @@ fn bad_requests_are_errors() {
     let e = run(Request { questions: vec!["word ".repeat(9000)], ..base() });
     assert!(e.contains("more than the model's context"), "{e}");
 }
+
+/// A compressed cache written to a file and read back answers exactly as the cache it was
+/// written from (several questions, per-head masks); a cache is refused by another model, with
+/// another chat setting, or damaged.
+#[test]
+fn saved_caches_answer_as_the_original_and_refuse_other_models() {
+    let mut loaded = kvc_models::load::<B>(&ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctx.kvc");
+    let questions = vec!["What is the keeper's name?".to_string(), "Where does her brother live?".to_string()];
+    let generation = GenerationConfig { max_new_tokens: 12, ..Default::default() };
+    for press in [PressSpec::new("kvcompose", Budget::Ratio(0.5)).with_option("structured", false), PressSpec::new("snapkv", Budget::Ratio(0.25))] {
+        let pipeline = Pipeline::new(&loaded);
+        let request = Request {
+            context: CONTEXT.into(),
+            questions: questions.clone(),
+            press: Some(press.clone()),
+            generation: generation.clone(),
+            save_cache: Some(path.clone()),
+            ..Default::default()
+        };
+        let direct = pipeline.run(&request, &mut |_| {}).unwrap();
+        let (cache, header) = pipeline.load_cache(&path).unwrap();
+        assert_eq!(header.press.as_ref(), Some(&press));
+        assert_eq!(header.context_tokens, direct.context_tokens);
+        assert_eq!(cache.bytes(), direct.kv_bytes.1, "{}", press.label());
+        let ask = Request { questions: questions.clone(), generation: generation.clone(), ..Default::default() };
+        let again = pipeline.run_saved(&cache, &header, &ask, &mut |_| {}).unwrap();
+        let ids = |r: &kvc_models::pipeline::Response| r.answers.iter().map(|a| a.ids.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&direct), ids(&again), "{}", press.label());
+        assert_eq!(again.kv_bytes.0, direct.kv_bytes.0);
+        // the chat setting is part of the cache; a request with a context or a press is refused
+        let e = pipeline.run_saved(&cache, &header, &Request { chat: false, ..ask.clone() }, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("chat template"), "{e}");
+        let e = pipeline.run_saved(&cache, &header, &Request { context: "x".into(), ..ask.clone() }, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("no context"), "{e}");
+    }
+    // a damaged file
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("bad.kvc");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let e = Pipeline::new(&loaded).load_cache(&bad).unwrap_err().to_string();
+    assert!(e.contains("not a valid kvc KV-cache file"), "{e}");
+    // the same architecture with one weight changed (a fine-tune): refused by fingerprint
+    let k = &mut loaded.model.layers[0].self_attn.k_proj.weight;
+    *k = burn::module::Param::from_tensor(k.val().mul_scalar(1.001));
+    let e = Pipeline::new(&loaded).load_cache(&path).unwrap_err().to_string();
+    assert!(e.contains("does not fit this model") && e.contains("written by model"), "{e}");
+}

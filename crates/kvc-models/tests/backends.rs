@@ -1,0 +1,198 @@
+//! The same answers on every backend compiled into the test: flex (the reference), ndarray, and,
+//! with the `wgpu` / `cuda` features of kvc-models, the GPU backends (wgpu runs in CI on Mesa's
+//! software Vulkan driver, lavapipe; `tools/gpu_check.sh` runs this file with `cuda`).
+//!
+//! - burn kernel cases that public reports show breaking on some backends: max / argmax / top-k
+//!   over values above 32767, around -1e9 and +1e9 and at `f32::MAX`, argmax ties (first index,
+//!   as torch and greedy decoding need), reshape -> permute -> full-range slice, reductions and
+//!   softmax over transposed and transposed-then-narrowed views.
+//! - The tiny Qwen3 / Llama-3 / Qwen2 fixtures: logits within 1e-4 of flex, identical greedy tokens.
+//! - SmolLM2 on a ~100-token prompt: logits within 1e-3 of flex, identical greedy tokens, identical
+//!   KVCompose kept sets (structured and per-head) at ratios 0.25 and 0.75.
+
+mod common;
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use common::{all_logits, fixture, greedy};
+use kvc_core::{Budget, CaptureSpec, KvCache, KvcBackend, PressSpec};
+use kvc_models::pipeline::Pipeline;
+
+/// Calls `$f::<B>(name, args...)` for each compiled backend `B` (flex first: the reference) and
+/// returns `(name, result)` pairs.
+macro_rules! each_backend {
+    ($f:ident $(, $arg:expr)*) => {{
+        let mut out = Vec::new();
+        out.push(("flex", $f::<burn::backend::Flex>("flex" $(, $arg)*)));
+        out.push(("ndarray", $f::<burn::backend::NdArray<f32>>("ndarray" $(, $arg)*)));
+        #[cfg(feature = "wgpu")]
+        out.push(("wgpu", $f::<burn::backend::Wgpu>("wgpu" $(, $arg)*)));
+        #[cfg(feature = "cuda")]
+        out.push(("cuda", $f::<burn::backend::Cuda>("cuda" $(, $arg)*)));
+        out
+    }};
+}
+
+fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().to_vec::<i64>().unwrap()
+}
+
+fn tensor<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+/// The kernel cases on backend `B`; returns nothing, panics naming the backend and the case.
+fn kernel_cases<B: Backend>(name: &str) {
+    // max / argmax / top-k over large magnitudes, one row per case
+    let rows: Vec<(Vec<f32>, usize, &str)> = vec![
+        (vec![0.5, 32767.0, 32768.0, 40000.0, 39999.0, 65535.0, 65536.0, 1.0e7], 7, "above 32767"),
+        (vec![-1e9, -1e9, -5e8, -1e9, -2e9, -1e9, -1e9, -1e9], 2, "around -1e9"),
+        (vec![0.1, 1e9 + 0.3, 0.2, 1e9, 0.9, 1e9, 0.0, -1.0], 1, "+1e9-boosted ties"),
+        (vec![f32::MAX, 0.0, f32::MAX, -f32::MAX, 1.0, 2.0, 3.0, 4.0], 0, "f32::MAX ties"),
+        (vec![7.0; 8], 0, "all equal"),
+    ];
+    for (row, want, case) in &rows {
+        let t = tensor::<B, 2>(row.clone(), [1, row.len()]);
+        assert_eq!(ints(t.clone().argmax(1)), vec![*want as i64], "{name}: argmax {case}");
+        assert_eq!(floats(t.clone().max_dim(1)), vec![row[*want]], "{name}: max {case}");
+        let (values, indices) = t.topk_with_indices(2, 1);
+        let mut sorted: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        assert_eq!(floats(values), vec![sorted[0].1, sorted[1].1], "{name}: top-2 values {case}");
+        let idx = ints(indices);
+        // ties may come in either order, but must be the tied values
+        assert!(idx.iter().all(|&i| row[i as usize] >= sorted[1].1), "{name}: top-2 indices {case}: {idx:?}");
+    }
+    // argmax ties over a long row (reductions split across work groups): the first index
+    let mut long = vec![-3.0f32; 4096];
+    long[3000] = 5.0;
+    long[300] = 5.0;
+    long[3999] = 5.0;
+    assert_eq!(ints(tensor::<B, 2>(long, [1, 4096]).argmax(1)), vec![300], "{name}: argmax ties over 4096");
+    assert_eq!(ints(tensor::<B, 2>(vec![1.0; 4096], [1, 4096]).argmax(1)), vec![0], "{name}: argmax of a constant row");
+    // reshape -> permute -> full-range slice
+    let x: Vec<f32> = (0..192).map(|i| i as f32).collect();
+    let t = tensor::<B, 1>(x.clone(), [192]).reshape([1, 3, 8, 8]).permute([0, 2, 3, 1]).slice([0..1, 0..8, 0..8, 0..3]);
+    let want: Vec<f32> = (0..8).flat_map(|h| (0..8).flat_map(move |w| (0..3).map(move |c| (c * 64 + h * 8 + w) as f32))).collect();
+    assert_eq!(t.dims(), [1, 8, 8, 3], "{name}: permuted dims");
+    assert_eq!(floats(t), want, "{name}: reshape -> permute -> slice");
+    // reductions and softmax over transposed and transposed-then-narrowed views
+    let m = tensor::<B, 2>(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]);
+    let tr = m.clone().transpose();
+    assert_eq!(floats(tr.clone().sum_dim(1)), vec![5.0, 7.0, 9.0], "{name}: sum over a transposed view");
+    assert_eq!(floats(tr.clone().mean_dim(1)), vec![2.5, 3.5, 4.5], "{name}: mean over a transposed view");
+    assert_eq!(floats(tr.clone().max_dim(1)), vec![4.0, 5.0, 6.0], "{name}: max over a transposed view");
+    let narrowed = tr.clone().narrow(0, 1, 2);
+    assert_eq!(floats(narrowed.clone().sum_dim(1)), vec![7.0, 9.0], "{name}: sum over a transposed, narrowed view");
+    assert_eq!(floats(m.clone().transpose().narrow(1, 1, 1)), vec![4.0, 5.0, 6.0], "{name}: narrowed column");
+    let s = floats(softmax(narrowed, 1));
+    let e = (3.0f32).exp();
+    let want = [1.0 / (1.0 + e), e / (1.0 + e), 1.0 / (1.0 + e), e / (1.0 + e)];
+    assert!(s.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{name}: softmax over a transposed, narrowed view: {s:?}");
+    let s = floats(softmax(tr, 0));
+    let col: f32 = (0..3).map(|i| (i as f32).exp()).sum();
+    let want = [1.0 / col, 1.0 / col, 1f32.exp() / col, 1f32.exp() / col, 2f32.exp() / col, 2f32.exp() / col];
+    assert!(s.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{name}: softmax over dim 0 of a transposed view: {s:?}");
+}
+
+#[test]
+fn kernel_cases_hold_on_every_backend() {
+    let _ = each_backend!(kernel_cases);
+}
+
+/// Logits at every position and 6 greedy tokens of a tiny fixture model.
+fn tiny<B: KvcBackend>(_: &str, model: &str) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let m = kvc_models::load_hf_decoder::<B>(&fixture(model), &Default::default()).unwrap();
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 29 + 3) % 97).collect();
+    (all_logits(&m, &ids, 16), greedy(&m, &ids, 6))
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn tiny_models_agree_across_backends() {
+    for model in ["tiny_qwen3", "tiny_llama3", "tiny_qwen2"] {
+        let results = each_backend!(tiny, model);
+        let (reference, rest) = results.split_first().unwrap();
+        for (name, (logits, tokens)) in rest {
+            let d = max_diff(&reference.1 .0, logits);
+            println!("{model}: {name} vs flex: logits max |diff| {d:.2e}, greedy {tokens:?}");
+            assert!(d <= 1e-4, "{model}: {name} logits differ from flex by {d}");
+            assert_eq!(&reference.1 .1, tokens, "{model}: {name} greedy tokens");
+        }
+    }
+}
+
+/// What SmolLM2 gives on one backend for a ~100-token prompt: last logits, 8 greedy tokens, and
+/// the kept positions of every head of every layer after KVCompose (structured and per-head, at
+/// ratios 0.25 and 0.75).
+struct Smol {
+    logits: Vec<f32>,
+    tokens: Vec<u32>,
+    kept: Vec<(String, Vec<Vec<u32>>)>,
+}
+
+fn kept_sets<B: Backend>(cache: &KvCache<B>) -> Vec<Vec<u32>> {
+    let mut sets = Vec::new();
+    for l in 0..cache.num_layers() {
+        let kv = cache.layer(l).unwrap().unwrap();
+        let len = kv.len();
+        for (h, row) in kv.positions.chunks(len).enumerate() {
+            let mut set: Vec<u32> =
+                row.iter().enumerate().filter(|(i, _)| kv.valid.as_ref().is_none_or(|v| v[h * len + i])).map(|(_, &p)| p).collect();
+            set.sort_unstable();
+            sets.push(set);
+        }
+    }
+    sets
+}
+
+const PROMPT: &str = "The lighthouse keeper, Ada Quill, lived on the island of Varn for twelve years. \
+Every evening she climbed the ninety steps, lit the great lamp, and wrote the weather in a green notebook. \
+Her brother Tomas kept goats on the mainland and sent letters every spring; she answered each one in \
+the same careful hand, and kept his replies in a tin box under the stairs. When the storms came in \
+November she slept in the lamp room, listening to the bell buoy. Who kept goats?";
+
+fn smol<B: KvcBackend>(_: &str) -> Smol {
+    let device = Default::default();
+    let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model().unwrap(), &device).unwrap();
+    let ids = loaded.tokenizer.encode(PROMPT, true).unwrap();
+    assert!((90..=120).contains(&ids.len()), "{} prompt tokens", ids.len());
+    let mut cache = loaded.model.new_cache();
+    let logits = floats(loaded.model.prefill(&ids, &mut cache, None, 64).unwrap());
+    let tokens = greedy(&loaded.model, &ids, 8);
+    let pipeline = Pipeline::new(&loaded);
+    let prefilled = pipeline.prefill(&ids, CaptureSpec::default(), 64, &mut |_| {}).unwrap();
+    let mut kept = Vec::new();
+    for structured in [true, false] {
+        for ratio in [0.25, 0.75] {
+            let spec = PressSpec::new("kvcompose", Budget::Ratio(ratio)).with_option("structured", structured);
+            let c = pipeline.compress(&prefilled, &spec, &mut |_, _| {}).unwrap();
+            kept.push((spec.label(), kept_sets(&c.cache)));
+        }
+    }
+    Smol { logits, tokens, kept }
+}
+
+#[test]
+fn smollm2_agrees_across_backends() {
+    let results = each_backend!(smol);
+    let (reference, rest) = results.split_first().unwrap();
+    for (name, r) in rest {
+        let d = reference.1.logits.iter().zip(&r.logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        println!("SmolLM2: {name} vs flex: last logits max |diff| {d:.2e}");
+        assert!(d <= 1e-3, "{name}: SmolLM2 logits differ from flex by {d}");
+        assert_eq!(reference.1.tokens, r.tokens, "{name}: greedy tokens");
+        for ((label, want), (_, got)) in reference.1.kept.iter().zip(&r.kept) {
+            let differ = want.iter().zip(got).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "{name}: {label}: {differ} of {} heads keep other tokens than on flex", want.len());
+        }
+    }
+}
