@@ -129,6 +129,11 @@ enum Command {
         /// Backends, among those compiled in; the first is the reference.
         #[arg(long, value_delimiter = ',', default_value = "flex,ndarray")]
         backends: Vec<String>,
+        /// Float types of weights and KV cache to run each backend in (f32, f16, bf16); the
+        /// reference is the first backend in the first type. A type a backend does not support
+        /// gives a row that says so.
+        #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        dtypes: Vec<String>,
     },
     /// Prefill, compression and decode time against context length: a table (stdout), a JSON
     /// line per length, and `scaling.{svg,png}` in --out.
@@ -400,13 +405,17 @@ struct BackendsJob<'a> {
     ids: &'a [u32],
     ratio: f64,
     n_decode: usize,
+    dtype: burn::tensor::DType,
 }
 
 impl backend::BackendJob for BackendsJob<'_> {
     type Output = BackendRun;
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<BackendRun> {
-        let m = kvc_models::load::<B>(self.model, &device)?;
+        if !B::supports_dtype(&device, self.dtype) {
+            bail!("{:?} is not supported by this backend", self.dtype);
+        }
+        let m = kvc_models::load_as::<B>(self.model, &device, Some(self.dtype))?;
         let pipeline = Pipeline::new(&m);
         let spec = PressSpec::new("kvcompose", Budget::Ratio(self.ratio));
         let (context, last) = self.ids.split_at(self.ids.len() - 1);
@@ -623,7 +632,7 @@ fn real_main() -> Result<()> {
             };
             backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk })?;
         }
-        Command::Backends { model, text, tokens, ratio, decode, backends } => {
+        Command::Backends { model, text, tokens, ratio, decode, backends, dtypes } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;
             let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             if tokens < 3 {
@@ -635,12 +644,24 @@ fn real_main() -> Result<()> {
             let tok = kvc_models::load_tokenizer(&model)?;
             let ids = context_ids(&tok, &text, tokens)?;
             let mut runs: Vec<(String, BackendRun)> = Vec::new();
+            let mut unsupported = Vec::new();
             for b in &backends {
-                let run = backend::run(b, BackendsJob { model: &model, ids: &ids, ratio, n_decode: decode })?;
-                runs.push((b.clone(), run));
+                for t in &dtypes {
+                    let dtype = match t.as_str() {
+                        "f16" => burn::tensor::DType::F16,
+                        "bf16" => burn::tensor::DType::BF16,
+                        _ => burn::tensor::DType::F32,
+                    };
+                    let name = if dtypes.len() > 1 || t != "f32" { format!("{b} {t}") } else { b.clone() };
+                    match backend::run(b, BackendsJob { model: &model, ids: &ids, ratio, n_decode: decode, dtype }) {
+                        Ok(run) => runs.push((name, run)),
+                        Err(e) if runs.is_empty() => return Err(e.context(format!("{name} (the reference)"))),
+                        Err(e) => unsupported.push(format!("{name}: {e:#}")),
+                    }
+                }
             }
             println!(
-                "{:<9} {:>11} {:>11} {:>10} {:>16} {:>13} {:>14} {:>15} {:>10}",
+                "{:<12} {:>11} {:>11} {:>10} {:>16} {:>13} {:>14} {:>15} {:>10}",
                 "backend", "prefill t/s", "compress s", "decode t/s", "KV MB (after)", "peak RSS MB", "kept sets =", "max |dlogit|", "tokens ="
             );
             let reference = &runs[0].1;
@@ -650,7 +671,7 @@ fn real_main() -> Result<()> {
                 let dlogit = r.first_logits.iter().zip(&reference.first_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 let tokens_same = r.tokens.iter().zip(&reference.tokens).take_while(|(a, b)| a == b).count();
                 println!(
-                    "{:<9} {:>11.1} {:>11.2} {:>10.1} {:>16} {:>13} {:>14} {:>15.2e} {:>10}",
+                    "{:<12} {:>11.1} {:>11.2} {:>10.1} {:>16} {:>13} {:>14} {:>15.2e} {:>10}",
                     name,
                     r.prefill_tok_s,
                     r.compress_s,
@@ -661,6 +682,9 @@ fn real_main() -> Result<()> {
                     dlogit,
                     format!("{tokens_same}/{}", reference.tokens.len())
                 );
+            }
+            for u in &unsupported {
+                println!("not run: {u}");
             }
             println!("peak RSS is the process's high-water mark after each backend (backends run in this order, in one process)");
         }

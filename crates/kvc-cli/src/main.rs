@@ -10,6 +10,7 @@ use std::path::PathBuf;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::DType;
 use kvc_core::KvcBackend;
 use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
@@ -116,6 +117,10 @@ struct GenerateArgs {
     /// With --press: also answer from the uncompressed cache and print both.
     #[arg(long)]
     compare: bool,
+    /// Float type of the weights, activations and KV cache on the device: f32 (default), or f16 /
+    /// bf16 (half the KV cache; flex and cuda; attention and press scores still compute in f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
     /// Save the context's (compressed) KV cache to FILE (safetensors: keys, values, original
     /// positions, per-head masks, model fingerprint) before answering.
     #[arg(long, value_name = "FILE")]
@@ -158,6 +163,8 @@ struct GenerateJob {
     json: bool,
     /// Answer on this saved cache instead of prefilling `request.context`.
     load_cache: Option<PathBuf>,
+    /// Float type of weights and KV cache.
+    dtype: DType,
 }
 
 impl backend::BackendJob for GenerateJob {
@@ -165,7 +172,11 @@ impl backend::BackendJob for GenerateJob {
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
         let t_load = std::time::Instant::now();
-        let loaded = kvc_models::load::<B>(&self.model, &device).with_context(|| format!("loading model {}", self.model.display()))?;
+        if !B::supports_dtype(&device, self.dtype) {
+            bail!("--dtype {:?} is not supported by this backend", self.dtype);
+        }
+        let loaded =
+            kvc_models::load_as::<B>(&self.model, &device, Some(self.dtype)).with_context(|| format!("loading model {}", self.model.display()))?;
         let load_secs = t_load.elapsed().as_secs_f64();
         let pipeline = Pipeline::new(&loaded);
         let bar = (!self.json).then(progress_bar);
@@ -459,7 +470,12 @@ fn real_main() -> Result<()> {
                 compare: a.compare,
                 save_cache: a.save_cache.clone(),
             };
-            backend::run(&a.model.backend, GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone() })
+            let dtype = match a.dtype.as_str() {
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                _ => DType::F32,
+            };
+            backend::run(&a.model.backend, GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone(), dtype })
         }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Presses { json } => presses(json),

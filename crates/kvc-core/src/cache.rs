@@ -42,7 +42,7 @@ impl<B: Backend> LayerKv<B> {
         let valid = self.valid.as_ref()?;
         let [b, h, len, _] = self.keys.dims();
         let bias: Vec<f32> = valid.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
-        Some(Tensor::from_data(TensorData::new(bias, [b, h, 1, 1, len]), &self.keys.device()))
+        Some(Tensor::from_data(TensorData::new(bias, [b, h, 1, 1, len]), (&self.keys.device(), self.keys.dtype())))
     }
 
     /// Real (unpadded) tokens per `[batch][head]`.

@@ -9,7 +9,7 @@
 //! Eviction happens after the whole prefill, so the prefill's own hidden states never see a
 //! compressed cache (as in kvpress, where layer `l` is compressed after its attention ran).
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::{AttentionObserver, LayerObservation, QueryReduce};
 
@@ -155,10 +155,12 @@ impl<B: Backend> AttentionObserver<B> for PrefillCapture<B> {
             self.tokens += c;
         }
         let w = self.spec.window;
+        // recorded in f32 whatever the model's dtype: scores accumulate in f32
+        let f32 = |t: &Tensor<B, 4>| t.clone().cast(DType::F32);
         if w > 0 {
             let q = match slot.window_queries.take() {
-                None => o.queries.clone(),
-                Some(prev) => Tensor::cat(vec![prev, o.queries.clone()], 2),
+                None => f32(o.queries),
+                Some(prev) => Tensor::cat(vec![prev, f32(o.queries)], 2),
             };
             let n = q.dims()[2];
             slot.window_queries = Some(if n > w { q.narrow(2, n - w, w) } else { q });
@@ -187,7 +189,7 @@ impl<B: Backend> AttentionObserver<B> for PrefillCapture<B> {
             // positions first..first+c; those before `skip` are left out
             let start = skip.saturating_sub(o.first_position).min(c);
             if start < c {
-                let q = pre.clone().narrow(2, start, c - start).reshape([hq, c - start, d]);
+                let q = f32(pre).narrow(2, start, c - start).reshape([hq, c - start, d]);
                 slot.query_stats = Some(QueryStats::merged(slot.query_stats.take(), q));
             }
         }

@@ -306,6 +306,32 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Half-precision caches keep their dtype and bits through the file.
+    #[test]
+    fn half_precision_caches_round_trip() {
+        type F = burn::backend::Flex;
+        let dir = tempfile_dir();
+        let path = dir.join("half.kvc");
+        for dtype in [DType::F16, DType::BF16] {
+            let device = Default::default();
+            let v: Vec<f32> = (0..2 * 4 * 3).map(|i| i as f32 * 0.37 - 3.0).collect();
+            let t = || Tensor::<F, 4>::from_data(TensorData::new(v.clone(), [1, 2, 4, 3]), (&device, dtype));
+            let mut cache = KvCache::<F>::new(2);
+            for l in 0..2 {
+                let kv = LayerKv { keys: t(), values: t().neg(), positions: vec![0, 1, 2, 3, 0, 1, 2, 3], valid: None };
+                cache.replace_layer(l, kv).unwrap();
+            }
+            cache.set_next_position(6);
+            cache.save(&path, &header(6)).unwrap();
+            let (loaded, _) = KvCache::<F>::load(&path, &device).unwrap();
+            let (a, b) = (cache.layer(1).unwrap().unwrap(), loaded.layer(1).unwrap().unwrap());
+            assert_eq!(b.keys.dtype(), dtype);
+            assert_eq!(a.values.to_data().as_bytes(), b.values.to_data().as_bytes(), "{dtype:?}");
+            assert_eq!(loaded.bytes(), cache.bytes());
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     fn tempfile_dir() -> PathBuf {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

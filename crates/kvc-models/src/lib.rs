@@ -59,7 +59,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::{backend::Backend, DType};
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
@@ -177,20 +177,31 @@ fn safetensors_info(dir: &Path) -> Result<ModelInfo> {
 /// [`ModelError::UnsupportedTensorType`]), [`ModelError::Config`],
 /// [`ModelError::ShapeMismatch`], [`ModelError::MissingTensor`], [`ModelError::Tokenizer`].
 pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    load_as(path, device, None)
+}
+
+/// As [`load`], with the weights (and so the activations and the KV cache) in `dtype` on the
+/// device: `Some(DType::F16)` or `Some(DType::BF16)` halve the KV cache on backends that support
+/// them (flex, cuda); `None` = the backend's default float type (f32). Attention and presses'
+/// scores still compute in f32 ([`kvc_core::kernels::in_f32`]).
+///
+/// # Errors
+/// As [`load`].
+pub fn load_as<B: Backend>(path: &Path, device: &B::Device, dtype: Option<DType>) -> Result<LoadedModel<B>> {
     match open_source(path)? {
         Source::Gguf(file) => {
             let config = ModelConfig::from_gguf(&file)?;
             let info = gguf_info(&file);
             let tokenizer = Tokenizer::from_gguf(&file)?;
             let source = weights::GgufWeights::new(file, config.architecture, config.num_heads, config.num_kv_heads);
-            let model = Decoder::from_source(&config, &source, device)?;
+            let model = Decoder::from_source_as(&config, &source, device, dtype)?;
             Ok(LoadedModel { model, tokenizer, config, info })
         }
         Source::Hf(dir) => {
             let config = hf_config(&dir)?;
             let info = safetensors_info(&dir)?;
             let tokenizer = Tokenizer::from_hf_dir(&dir)?;
-            let model = load_hf_weights(&dir, &config, device)?;
+            let model = Decoder::from_source_as(&config, &weights::SafetensorsWeights::open(&dir)?, device, dtype)?;
             Ok(LoadedModel { model, tokenizer, config, info })
         }
     }

@@ -6,7 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 use kvc_core::kernels::observed_attention;
 use kvc_core::{AttentionObserver, KvCache, KvcBackend};
 
@@ -89,6 +89,8 @@ pub struct Decoder<B: Backend> {
 struct Loader<'a, B: Backend> {
     source: &'a dyn WeightSource,
     device: &'a B::Device,
+    /// The weights' float dtype on the device; `None` = the backend's default.
+    dtype: Option<DType>,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -103,15 +105,24 @@ impl<B: Backend> Loader<'_, B> {
         Ok(data)
     }
 
+    /// Host f32 values as a device tensor in the loader's dtype.
+    fn tensor<const D: usize>(&self, data: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+        let data = TensorData::new(data, shape);
+        match self.dtype {
+            Some(dtype) => Tensor::from_data(data, (self.device, dtype)),
+            None => Tensor::from_data(data, self.device),
+        }
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Param<Tensor<B, 1>>> {
         let data = self.host(name, &[len])?;
-        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(data, [len]), self.device)))
+        Ok(Param::from_tensor(self.tensor(data, [len])))
     }
 
     /// A linear layer from a PyTorch `[out, in]` weight (transposed to burn's `[in, out]`).
     fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<Linear<B>> {
         let w = self.host(&format!("{prefix}.weight"), &[output, input])?;
-        let weight = Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&w, output, input), [input, output]), self.device));
+        let weight = Param::from_tensor(self.tensor(transpose(&w, output, input), [input, output]));
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), output)?) } else { None };
         Ok(Linear { weight, bias })
     }
@@ -140,8 +151,19 @@ impl<B: Backend> Decoder<B> {
     /// [`ModelError::NonFiniteWeight`] for a NaN or infinite weight, format errors of the source,
     /// [`ModelError::Config`] for an inconsistent config.
     pub fn from_source(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self> {
+        Self::from_source_as(config, source, device, None)
+    }
+
+    /// As [`Decoder::from_source`], with the weights in `dtype` on the device (`None`: the
+    /// backend's default float type, f32 for burn's backends). Activations and the KV cache follow
+    /// the weights' dtype (`F16`/`BF16` halve the cache); weights are dequantized to f32 on the
+    /// host first and rounded once.
+    ///
+    /// # Errors
+    /// As [`Decoder::from_source`].
+    pub fn from_source_as(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: Option<DType>) -> Result<Self> {
         config.validate()?;
-        let l = Loader::<B> { source, device };
+        let l = Loader::<B> { source, device, dtype };
         let c = config;
         let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
         let embed = l.host("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -151,10 +173,10 @@ impl<B: Backend> Decoder<B> {
             transpose(&l.host("lm_head.weight", &[c.vocab_size, h])?, c.vocab_size, h)
         };
         let embed_tokens = Embedding {
-            weight: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device)),
+            weight: Param::from_tensor(l.tensor(embed, [c.vocab_size, h])),
         };
         let lm_head = Linear {
-            weight: Param::from_tensor(Tensor::from_data(TensorData::new(lm_head_weight, [h, c.vocab_size]), device)),
+            weight: Param::from_tensor(l.tensor(lm_head_weight, [h, c.vocab_size])),
             bias: None,
         };
         // grows with the tensors found (the config's count is checked against them, not trusted)
@@ -314,8 +336,9 @@ impl<B: KvcBackend> Decoder<B> {
         let first = cache.next_position();
         // RoPE tables laid out like the projections' output `[1, chunk, heads, head_dim]`
         let c = &self.config;
-        let rope_q = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_heads, &device);
-        let rope_k = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_kv_heads, &device);
+        let dtype = self.embed_tokens.weight.val().dtype();
+        let rope_q = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_heads, &device, dtype);
+        let rope_k = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_kv_heads, &device, dtype);
         let mut x = self.embed_tokens.forward(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(x.clone());

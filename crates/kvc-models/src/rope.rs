@@ -5,7 +5,7 @@
 //! Tables are computed on the host for exactly the positions asked for, so decoding after
 //! compression continues at any original position.
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::config::{ModelConfig, RopeScaling};
 
@@ -47,8 +47,8 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
 /// cos and sin tables `[1, len, heads, head_dim]` for positions `first..first+len`, repeated over
 /// `heads` so that they multiply projections laid out `[batch, len, heads, head_dim]` element by
 /// element (no broadcast). Angles are f32 products as in HF, then cos/sin are evaluated exactly and
-/// rounded to f32.
-pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, heads: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+/// rounded to f32 (then to `dtype`, the activations' float type).
+pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, heads: usize, device: &B::Device, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let half = inv_freq.len();
     let d = 2 * half;
     let mut cos = Vec::with_capacity(len * heads * d);
@@ -63,8 +63,8 @@ pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, heads: usi
         }
     }
     (
-        Tensor::from_data(TensorData::new(cos, [1, len, heads, d]), device),
-        Tensor::from_data(TensorData::new(sin, [1, len, heads, d]), device),
+        Tensor::from_data(TensorData::new(cos, [1, len, heads, d]), (device, dtype)),
+        Tensor::from_data(TensorData::new(sin, [1, len, heads, d]), (device, dtype)),
     )
 }
 

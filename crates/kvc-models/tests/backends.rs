@@ -196,3 +196,37 @@ fn smollm2_agrees_across_backends() {
         }
     }
 }
+
+/// Last logits, 8 greedy tokens and KV bytes of SmolLM2 on the ~100-token prompt with weights and
+/// cache in `dtype`; `None` when the backend does not support it.
+fn smol_in<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<(Vec<f32>, Vec<u32>, usize)> {
+    let device = Default::default();
+    if !B::supports_dtype(&device, dtype) {
+        return None;
+    }
+    let loaded = kvc_models::load_as::<B>(&kvc_models::default_model::ensure_default_model().unwrap(), &device, Some(dtype)).unwrap();
+    let ids = loaded.tokenizer.encode(PROMPT, true).unwrap();
+    let mut cache = loaded.model.new_cache();
+    let logits = floats(loaded.model.prefill(&ids, &mut cache, None, 64).unwrap());
+    assert_eq!(cache.layer(0).unwrap().unwrap().keys.dtype(), dtype);
+    Some((logits, greedy(&loaded.model, &ids, 8), cache.bytes()))
+}
+
+#[test]
+fn half_precision_halves_the_cache_and_keeps_the_answer() {
+    use burn::tensor::DType;
+    let reference = smol_in::<burn::backend::Flex>("flex", DType::F32).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        for (name, run) in each_backend!(smol_in, dtype) {
+            let Some((logits, tokens, bytes)) = run else {
+                println!("{name}: {dtype:?} not supported");
+                continue;
+            };
+            let d = reference.0.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            println!("SmolLM2 {name} {dtype:?}: last logits max |diff| to flex f32 {d:.2e}, KV {bytes} bytes");
+            assert_eq!(bytes * 2, reference.2, "{name} {dtype:?}: KV cache bytes");
+            assert!(d < 1.0, "{name} {dtype:?}: logits differ from f32 by {d}");
+            assert_eq!(tokens, reference.1, "{name} {dtype:?}: greedy tokens");
+        }
+    }
+}

@@ -11,8 +11,10 @@ impl KvcBackend for burn::backend::Flex {
     fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
         use burn::backend::flex::FlexTensor;
         use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-        if a.queries.dtype() != DType::F32 {
-            return super::generic_attention(a);
+        match a.queries.dtype() {
+            DType::F32 => {}
+            DType::F16 | DType::BF16 => return super::in_f32(a, Self::kvc_attention),
+            _ => return super::generic_attention(a),
         }
         let req = super::HostRequest::of(&a);
         let [_, _, len, d] = req.kv;

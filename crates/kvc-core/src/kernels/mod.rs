@@ -20,7 +20,7 @@ mod impls;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 /// How attention probabilities are reduced over a chunk's queries for an observer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +63,17 @@ pub struct AttentionOutput<B: Backend> {
     pub reduced: Option<Tensor<B, 3>>,
     /// Probabilities `[batch, q_heads, chunk, len]` (when asked).
     pub probs: Option<Tensor<B, 4>>,
+}
+
+/// Runs `kernel` on queries, keys and values cast to f32 and casts the output back to the queries'
+/// dtype: attention of a half-precision model (`F16`/`BF16` weights and KV cache) scores,
+/// normalizes and accumulates in f32, as flash-attention kernels do; the reduced and full
+/// probabilities a press reads stay f32 (its scores accumulate in f32 whatever the cache's dtype).
+pub fn in_f32<'a, B: Backend>(a: AttentionArgs<'a, B>, kernel: impl FnOnce(AttentionArgs<'a, B>) -> AttentionOutput<B>) -> AttentionOutput<B> {
+    let dtype = a.queries.dtype();
+    let up = |t: Tensor<B, 4>| t.cast(DType::F32);
+    let out = kernel(AttentionArgs { queries: up(a.queries), keys: up(a.keys), values: up(a.values), ..a });
+    AttentionOutput { output: out.output.cast(dtype), ..out }
 }
 
 /// A burn backend with kvc's kernels. Every method has a generic default; CPU backends override
@@ -137,6 +148,9 @@ pub fn write_slots<B: Backend>(buffer: Tensor<B, 4>, start: usize, slots: Tensor
 /// is real; otherwise `softmax(Q K^T / sqrt(d) + causal mask + padding mask) V` with the masks
 /// built on the device (no host upload per call).
 pub fn generic_attention<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionOutput<B> {
+    if matches!(a.queries.dtype(), DType::F16 | DType::BF16) {
+        return in_f32(a, generic_attention);
+    }
     let [b, hq, c, d] = a.queries.dims();
     let [_, hkv, len, _] = a.keys.dims();
     let g = hq / hkv;

@@ -10,7 +10,7 @@
 use std::ops::Range;
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use super::{check_prefilled, Budget, ForwardModel, Press, PressReport};
 use crate::capture::{CaptureSpec, LayerCapture, PrefillCapture};
@@ -203,11 +203,13 @@ impl<B: Backend> Press<B> for ScorerPress<B> {
         for layer in 0..layers {
             let kv = cache.layer(layer)?.ok_or(CoreError::EmptyLayer(layer))?;
             let empty = LayerCapture::default();
+            // scores from f32 keys and values whatever the cache's dtype (a no-op for f32)
+            let (keys, values) = (kv.keys.clone().cast(DType::F32), kv.values.clone().cast(DType::F32));
             let input = ScoreInput {
                 layer,
                 num_layers: layers,
-                keys: &kv.keys,
-                values: &kv.values,
+                keys: &keys,
+                values: &values,
                 capture: prefill.layer(layer).unwrap_or(&empty),
                 q_heads,
                 kv_heads,
