@@ -121,6 +121,11 @@ struct GenerateArgs {
     /// bf16 (half the KV cache; flex and cuda; attention and press scores still compute in f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
+    /// Most bytes the KV caches may take (e.g. 2G, 500M, 1048576); a context that needs more
+    /// fails before the prefill. Default on CPU backends: the memory available (Linux
+    /// MemAvailable); no check on GPU backends.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_kv_memory: Option<usize>,
     /// Save the context's (compressed) KV cache to FILE (safetensors: keys, values, original
     /// positions, per-head masks, model fingerprint) before answering.
     #[arg(long, value_name = "FILE")]
@@ -424,6 +429,35 @@ fn presses(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A byte count with an optional K/M/G/T suffix (powers of 1024), e.g. `2G`, `512M`, `1048576`.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix {c:?} (K, M, G, T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: usize = digits.trim().parse().map_err(|_| format!("{text:?} is not a size (e.g. 2G, 500M, 1048576)"))?;
+    n.checked_mul(1usize << shift).filter(|&b| b > 0).ok_or_else(|| format!("size {text:?} is 0 or too large"))
+}
+
+/// Bytes of memory available to new allocations (Linux `/proc/meminfo` MemAvailable); `None`
+/// elsewhere.
+fn mem_available() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -469,6 +503,10 @@ fn real_main() -> Result<()> {
                 generation,
                 compare: a.compare,
                 save_cache: a.save_cache.clone(),
+                kv_memory_limit: a.max_kv_memory.or_else(|| match a.model.backend.as_str() {
+                    "flex" | "ndarray" => mem_available(),
+                    _ => None,
+                }),
             };
             let dtype = match a.dtype.as_str() {
                 "f16" => DType::F16,

@@ -212,3 +212,23 @@ fn a_saved_cache_answers_in_another_process() {
     fails_with(&["generate", "--load-cache", "/nonexistent/ctx.kvc", "--question", q], "/nonexistent/ctx.kvc");
     fails_with(&["generate", "--load-cache", file, "--question", q], "chat template");
 }
+
+#[test]
+fn a_context_too_large_for_the_kv_memory_fails_before_the_prefill() {
+    let start = std::time::Instant::now();
+    // ~2.4k tokens of context: 30 layers x 3 KV heads x 64 x 2 x 4 bytes = 46 KB per token
+    fails_with(
+        &["generate", "--prompt-file", "../../assets/pride_and_prejudice_ch1-2.txt", "--question", "Who?", "--max-kv-memory", "20M"],
+        "bytes of KV cache",
+    );
+    fails_with(&["generate", "--prompt", "x", "--max-kv-memory", "12Q"], "usage:unknown size suffix");
+    fails_with(&["generate", "--prompt", "x", "--max-kv-memory", "0"], "usage:is 0 or too large");
+    // KVCompose's second pass over the context needs a third copy: refused where a plain run fits
+    let plain = kvc(&["generate", "--prompt", CONTEXT, "--question", "Who?", "--max-new-tokens", "2", "--max-kv-memory", "4800K"]);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    fails_with(
+        &["generate", "--prompt", CONTEXT, "--question", "Who?", "--max-new-tokens", "2", "--max-kv-memory", "4800K", "--press", "kvcompose", "--ratio", "0.5"],
+        "bytes of KV cache",
+    );
+    assert!(start.elapsed().as_secs() < 60);
+}

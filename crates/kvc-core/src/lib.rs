@@ -4,7 +4,7 @@
 //! through kvc-models' pipeline (`examples/compress.rs`; compiled as kvc-models' opening doc
 //! example, which kvc-core cannot depend on):
 //!
-//! ```ignore
+//! ```text
 //! use kvc_core::{Budget, PressSpec};
 //! use kvc_models::pipeline::{Pipeline, Request};
 //! let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, device)?;

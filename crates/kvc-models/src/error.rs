@@ -101,6 +101,16 @@ pub enum ModelError {
     /// An error from the cache layer.
     #[error(transparent)]
     Core(#[from] kvc_core::CoreError),
+    /// The KV cache a request needs does not fit the memory it may use.
+    #[error("a context of {context} tokens needs {needed} bytes of KV cache ({:.1} MiB), more than the {available} bytes ({:.1} MiB) available; shorten the context or raise the limit", *needed as f64 / 1048576.0, *available as f64 / 1048576.0)]
+    KvMemory {
+        /// KV cache bytes at the peak ([`crate::pipeline::Pipeline::kv_bytes_needed`]).
+        needed: usize,
+        /// The limit.
+        available: usize,
+        /// Context tokens.
+        context: usize,
+    },
     /// A saved KV cache that cannot be written or read.
     #[error(transparent)]
     CacheFile(#[from] kvc_core::CacheFileError),

@@ -63,6 +63,10 @@ pub struct Request {
     /// Write the (compressed) context cache to this file before answering
     /// ([`Pipeline::save_cache`]); [`Pipeline::run_saved`] answers questions on it later.
     pub save_cache: Option<PathBuf>,
+    /// Bytes the KV caches may take at their peak (see [`Pipeline::kv_bytes_needed`]); a
+    /// request that needs more fails before the prefill allocates anything. `None`: no check
+    /// (the CLI passes the memory available on CPU backends, or `--max-kv-memory`).
+    pub kv_memory_limit: Option<usize>,
 }
 
 impl Default for Request {
@@ -76,6 +80,7 @@ impl Default for Request {
             generation: GenerationConfig::default(),
             compare: false,
             save_cache: None,
+            kv_memory_limit: None,
         }
     }
 }
@@ -344,6 +349,12 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         let tokens = self.tokenize(request)?;
         let longest = tokens.questions.iter().map(Vec::len).max().unwrap_or(0);
         generate::check_prompt(tokens.context.len() + longest, self.model.config.max_position_embeddings, request.generation.max_new_tokens)?;
+        if let Some(limit) = request.kv_memory_limit {
+            let needed = self.kv_bytes_needed(tokens.context.len(), longest + request.generation.max_new_tokens, request.press.as_ref());
+            if needed > limit {
+                return Err(ModelError::KvMemory { needed, available: limit, context: tokens.context.len() });
+            }
+        }
         let needs = match &request.press {
             Some(p) => {
                 let budget = p.budget()?;
@@ -394,6 +405,21 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             timings,
             held_back_question: request.questions.is_empty(),
         })
+    }
+
+    /// Bytes of KV cache alive at the peak of [`Pipeline::run`] for a context of `context` tokens,
+    /// `answer` more tokens per question (question + new tokens) and `press`: the prefilled cache
+    /// (`T` tokens) plus the larger of the press's working copy (`T`, and `T` more per pass over
+    /// the context the press makes: [`kvc_core::press::spec::PressDoc::refeeds`]) and an answer's
+    /// copy (`T + answer`). Per token: layers x KV heads x head_dim x 2 (keys, values) x the
+    /// weights' element size. Weights and activations are not counted.
+    pub fn kv_bytes_needed(&self, context: usize, answer: usize, press: Option<&PressSpec>) -> usize {
+        let c = &self.model.config;
+        let elem = self.model.model.embed_tokens.weight.val().dtype().size();
+        let per_token = c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem;
+        let refeeds = press.and_then(|p| kvc_core::press::spec::docs().into_iter().find(|d| d.name == p.name)).map_or(0, |d| d.refeeds);
+        let working = if press.is_some() { context * (1 + refeeds) } else { 0 };
+        per_token.saturating_mul(context + working.max(context + answer))
     }
 
     /// The header a cache of this model is saved with: the model's fingerprint and shape,

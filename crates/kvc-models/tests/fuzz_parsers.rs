@@ -1,8 +1,9 @@
 //! Mutation fuzzing of the model-file parsers, on stable Rust, within a fixed time budget.
 //!
 //! Targets: the GGUF reader (`GgufFile::open`, every tensor's `tensor_f32`, `ModelConfig::from_gguf`)
-//! seeded with a small synthetic GGUF, the all-tensor-types fixture of `gguf_types.rs` and the real
-//! SmolLM2 header (metadata, vocabulary, tensor directory); and HF folders (`config.json` + `model.safetensors` through
+//! seeded with a small synthetic GGUF and the all-tensor-types fixture of `gguf_types.rs`; the same
+//! plus the tokenizer and chat template built from GGUF metadata (`Tokenizer::from_gguf`, encode,
+//! render) seeded with the real SmolLM2 metadata (vocabulary, merges, template; no tensors); and HF folders (`config.json` + `model.safetensors` through
 //! `load_hf_decoder`) seeded with the tiny Llama 3 / Qwen2 / Qwen3 fixtures. Mutations: bit flips,
 //! truncation, interesting integers (0, 1, -1, 2^31, 2^32-1, 2^63, u64::MAX, the file size) written
 //! over aligned words, byte-range duplication and deletion, and for JSON numbers replaced by 0,
@@ -232,14 +233,34 @@ fn synthetic_gguf() -> Vec<u8> {
     out
 }
 
-/// The real SmolLM2 GGUF up to the end of its tensor directory (metadata, vocabulary, merges,
-/// directory); tensor data left out, so every tensor lies outside the file.
-fn smollm2_header() -> Vec<u8> {
+/// The real SmolLM2 GGUF's metadata (config, vocabulary, merges, special tokens, chat template)
+/// as a GGUF with no tensors: the header up to its tensor directory, tensor count set to 0. It
+/// opens, so mutations reach the tokenizer and chat-template readers.
+fn smollm2_metadata() -> Vec<u8> {
     let path = kvc_models::default_model::ensure_default_model().expect("the default model (CI fetches it)");
     let file = GgufFile::open(&path).expect("the real model opens");
     let header_end = file.tensors.iter().map(|t| t.offset).min().unwrap_or(0);
     let bytes = std::fs::read(&path).unwrap();
-    bytes[..header_end.min(bytes.len())].to_vec()
+    // the directory starts with the first tensor's name (u64 length + bytes)
+    let first = &file.tensors[0].name;
+    let mut pattern = (first.len() as u64).to_le_bytes().to_vec();
+    pattern.extend(first.as_bytes());
+    let dir = bytes[..header_end].windows(pattern.len()).rposition(|w| w == pattern.as_slice()).expect("tensor directory");
+    let mut seed = bytes[..dir].to_vec();
+    seed[8..16].copy_from_slice(&0u64.to_le_bytes());
+    seed
+}
+
+/// The GGUF reader, then the config, the tokenizer (vocabulary, merges, special tokens) and the
+/// chat template built from its metadata, used once each.
+fn gguf_metadata_target(path: &Path) {
+    gguf_target(path);
+    if let Ok(file) = GgufFile::open(path) {
+        if let Ok(tok) = kvc_models::Tokenizer::from_gguf(&file) {
+            let _ = tok.encode("Hello, world! 12345 ünïcödé", true);
+            let _ = tok.apply_chat_template(&[kvc_models::ChatMessage { role: "user".into(), content: "Hi".into() }]);
+        }
+    }
 }
 
 fn regressions(prefix: &str) -> Vec<(String, Vec<u8>)> {
@@ -257,8 +278,13 @@ fn regressions(prefix: &str) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Fuzzes a GGUF seed for `budget`; returns executions.
+/// Fuzzes a GGUF seed for `budget` through [`gguf_target`]; returns executions.
 fn fuzz_gguf(what: &str, seed: &[u8], budget: Duration, rng: &mut StdRng) -> usize {
+    fuzz_gguf_with(what, seed, budget, rng, gguf_target)
+}
+
+/// Fuzzes a GGUF seed for `budget` through `target`; returns executions.
+fn fuzz_gguf_with(what: &str, seed: &[u8], budget: Duration, rng: &mut StdRng, target: fn(&Path)) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     let start = Instant::now();
@@ -266,7 +292,7 @@ fn fuzz_gguf(what: &str, seed: &[u8], budget: Duration, rng: &mut StdRng) -> usi
     while n == 0 || start.elapsed() < budget {
         let input = mutate(seed, rng);
         std::fs::write(&path, &input).unwrap();
-        check(what, &input, input.len(), || gguf_target(&path));
+        check(what, &input, input.len(), || target(&path));
         n += 1;
     }
     n
@@ -298,12 +324,17 @@ fn gguf_reader_survives_mutations() {
     let t = Instant::now();
     let n_types = fuzz_gguf("gguf-types", &types, b, &mut rng);
     let types_s = t.elapsed().as_secs_f64();
-    let header = smollm2_header();
+    let header = smollm2_metadata();
+    std::fs::write(&path, &header).unwrap();
+    let seed = GgufFile::open(&path).expect("the metadata seed parses");
+    // (no config: it reads the vocabulary size from the embedding tensor; the synthetic seeds
+    // cover it)
+    kvc_models::Tokenizer::from_gguf(&seed).expect("the metadata seed's tokenizer");
     let t = Instant::now();
-    let n_real = fuzz_gguf("gguf-smollm2-header", &header, b, &mut rng);
+    let n_real = fuzz_gguf_with("gguf-smollm2-metadata", &header, b, &mut rng, gguf_metadata_target);
     let real_s = t.elapsed().as_secs_f64();
     println!(
-        "GGUF fuzzing: synthetic seed ({} B) {n_syn} inputs ({:.0}/s); all-types seed ({} B) {n_types} inputs ({:.0}/s); SmolLM2 header ({} B) {n_real} inputs ({:.1}/s)",
+        "GGUF fuzzing: synthetic seed ({} B) {n_syn} inputs ({:.0}/s); all-types seed ({} B) {n_types} inputs ({:.0}/s); SmolLM2 metadata with tokenizer and chat template ({} B) {n_real} inputs ({:.1}/s)",
         synthetic.len(),
         n_syn as f64 / syn_s,
         types.len(),

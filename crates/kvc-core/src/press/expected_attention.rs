@@ -73,6 +73,7 @@ impl Registered for ExpectedAttention {
         source: "kvpress presses/expected_attention_press.py; Devoto et al. 2025, arXiv 2510.00636",
         layout: Layout::Uniform,
         cost: "query mean and covariance accumulated during the prefill; a [heads, T, d] x [d, d] product per layer",
+        refeeds: 0,
         options: &[
             OptionDoc { name: "n_future_positions", default: "512", help: "future positions the RoPE rotation is averaged over" },
             OptionDoc { name: "n_sink", default: "4", help: "first tokens kept and left out of the statistics" },

@@ -19,6 +19,7 @@ impl Registered for Knorm {
         source: "kvpress presses/knorm_press.py; Devoto et al. 2024, arXiv 2406.11430",
         layout: Layout::Uniform,
         cost: "one pass over the keys",
+        refeeds: 0,
         options: &[],
     };
 

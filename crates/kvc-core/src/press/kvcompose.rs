@@ -115,6 +115,7 @@ impl KvCompose {
         source: "kvpress presses/kvcompose_press.py; Akulov et al. 2025, arXiv 2509.05165",
         layout: Layout::PerLayer,
         cost: "a second pass over the context (attention against 2T keys, explicit softmax)",
+        refeeds: 1,
         options: &[
             OptionDoc { name: "structured", default: "true", help: "false: per-head budgets (padded layout, padding masked)" },
             OptionDoc { name: "agg_task", default: "max", help: "reduction over queries: max or mean" },

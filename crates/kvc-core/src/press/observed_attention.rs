@@ -21,6 +21,7 @@ impl Registered for ObservedAttention {
         source: "kvpress presses/observed_attention_press.py; Zhang et al. 2023 (H2O), arXiv 2306.14048",
         layout: Layout::Uniform,
         cost: "the prefill takes the explicit-softmax attention path (probabilities summed per chunk)",
+        refeeds: 0,
         options: &[],
     };
 

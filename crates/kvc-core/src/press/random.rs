@@ -22,6 +22,7 @@ impl Registered for Random {
         source: "kvpress presses/random_press.py",
         layout: Layout::Uniform,
         cost: "none",
+        refeeds: 0,
         options: &[OptionDoc { name: "seed", default: "0", help: "generator seed: the same seed keeps the same tokens" }],
     };
 

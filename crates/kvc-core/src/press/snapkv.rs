@@ -50,6 +50,7 @@ impl Registered for SnapKv {
         source: "kvpress presses/snapkv_press.py; Li et al. 2024, arXiv 2404.14469",
         layout: Layout::Uniform,
         cost: "the window's queries kept during the prefill; one [heads, window, T] attention per layer",
+        refeeds: 0,
         options: &[
             OptionDoc { name: "window_size", default: "64", help: "observation window: the last context queries (kept)" },
             OptionDoc { name: "kernel_size", default: "5", help: "average-pooling kernel over positions (odd)" },

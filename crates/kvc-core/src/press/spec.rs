@@ -64,6 +64,9 @@ pub struct PressDoc {
     pub layout: Layout,
     /// What it costs beyond a plain prefill.
     pub cost: &'static str,
+    /// Times the press feeds the context through the model again while it compresses (KVCompose:
+    /// once, into a second copy of the cache); sizes the KV memory a compression needs.
+    pub refeeds: usize,
     /// Options with kvpress's defaults.
     pub options: &'static [OptionDoc],
 }
@@ -312,6 +315,7 @@ const PYRAMIDKV: PressDoc = PressDoc {
     source: "kvpress presses/pyramidkv_press.py; Cai et al. 2024, arXiv 2406.02069",
     layout: Layout::PerLayer,
     cost: "as snapkv",
+    refeeds: 0,
     options: &[
         OptionDoc { name: "window_size", default: "64", help: "observation window (last context queries), also the pyramid's base" },
         OptionDoc { name: "kernel_size", default: "5", help: "average-pooling kernel over positions (odd)" },
@@ -325,6 +329,7 @@ const ADAKV: PressDoc = PressDoc {
     source: "kvpress presses/adakv_press.py; Feng et al. 2024, arXiv 2407.11550",
     layout: Layout::PerHead,
     cost: "as its scorer; later attention calls add a per-head padding mask",
+    refeeds: 0,
     options: &[
         OptionDoc { name: "scorer", default: "snapkv", help: "the scorer press whose scores are used; its options pass through" },
         OptionDoc { name: "alpha_safeguard", default: "0.2", help: "fraction of the uniform budget every head keeps at least, [0, 1]" },

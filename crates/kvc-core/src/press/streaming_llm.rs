@@ -28,6 +28,7 @@ impl Registered for StreamingLlm {
         source: "kvpress presses/streaming_llm_press.py; Xiao et al. 2023, arXiv 2309.17453",
         layout: Layout::Uniform,
         cost: "none",
+        refeeds: 0,
         options: &[OptionDoc { name: "n_sink", default: "4", help: "initial tokens always kept" }],
     };
 

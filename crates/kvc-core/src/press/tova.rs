@@ -20,6 +20,7 @@ impl Registered for Tova {
         source: "kvpress presses/tova_press.py; Oren et al. 2024, arXiv 2401.06104",
         layout: Layout::Uniform,
         cost: "the last query kept during the prefill; one [heads, 1, T] attention per layer",
+        refeeds: 0,
         options: &[],
     };
 
