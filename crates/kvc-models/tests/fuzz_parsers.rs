@@ -166,6 +166,12 @@ fn gguf_target(path: &Path) {
 
 /// A small valid GGUF: metadata of every value type, tensors of several types.
 fn synthetic_gguf() -> Vec<u8> {
+    synthetic_gguf_with(&[])
+}
+
+/// [`synthetic_gguf`] with `extra` metadata entries `(key, GGUF value type, value bytes)` appended
+/// (a key already present is then duplicated).
+fn synthetic_gguf_with(extra: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
     let s = |x: &str| {
         let mut v = (x.len() as u64).to_le_bytes().to_vec();
         v.extend(x.as_bytes());
@@ -196,6 +202,9 @@ fn synthetic_gguf() -> Vec<u8> {
         arr.extend(s(t));
     }
     push("tokenizer.ggml.tokens", 9, arr);
+    for (key, kind, value) in extra {
+        push(key, *kind, value.clone());
+    }
     // (name, dims (ggml order), type, bytes)
     let f32s: Vec<u8> = (0..64).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect();
     let f16s: Vec<u8> = (0..64).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect();
@@ -233,14 +242,13 @@ fn synthetic_gguf() -> Vec<u8> {
     out
 }
 
-/// The real SmolLM2 GGUF's metadata (config, vocabulary, merges, special tokens, chat template)
+/// A real GGUF's metadata (config, vocabulary, merges, special tokens, chat template)
 /// as a GGUF with no tensors: the header up to its tensor directory, tensor count set to 0. It
 /// opens, so mutations reach the tokenizer and chat-template readers.
-fn smollm2_metadata() -> Vec<u8> {
-    let path = kvc_models::default_model::ensure_default_model().expect("the default model (CI fetches it)");
-    let file = GgufFile::open(&path).expect("the real model opens");
+fn metadata_seed(path: &Path) -> Vec<u8> {
+    let file = GgufFile::open(path).expect("the real model opens");
     let header_end = file.tensors.iter().map(|t| t.offset).min().unwrap_or(0);
-    let bytes = std::fs::read(&path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
     // the directory starts with the first tensor's name (u64 length + bytes)
     let first = &file.tensors[0].name;
     let mut pattern = (first.len() as u64).to_le_bytes().to_vec();
@@ -324,24 +332,66 @@ fn gguf_reader_survives_mutations() {
     let t = Instant::now();
     let n_types = fuzz_gguf("gguf-types", &types, b, &mut rng);
     let types_s = t.elapsed().as_secs_f64();
-    let header = smollm2_metadata();
-    std::fs::write(&path, &header).unwrap();
-    let seed = GgufFile::open(&path).expect("the metadata seed parses");
-    // (no config: it reads the vocabulary size from the embedding tensor; the synthetic seeds
-    // cover it)
-    kvc_models::Tokenizer::from_gguf(&seed).expect("the metadata seed's tokenizer");
+    // the real SmolLM2 and Qwen2.5-Coder metadata, half the budget each
+    let mut n_real = 0;
+    let mut header_len = 0;
     let t = Instant::now();
-    let n_real = fuzz_gguf_with("gguf-smollm2-metadata", &header, b, &mut rng, gguf_metadata_target);
+    for name in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
+        let model = kvc_models::default_model::resolve(Some(Path::new(name))).expect("the real models (CI fetches them)");
+        let header = metadata_seed(&model);
+        std::fs::write(&path, &header).unwrap();
+        let seed = GgufFile::open(&path).expect("the metadata seed parses");
+        // (no config: it reads the vocabulary size from the embedding tensor; the synthetic seeds
+        // cover it)
+        kvc_models::Tokenizer::from_gguf(&seed).expect("the metadata seed's tokenizer");
+        header_len += header.len();
+        n_real += fuzz_gguf_with(&format!("gguf-{name}-metadata"), &header, b / 2, &mut rng, gguf_metadata_target);
+    }
     let real_s = t.elapsed().as_secs_f64();
     println!(
-        "GGUF fuzzing: synthetic seed ({} B) {n_syn} inputs ({:.0}/s); all-types seed ({} B) {n_types} inputs ({:.0}/s); SmolLM2 metadata with tokenizer and chat template ({} B) {n_real} inputs ({:.1}/s)",
+        "GGUF fuzzing: synthetic seed ({} B) {n_syn} inputs ({:.0}/s); all-types seed ({} B) {n_types} inputs ({:.0}/s); SmolLM2 + Qwen2.5 metadata with tokenizer and chat template ({} B) {n_real} inputs ({:.1}/s)",
         synthetic.len(),
         n_syn as f64 / syn_s,
         types.len(),
         n_types as f64 / types_s,
-        header.len(),
+        header_len,
         n_real as f64 / real_s
     );
+}
+
+/// Header cases named by the fuzzing issue, each an error or a model, never a panic: alignment
+/// values 0, 3, 2^63 and u64::MAX; duplicated keys with the same or another value type; config
+/// keys of the wrong value type (string, array, float, negative, bool).
+#[test]
+fn gguf_header_edge_cases_are_errors_or_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("case.gguf");
+    let s = |x: &str| {
+        let mut v = (x.len() as u64).to_le_bytes().to_vec();
+        v.extend(x.as_bytes());
+        v
+    };
+    let u64v = |x: u64| x.to_le_bytes().to_vec();
+    let mut cases: Vec<(String, Vec<(&str, u32, Vec<u8>)>)> = Vec::new();
+    for a in [0u64, 3, 1 << 63, u64::MAX] {
+        cases.push((format!("alignment {a}"), vec![("general.alignment", 10, u64v(a))]));
+    }
+    cases.push(("alignment as a string".into(), vec![("general.alignment", 8, s("32"))]));
+    cases.push(("duplicate block_count, same type".into(), vec![("llama.block_count", 4, 7u32.to_le_bytes().to_vec())]));
+    cases.push(("duplicate block_count, u64 max".into(), vec![("llama.block_count", 10, u64v(u64::MAX))]));
+    cases.push(("duplicate architecture, another type".into(), vec![("general.architecture", 4, 1u32.to_le_bytes().to_vec())]));
+    cases.push(("head count as a string".into(), vec![("llama.attention.head_count", 8, s("four"))]));
+    cases.push(("head count negative".into(), vec![("llama.attention.head_count", 5, (-4i32).to_le_bytes().to_vec())]));
+    cases.push(("context length as a float".into(), vec![("llama.context_length", 6, 256.5f32.to_le_bytes().to_vec())]));
+    cases.push(("rope base as a bool".into(), vec![("llama.rope.freq_base", 7, vec![1])]));
+    let mut arr = 4u32.to_le_bytes().to_vec();
+    arr.extend(u64v(u64::MAX));
+    cases.push(("tokens: an array claiming u64::MAX entries".into(), vec![("tokenizer.ggml.tokens", 9, arr)]));
+    for (what, extra) in cases {
+        let input = synthetic_gguf_with(&extra);
+        std::fs::write(&path, &input).unwrap();
+        check(&what, &input, input.len(), || gguf_metadata_target(&path));
+    }
 }
 
 /// Mutates a `config.json`: numbers replaced by interesting values, keys dropped, or bytes.
