@@ -118,10 +118,11 @@ struct GenerateArgs {
     #[arg(long)]
     compare: bool,
     /// Float type of the weights, activations and KV cache on the device: f32 (default), or f16 /
-    /// bf16 (half the KV cache; flex and cuda; attention and press scores still compute in f32).
+    /// bf16 (half the KV cache; flex and cuda, wgpu f16 where the adapter has it; attention and
+    /// press scores still compute in f32; answers may differ from f32's).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
-    /// Most bytes the KV caches may take (e.g. 2G, 500M, 1048576); a context that needs more
+    /// Most bytes the KV caches may take (e.g. 2G, 512MiB, 500MB, 1048576); a context that needs more
     /// fails before the prefill. Default on CPU backends: the memory available (Linux
     /// MemAvailable); no check on GPU backends.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -132,7 +133,7 @@ struct GenerateArgs {
     save_cache: Option<PathBuf>,
     /// Answer --question(s) on a KV cache saved by --save-cache, without prefilling the context
     /// again (same model; give --chat if it was saved with --chat).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_file", "press", "ratio", "budget", "press_options", "compare", "save_cache"])]
+    #[arg(long, value_name = "FILE", requires = "question", conflicts_with_all = ["prompt", "prompt_file", "press", "ratio", "budget", "press_options", "compare", "save_cache"])]
     load_cache: Option<PathBuf>,
 }
 
@@ -170,6 +171,8 @@ struct GenerateJob {
     load_cache: Option<PathBuf>,
     /// Float type of weights and KV cache.
     dtype: DType,
+    /// Backend and dtype as the user named them (for messages).
+    names: (String, String),
 }
 
 impl backend::BackendJob for GenerateJob {
@@ -178,7 +181,7 @@ impl backend::BackendJob for GenerateJob {
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
         let t_load = std::time::Instant::now();
         if !B::supports_dtype(&device, self.dtype) {
-            bail!("--dtype {:?} is not supported by this backend", self.dtype);
+            bail!("--dtype {} is not supported by the {} backend", self.names.1, self.names.0);
         }
         let loaded =
             kvc_models::load_as::<B>(&self.model, &device, Some(self.dtype)).with_context(|| format!("loading model {}", self.model.display()))?;
@@ -309,7 +312,7 @@ fn print_summary(job: &GenerateJob, r: &Response, saved: Option<&CacheHeader>) {
     println!("---");
     if let (Some(h), Some(path)) = (saved, &job.load_cache) {
         let press = h.press.as_ref().map_or("no press".to_string(), PressSpec::label);
-        println!("saved cache       {} ({} context tokens, {press}, {} read back)", path.display(), h.context_tokens, human_bytes(r.kv_bytes.1));
+        println!("saved cache       {} ({} context tokens, {press}, {} of KV cache read back)", path.display(), h.context_tokens, human_bytes(r.kv_bytes.1));
     }
     if let Some(b) = &r.baseline {
         for (i, a) in b.iter().enumerate() {
@@ -362,7 +365,8 @@ fn print_summary(job: &GenerateJob, r: &Response, saved: Option<&CacheHeader>) {
         None => println!("KV cache          {} (context {})", human_bytes(first.kv_bytes_final), human_bytes(r.kv_bytes.0)),
     }
     if let Some(path) = &job.request.save_cache {
-        println!("saved cache       {} ({})", path.display(), human_bytes(r.kv_bytes.1));
+        let size = std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
+        println!("saved cache       {} (a {} file)", path.display(), human_bytes(size));
     }
 }
 
@@ -429,24 +433,26 @@ fn presses(json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A byte count with an optional K/M/G/T suffix (powers of 1024), e.g. `2G`, `512M`, `1048576`.
+/// A byte count with an optional unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, MB,
+/// GB, TB (powers of 1000), B; e.g. `2G`, `512MiB`, `100MB`, `1048576`.
 fn parse_size(text: &str) -> Result<usize, String> {
     let t = text.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix {c:?} (K, M, G, T)")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = (&t[..split], t[split..].trim());
+    let scale: usize = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return Err(format!("{text:?} is not a size: a number of bytes with an optional unit K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), KB/MB/GB/TB (powers of 1000), e.g. 2G, 500MB")),
     };
-    let n: usize = digits.trim().parse().map_err(|_| format!("{text:?} is not a size (e.g. 2G, 500M, 1048576)"))?;
-    n.checked_mul(1usize << shift).filter(|&b| b > 0).ok_or_else(|| format!("size {text:?} is 0 or too large"))
+    let n: usize = digits.parse().map_err(|_| format!("{text:?} is not a size: it must start with a whole number of units, e.g. 2G, 500MB, 1048576"))?;
+    n.checked_mul(scale).filter(|&b| b > 0).ok_or_else(|| format!("size {text:?} is 0 or too large"))
 }
 
 /// Bytes of memory available to new allocations (Linux `/proc/meminfo` MemAvailable); `None`
@@ -477,8 +483,11 @@ fn real_main() -> Result<()> {
             if context.is_empty() && a.load_cache.is_none() {
                 bail!("the prompt is empty");
             }
-            if a.load_cache.is_some() && a.question.is_empty() {
-                bail!("--load-cache needs --question (the saved cache is the context)");
+            if let Some(dir) = a.save_cache.as_ref().map(|f| f.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."))) {
+                // checked before the model loads and the context is prefilled
+                if !dir.is_dir() {
+                    bail!("--save-cache: folder {} does not exist", dir.display());
+                }
             }
             let generation = GenerationConfig {
                 max_new_tokens: a.max_new_tokens,
@@ -513,9 +522,28 @@ fn real_main() -> Result<()> {
                 "bf16" => DType::BF16,
                 _ => DType::F32,
             };
-            backend::run(&a.model.backend, GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone(), dtype })
+            let job = GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone(), dtype, names: (a.model.backend.clone(), a.dtype.clone()) };
+            backend::run(&a.model.backend, job)
         }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Presses { json } => presses(json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("4800k"), Ok(4800 << 10));
+        assert_eq!(parse_size("7 B"), Ok(7));
+        for bad in ["", "lots", "1.5G", "12Q", "-3M", "0", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

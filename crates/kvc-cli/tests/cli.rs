@@ -207,7 +207,8 @@ fn a_saved_cache_answers_in_another_process() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("saved cache"), "{}", String::from_utf8_lossy(&out.stdout));
     // refused: another model, no question, a context beside it, a missing file, another chat setting
     fails_with(&["generate", "--model", "qwen2.5-coder-0.5b-instruct", "--load-cache", file, "--chat", "--question", q], "does not fit this model");
-    fails_with(&["generate", "--load-cache", file], "--load-cache needs --question");
+    fails_with(&["generate", "--load-cache", file], "usage:--question");
+    fails_with(&["generate", "--prompt", "x", "--save-cache", "/nonexistent/dir/ctx.kvc"], "folder /nonexistent/dir does not exist");
     fails_with(&["generate", "--load-cache", file, "--prompt", "x", "--question", q], "usage:cannot be used with");
     fails_with(&["generate", "--load-cache", "/nonexistent/ctx.kvc", "--question", q], "/nonexistent/ctx.kvc");
     fails_with(&["generate", "--load-cache", file, "--question", q], "chat template");
@@ -221,7 +222,7 @@ fn a_context_too_large_for_the_kv_memory_fails_before_the_prefill() {
         &["generate", "--prompt-file", "../../assets/pride_and_prejudice_ch1-2.txt", "--question", "Who?", "--max-kv-memory", "20M"],
         "bytes of KV cache",
     );
-    fails_with(&["generate", "--prompt", "x", "--max-kv-memory", "12Q"], "usage:unknown size suffix");
+    fails_with(&["generate", "--prompt", "x", "--max-kv-memory", "12Q"], "usage:is not a size");
     fails_with(&["generate", "--prompt", "x", "--max-kv-memory", "0"], "usage:is 0 or too large");
     // KVCompose's second pass over the context needs a third copy: refused where a plain run fits
     let plain = kvc(&["generate", "--prompt", CONTEXT, "--question", "Who?", "--max-new-tokens", "2", "--max-kv-memory", "4800K"]);

@@ -48,7 +48,7 @@ pub struct CacheHeader {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheFileError {
     /// Reading or writing the file failed.
-    #[error("{path}: {source}")]
+    #[error("cannot read or write the KV-cache file {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -139,7 +139,7 @@ impl<B: Backend> KvCache<B> {
     pub fn load(path: &Path, device: &B::Device) -> Result<(Self, CacheHeader), CacheFileError> {
         let bytes = std::fs::read(path).map_err(|source| CacheFileError::Io { path: path.to_path_buf(), source })?;
         let invalid = |reason: String| CacheFileError::Invalid { path: path.to_path_buf(), reason };
-        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(format!("damaged or truncated, or not safetensors ({e})")))?;
         let meta = metadata.metadata().clone().unwrap_or_default();
         match meta.get("format") {
             Some(f) if f == FORMAT => {}
@@ -152,7 +152,7 @@ impl<B: Backend> KvCache<B> {
         if layers == 0 || heads == 0 || dim == 0 {
             return Err(invalid("a header with 0 layers, heads or head size".into()));
         }
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(format!("damaged or truncated ({e})")))?;
         let expected = layers.checked_mul(3).ok_or_else(|| invalid("layer count overflows".into()))?;
         if st.len() < expected {
             return Err(invalid(format!("{} tensors for {layers} layers (at least {expected} needed)", st.len())));

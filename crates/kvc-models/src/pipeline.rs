@@ -492,7 +492,11 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             return refuse("ask at least one question");
         }
         if request.chat != header.chat {
-            return refuse(if header.chat { "it was built with the chat template; ask with it too" } else { "it was built without the chat template; ask without it" });
+            return refuse(if header.chat {
+                "it was saved with the chat template (--chat): ask with it too"
+            } else {
+                "it was saved without the chat template (no --chat): ask without it"
+            });
         }
         // the question's ids do not depend on the context (see `generate::split_prompt`)
         let tokens = self.tokenize(&Request { context: "context".into(), ..request.clone() })?;
