@@ -132,7 +132,7 @@ enum Command {
         /// Float types of weights and KV cache to run each backend in (f32, f16, bf16); the
         /// reference is the first backend in the first type. A type a backend does not support
         /// gives a row that says so.
-        #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        #[arg(long, alias = "dtype", value_delimiter = ',', default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
         dtypes: Vec<String>,
     },
     /// Prefill, compression and decode time against context length: a table (stdout), a JSON

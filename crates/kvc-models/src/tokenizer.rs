@@ -60,7 +60,10 @@ impl Tokenizer {
         if !path.exists() {
             return Err(ModelError::Tokenizer(format!("no tokenizer.json in {}", dir.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        // tokenizers 0.22 panics on some malformed files (an `unwrap` in its decoder
+        // deserializer; found by tests/fuzz_parsers.rs): caught and reported as an error
+        let inner = catch_quietly(|| tokenizers::Tokenizer::from_file(&path))
+            .map_err(|panic| ModelError::Tokenizer(format!("{}: invalid tokenizer file ({panic})", path.display())))?
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         let read = |name: &str| -> Value {
             std::fs::read_to_string(dir.join(name)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
@@ -272,4 +275,16 @@ impl Tokenizer {
             })
             .map_err(err)
     }
+}
+
+/// Runs `f`, turning a panic into `Err(message)` without printing it (the default panic hook is
+/// swapped out while `f` runs). For third-party parsers that panic on malformed input.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.map_err(|p| {
+        p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+    })
 }

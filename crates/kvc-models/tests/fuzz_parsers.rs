@@ -478,3 +478,124 @@ fn hf_folder_loader_survives_mutations() {
     let secs = start.elapsed().as_secs_f64();
     println!("HF folder fuzzing: {n_config} config.json + {n_weights} safetensors inputs ({:.0}/s)", (n_config + n_weights) as f64 / secs);
 }
+
+/// One random mutation of a JSON document's tree: a random node (object value or array element,
+/// at any depth) replaced by an interesting value, removed, or duplicated; bytes when it does
+/// not parse.
+fn mutate_json_tree(text: &str, rng: &mut StdRng) -> Vec<u8> {
+    let Ok(mut root) = serde_json::from_str::<serde_json::Value>(text) else {
+        return mutate(text.as_bytes(), rng);
+    };
+    // walk down a random path, stopping with probability 1/3 at each level
+    let mut node = &mut root;
+    loop {
+        let len = match node {
+            serde_json::Value::Object(m) => m.len(),
+            serde_json::Value::Array(a) => a.len(),
+            _ => 0,
+        };
+        if len == 0 || rng.random_range(0..3) == 0 {
+            break;
+        }
+        let i = rng.random_range(0..len);
+        let replace = rng.random_range(0..4) == 0;
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!(0),
+            serde_json::json!(-1),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(1e300),
+            serde_json::json!(""),
+            serde_json::json!("\u{0}<|im_end|>\u{ffff}"),
+            serde_json::json!([]),
+            serde_json::json!({}),
+            serde_json::json!(true),
+        ];
+        let value = values[rng.random_range(0..values.len())].clone();
+        match node {
+            serde_json::Value::Object(m) => {
+                let key = m.keys().nth(i).cloned().unwrap();
+                if replace {
+                    match rng.random_range(0..3) {
+                        0 => m[&key] = value,
+                        1 => {
+                            m.remove(&key);
+                        }
+                        _ => {
+                            let copy = m[&key].clone();
+                            m.insert(format!("{key}_"), copy);
+                        }
+                    }
+                    break;
+                }
+                node = m.get_mut(&key).unwrap();
+            }
+            serde_json::Value::Array(a) => {
+                if replace {
+                    match rng.random_range(0..3) {
+                        0 => a[i] = value,
+                        1 => {
+                            a.remove(i);
+                        }
+                        _ => {
+                            let copy = a[i].clone();
+                            a.insert(i, copy);
+                        }
+                    }
+                    break;
+                }
+                node = &mut a[i];
+            }
+            _ => break,
+        }
+    }
+    serde_json::to_vec(&root).unwrap()
+}
+
+/// HF tokenizer folders (`tokenizer.json` through the tokenizers crate, `tokenizer_config.json`'s
+/// tokens and chat template through ours), seeded with a 400-token BPE fixture
+/// (`tools/make_tokenizer_fixture.py`): tree and byte mutations of either file, then an encode,
+/// a decode and a chat-template render.
+#[test]
+fn hf_tokenizer_survives_mutations() {
+    let seed = fixture("tiny_tokenizer");
+    let tok = kvc_models::Tokenizer::from_hf_dir(&seed).expect("seed tokenizer loads");
+    assert!(tok.vocab_size() >= 300 && tok.chat_template().is_some());
+    let tokenizer = std::fs::read_to_string(seed.join("tokenizer.json")).unwrap();
+    let config = std::fs::read_to_string(seed.join("tokenizer_config.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, input) in regressions("tokenizer") {
+        std::fs::write(d.join("tokenizer.json"), &input).unwrap();
+        std::fs::write(d.join("tokenizer_config.json"), &config).unwrap();
+        check(&name, &input, input.len() + config.len(), || tokenizer_target(d));
+    }
+    let mut rng = StdRng::seed_from_u64(0x746f_6b65);
+    let start = Instant::now();
+    let (mut n_tok, mut n_cfg) = (0, 0);
+    while n_tok + n_cfg == 0 || start.elapsed() < budget() {
+        let (t, c, what) = if rng.random_bool(0.7) {
+            n_tok += 1;
+            let t = if rng.random_bool(0.7) { mutate_json_tree(&tokenizer, &mut rng) } else { mutate(tokenizer.as_bytes(), &mut rng) };
+            (t, config.clone().into_bytes(), "tokenizer")
+        } else {
+            n_cfg += 1;
+            (tokenizer.clone().into_bytes(), mutate_json_tree(&config, &mut rng), "tokenizer-config")
+        };
+        std::fs::write(d.join("tokenizer.json"), &t).unwrap();
+        std::fs::write(d.join("tokenizer_config.json"), &c).unwrap();
+        let input = if what == "tokenizer" { &t } else { &c };
+        check(what, input, t.len() + c.len(), || tokenizer_target(d));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("HF tokenizer fuzzing: {n_tok} tokenizer.json + {n_cfg} tokenizer_config.json inputs ({:.0}/s)", (n_tok + n_cfg) as f64 / secs);
+}
+
+fn tokenizer_target(dir: &Path) {
+    if let Ok(tok) = kvc_models::Tokenizer::from_hf_dir(dir) {
+        if let Ok(ids) = tok.encode("It is a truth universally acknowledged, 12 ünïcödé <|im_end|>", true) {
+            let _ = tok.decode(&ids, false);
+        }
+        let _ = tok.apply_chat_template(&[kvc_models::ChatMessage { role: "user".into(), content: "Hi".into() }]);
+    }
+}
