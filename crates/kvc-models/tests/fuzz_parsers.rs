@@ -361,7 +361,8 @@ fn gguf_reader_survives_mutations() {
 
 /// Header cases named by the fuzzing issue, each an error or a model, never a panic: alignment
 /// values 0, 3, 2^63 and u64::MAX; duplicated keys with the same or another value type; config
-/// keys of the wrong value type (string, array, float, negative, bool).
+/// keys of the wrong value type (string, array, float, negative, bool); and the synthetic file
+/// truncated at every offset (an error every time).
 #[test]
 fn gguf_header_edge_cases_are_errors_or_models() {
     let dir = tempfile::tempdir().unwrap();
@@ -391,6 +392,22 @@ fn gguf_header_edge_cases_are_errors_or_models() {
         let input = synthetic_gguf_with(&extra);
         std::fs::write(&path, &input).unwrap();
         check(&what, &input, input.len(), || gguf_metadata_target(&path));
+    }
+    // truncation at every offset of the synthetic file: an error, unless only the padding after
+    // the last tensor is cut (then every tensor reads as in the whole file)
+    let whole = synthetic_gguf();
+    std::fs::write(&path, &whole).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let names: Vec<String> = file.tensors.iter().map(|t| t.name.clone()).collect();
+    let read_all = |f: &GgufFile| names.iter().map(|n| f.tensor_f32(n).map(|t| t.0)).collect::<Result<Vec<_>, _>>();
+    let expected = read_all(&file).unwrap();
+    let data_end = whole.len() - whole.iter().rev().take_while(|&&b| b == 0).count();
+    for cut in 0..whole.len() {
+        std::fs::write(&path, &whole[..cut]).unwrap();
+        check(&format!("truncated at {cut}"), &whole[..cut], cut, || match GgufFile::open(&path).and_then(|f| read_all(&f)) {
+            Ok(all) => assert!(cut >= data_end && all == expected, "a GGUF truncated at {cut} of {} read differently", whole.len()),
+            Err(_) => {}
+        });
     }
 }
 
