@@ -129,7 +129,7 @@ struct GenerateArgs {
     max_kv_memory: Option<usize>,
     /// Save the context's (compressed) KV cache to FILE (safetensors: keys, values, original
     /// positions, per-head masks, model fingerprint) before answering.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "question")]
     save_cache: Option<PathBuf>,
     /// Answer --question(s) on a KV cache saved by --save-cache, without prefilling the context
     /// again (same model; give --chat if it was saved with --chat).

@@ -208,7 +208,9 @@ fn a_saved_cache_answers_in_another_process() {
     // refused: another model, no question, a context beside it, a missing file, another chat setting
     fails_with(&["generate", "--model", "qwen2.5-coder-0.5b-instruct", "--load-cache", file, "--chat", "--question", q], "does not fit this model");
     fails_with(&["generate", "--load-cache", file], "usage:--question");
-    fails_with(&["generate", "--prompt", "x", "--save-cache", "/nonexistent/dir/ctx.kvc"], "folder /nonexistent/dir does not exist");
+    fails_with(&["generate", "--prompt", "x", "--question", q, "--save-cache", "/nonexistent/dir/ctx.kvc"], "folder /nonexistent/dir does not exist");
+    // without a question the last prompt token would be held back: nothing later could follow it
+    fails_with(&["generate", "--prompt", "x", "--save-cache", file], "usage:--question");
     fails_with(&["generate", "--load-cache", file, "--prompt", "x", "--question", q], "usage:cannot be used with");
     fails_with(&["generate", "--load-cache", "/nonexistent/ctx.kvc", "--question", q], "/nonexistent/ctx.kvc");
     fails_with(&["generate", "--load-cache", file, "--question", q], "chat template");

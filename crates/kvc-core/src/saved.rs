@@ -122,7 +122,9 @@ impl<B: Backend> KvCache<B> {
         let header_json = serde_json::to_string(header).map_err(|e| CacheFileError::Unsavable(e.to_string()))?;
         let meta = HashMap::from([("format".to_string(), FORMAT.to_string()), ("kvc".to_string(), header_json)]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| CacheFileError::Unsavable(e.to_string()))?;
-        let tmp = path.with_extension("partial");
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let tmp = path.with_file_name(name);
         let io = |source| CacheFileError::Io { path: path.to_path_buf(), source };
         std::fs::write(&tmp, bytes).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
@@ -152,6 +154,9 @@ impl<B: Backend> KvCache<B> {
         if layers == 0 || heads == 0 || dim == 0 {
             return Err(invalid("a header with 0 layers, heads or head size".into()));
         }
+        if header.context_tokens != header.next_position {
+            return Err(invalid(format!("{} context tokens but next position {}", header.context_tokens, header.next_position)));
+        }
         let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(format!("damaged or truncated ({e})")))?;
         let expected = layers.checked_mul(3).ok_or_else(|| invalid("layer count overflows".into()))?;
         if st.len() < expected {
@@ -169,6 +174,9 @@ impl<B: Backend> KvCache<B> {
                 return Err(invalid(format!("layer {layer}: values {:?} {:?} differ from keys {shape:?} {:?}", values.shape(), values.dtype(), keys.dtype())));
             }
             let dtype = burn_dtype(keys.dtype()).ok_or_else(|| invalid(format!("layer {layer}: {:?} keys (F32, F16 or BF16 expected)", keys.dtype())))?;
+            if !B::supports_dtype(device, dtype) {
+                return Err(invalid(format!("{dtype:?} keys and values, which this backend does not support (load it on one that does, e.g. flex)")));
+            }
             let slots = shape[..3].to_vec();
             if positions.shape() != slots.as_slice() || positions.dtype() != Dtype::U32 {
                 return Err(invalid(format!("layer {layer}: positions {:?} {:?}, expected U32 {slots:?}", positions.dtype(), positions.shape())));
@@ -292,7 +300,7 @@ mod tests {
         }
         // a positions entry at or past the next position
         let mut h = header(6);
-        h.next_position = 5;
+        (h.next_position, h.context_tokens) = (5, 5);
         cache().save(&path, &h).unwrap();
         let e = KvCache::<B>::load(&path, &Default::default()).unwrap_err().to_string();
         assert!(e.contains("next position"), "{e}");
@@ -328,6 +336,9 @@ mod tests {
             assert_eq!(b.keys.dtype(), dtype);
             assert_eq!(a.values.to_data().as_bytes(), b.values.to_data().as_bytes(), "{dtype:?}");
             assert_eq!(loaded.bytes(), cache.bytes());
+            // a backend without the dtype: an error, not a panic in the backend
+            let e = KvCache::<B>::load(&path, &Default::default()).unwrap_err().to_string();
+            assert!(e.contains("does not support"), "{e}");
         }
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -349,6 +349,11 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         let tokens = self.tokenize(request)?;
         let longest = tokens.questions.iter().map(Vec::len).max().unwrap_or(0);
         generate::check_prompt(tokens.context.len() + longest, self.model.config.max_position_embeddings, request.generation.max_new_tokens)?;
+        if request.save_cache.is_some() && request.questions.is_empty() {
+            // without a question the last context token is held back (and a chat context ends in
+            // the assistant header): a cache that later questions could not follow
+            return Err(ModelError::Generation("saving the KV cache needs at least one question (the cache is the context before it)".into()));
+        }
         if let Some(limit) = request.kv_memory_limit {
             let needed = self.kv_bytes_needed(tokens.context.len(), longest + request.generation.max_new_tokens, request.press.as_ref());
             if needed > limit {
@@ -409,17 +414,19 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
 
     /// Bytes of KV cache alive at the peak of [`Pipeline::run`] for a context of `context` tokens,
     /// `answer` more tokens per question (question + new tokens) and `press`: the prefilled cache
-    /// (`T` tokens) plus the larger of the press's working copy (`T`, and `T` more per pass over
-    /// the context the press makes: [`kvc_core::press::spec::PressDoc::refeeds`]) and an answer's
-    /// copy (`T + answer`). Per token: layers x KV heads x head_dim x 2 (keys, values) x the
+    /// (`T` tokens) plus, without a press, an answer's copy (`T + answer`); with one, the larger of
+    /// the press's working copy (`T`, and `T` more per pass over the context the press makes:
+    /// [`kvc_core::press::spec::PressDoc::refeeds`]) and the compressed cache with an answer's copy
+    /// (at most `2T + answer`). Per token: layers x KV heads x head_dim x 2 (keys, values) x the
     /// weights' element size. Weights and activations are not counted.
     pub fn kv_bytes_needed(&self, context: usize, answer: usize, press: Option<&PressSpec>) -> usize {
         let c = &self.model.config;
         let elem = self.model.model.embed_tokens.weight.val().dtype().size();
         let per_token = c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem;
         let refeeds = press.and_then(|p| kvc_core::press::spec::docs().into_iter().find(|d| d.name == p.name)).map_or(0, |d| d.refeeds);
-        let working = if press.is_some() { context * (1 + refeeds) } else { 0 };
-        per_token.saturating_mul(context + working.max(context + answer))
+        // with a press the prefilled cache stays alive beside the compressed one and its answer copy
+        let working = if press.is_some() { (context * (1 + refeeds)).max(2 * context + answer) } else { context + answer };
+        per_token.saturating_mul(context + working)
     }
 
     /// The header a cache of this model is saved with: the model's fingerprint and shape,
@@ -502,7 +509,7 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         let tokens = self.tokenize(&Request { context: "context".into(), ..request.clone() })?;
         let c = &self.model.config;
         let elem = cache.layer(0).ok().flatten().map_or(4, |kv| kv.keys.dtype().size());
-        let uncompressed = header.context_tokens * c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem;
+        let uncompressed = header.context_tokens.saturating_mul(c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem);
         let start = Instant::now();
         let mut answers = Vec::with_capacity(tokens.questions.len());
         for (question, q) in tokens.questions.iter().enumerate() {

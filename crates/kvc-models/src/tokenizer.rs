@@ -277,13 +277,28 @@ impl Tokenizer {
     }
 }
 
-/// Runs `f`, turning a panic into `Err(message)` without printing it (the default panic hook is
-/// swapped out while `f` runs). For third-party parsers that panic on malformed input.
+/// Runs `f`, turning a panic into `Err(message)` without printing it. For third-party parsers
+/// that panic on malformed input. A panic hook installed once wraps the previous one and stays
+/// silent only on a thread inside `catch_quietly` (no hook swapping, so concurrent callers and
+/// other threads' panics are unaffected).
 fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    use std::cell::Cell;
+    use std::sync::Once;
+    thread_local! {
+        static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(hook);
+    QUIET.with(|q| q.set(was));
     result.map_err(|p| {
         p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
     })

@@ -216,6 +216,7 @@ fn smol_in<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<(Vec<f3
 fn half_precision_halves_the_cache_and_keeps_the_answer() {
     use burn::tensor::DType;
     let reference = smol_in::<burn::backend::Flex>("flex", DType::F32).unwrap();
+    let mut checked = 0;
     for dtype in [DType::F16, DType::BF16] {
         for (name, run) in each_backend!(smol_in, dtype) {
             let Some((logits, tokens, bytes)) = run else {
@@ -227,6 +228,8 @@ fn half_precision_halves_the_cache_and_keeps_the_answer() {
             assert_eq!(bytes * 2, reference.2, "{name} {dtype:?}: KV cache bytes");
             assert!(d < 1.0, "{name} {dtype:?}: logits differ from f32 by {d}");
             assert_eq!(tokens, reference.1, "{name} {dtype:?}: greedy tokens");
+            checked += 1;
         }
     }
+    assert!(checked >= 2, "flex runs f16 and bf16: only {checked} backend/dtype pairs checked");
 }

@@ -36,7 +36,7 @@
 //! Batch 1 only (as kvpress's unstructured path; the structured path is batch-1 in kvpress's
 //! scoring too, since it aggregates over the batch).
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::capture::PrefillCapture;
 use crate::press::spec::{Layout, OptionDoc, Options, PressDoc};
@@ -340,7 +340,8 @@ impl KvCompose {
             for l in 0..layers {
                 let kv = cache.layer(l)?.ok_or(CoreError::EmptyLayer(l))?;
                 let [_, h, len, _] = kv.values.dims();
-                norms.push(host(kv.values.clone().square().sum_dim(3).sqrt().reshape([h, len]))?);
+                // in f32 whatever the cache's dtype (an f16 sum of squares overflows)
+                norms.push(host(kv.values.clone().cast(DType::F32).square().sum_dim(3).sqrt().reshape([h, len]))?);
             }
             Some(norms)
         } else {
