@@ -143,11 +143,18 @@ fn fail(what: &str, input: &[u8], why: &str) -> ! {
 }
 
 fn check(what: &str, input: &[u8], size: usize, run: impl FnOnce()) {
+    check_with_slack(what, input, size, 1 << 20, run);
+}
+
+/// [`check`] with `slack` bytes instead of 1 MiB beside the 64x bound: the tokenizers crate
+/// allocates fixed-size tables (~1.5 MB seen for a 6 KB tokenizer.json, depending on hashing)
+/// whatever the file says.
+fn check_with_slack(what: &str, input: &[u8], size: usize, slack: usize, run: impl FnOnce()) {
     let (panicked, largest) = watched(run);
     if panicked {
         fail(what, input, "panicked");
     }
-    let bound = 64 * size + (1 << 20);
+    let bound = 64 * size + slack;
     if largest > bound {
         fail(what, input, &format!("allocated {largest} bytes at once for a {size}-byte input (bound {bound})"));
     }
@@ -585,7 +592,7 @@ fn hf_tokenizer_survives_mutations() {
     for (name, input) in regressions("tokenizer") {
         std::fs::write(d.join("tokenizer.json"), &input).unwrap();
         std::fs::write(d.join("tokenizer_config.json"), &config).unwrap();
-        check(&name, &input, input.len() + config.len(), || tokenizer_target(d));
+        check_with_slack(&name, &input, input.len() + config.len(), 8 << 20, || tokenizer_target(d));
     }
     let mut rng = StdRng::seed_from_u64(0x746f_6b65);
     let start = Instant::now();
@@ -602,7 +609,7 @@ fn hf_tokenizer_survives_mutations() {
         std::fs::write(d.join("tokenizer.json"), &t).unwrap();
         std::fs::write(d.join("tokenizer_config.json"), &c).unwrap();
         let input = if what == "tokenizer" { &t } else { &c };
-        check(what, input, t.len() + c.len(), || tokenizer_target(d));
+        check_with_slack(what, input, t.len() + c.len(), 8 << 20, || tokenizer_target(d));
     }
     let secs = start.elapsed().as_secs_f64();
     println!("HF tokenizer fuzzing: {n_tok} tokenizer.json + {n_cfg} tokenizer_config.json inputs ({:.0}/s)", (n_tok + n_cfg) as f64 / secs);
