@@ -420,9 +420,7 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     /// (at most `2T + answer`). Per token: layers x KV heads x head_dim x 2 (keys, values) x the
     /// weights' element size. Weights and activations are not counted.
     pub fn kv_bytes_needed(&self, context: usize, answer: usize, press: Option<&PressSpec>) -> usize {
-        let c = &self.model.config;
-        let elem = self.model.model.embed_tokens.weight.val().dtype().size();
-        let per_token = c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem;
+        let per_token = self.kv_bytes_per_token();
         let refeeds = press.and_then(|p| kvc_core::press::spec::docs().into_iter().find(|d| d.name == p.name)).map_or(0, |d| d.refeeds);
         // with a press the prefilled cache stays alive beside the compressed one and its answer copy
         let working = if press.is_some() { (context * (1 + refeeds)).max(2 * context + answer) } else { context + answer };
@@ -507,9 +505,8 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         }
         // the question's ids do not depend on the context (see `generate::split_prompt`)
         let tokens = self.tokenize(&Request { context: "context".into(), ..request.clone() })?;
-        let c = &self.model.config;
-        let elem = cache.layer(0).ok().flatten().map_or(4, |kv| kv.keys.dtype().size());
-        let uncompressed = header.context_tokens.saturating_mul(c.num_layers * c.num_kv_heads * c.head_dim * 2 * elem);
+        // the cache's dtype is the model's: `load_cache` checked the fingerprint (weights' bits)
+        let uncompressed = header.context_tokens.saturating_mul(self.kv_bytes_per_token());
         let start = Instant::now();
         let mut answers = Vec::with_capacity(tokens.questions.len());
         for (question, q) in tokens.questions.iter().enumerate() {
@@ -524,6 +521,13 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             timings: Timings { answer: start.elapsed().as_secs_f64(), ..Default::default() },
             held_back_question: false,
         })
+    }
+
+    /// KV cache bytes of one token: layers x KV heads x head_dim x 2 (keys, values) x the
+    /// weights' element size.
+    fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.model.config;
+        c.num_layers * c.num_kv_heads * c.head_dim * 2 * self.model.model.embed_tokens.weight.val().dtype().size()
     }
 
     fn sync(&self) -> Result<()> {
