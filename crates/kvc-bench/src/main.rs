@@ -356,7 +356,8 @@ impl backend::BackendJob for CompressJob<'_> {
             let prefilled = pipeline.prefill(&ids, needs, self.chunk, &mut |_| {})?;
             best_prefill = best_prefill.min(prefilled.seconds);
             if let Some(spec) = &spec {
-                let c = pipeline.compress(&prefilled, spec, &mut |_, _| {})?;
+                // in place, as `kvc generate` compresses (one context cache at the peak)
+                let c = pipeline.compress_prefilled(prefilled, spec, &mut |_, _| {})?;
                 best_compress = best_compress.min(c.seconds);
                 bytes = (c.report.bytes_before, c.report.bytes_after);
             }
@@ -518,7 +519,7 @@ impl backend::BackendJob for SpeedJob<'_> {
     type Output = ();
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
-        let loaded = kvc_models::load::<B>(self.model, &device)?;
+        let mut loaded = kvc_models::load::<B>(self.model, &device)?;
         let ids = context_ids(&loaded.tokenizer, self.text, self.lens.iter().copied().max().unwrap_or(1))?;
         for &n in self.lens {
             let prompt = &ids[..n];
@@ -532,13 +533,26 @@ impl backend::BackendJob for SpeedJob<'_> {
             let logits = burn::tensor::Tensor::<B, 3>::from_data(logits.into_data(), &device);
             let prefill = t.elapsed().as_secs_f64();
             let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
-            let d = generate::decode(&loaded.model, &mut cache, logits, &cfg, &[], |_| true, &device)?;
+            let d = generate::decode(&loaded.model, &mut cache, logits.clone(), &cfg, &[], |_| true, &device)?;
             let decode_tps = (d.tokens.len().saturating_sub(1)) as f64 / d.elapsed.as_secs_f64();
+            let kv_bytes = cache.bytes();
+            // the same steps on the dense f32 weights (the lever measured in the same run)
+            let dense_tps = if loaded.model.quantized_decode() {
+                cache.truncate(n);
+                cache.set_next_position(n);
+                loaded.model.set_quantized_decode(false);
+                let dense = generate::decode(&loaded.model, &mut cache, logits, &cfg, &[], |_| true, &device);
+                loaded.model.set_quantized_decode(true);
+                let dense = dense?;
+                Some((dense.tokens.len().saturating_sub(1)) as f64 / dense.elapsed.as_secs_f64())
+            } else {
+                None
+            };
             println!(
                 "{}",
                 serde_json::json!({"backend": self.name, "prompt_tokens": n, "prefill_s": prefill,
                     "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
-                    "kv_cache_bytes": cache.bytes()})
+                    "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes})
             );
         }
         Ok(())

@@ -54,6 +54,7 @@ pub mod select;
 pub use cache::{KvCache, LayerKv};
 pub use capture::{CaptureSpec, PrefillCapture};
 pub use error::CoreError;
+pub use kernels::quant::QuantMatrix;
 pub use kernels::{KvcBackend, QueryReduce};
 pub use observer::{AttentionObserver, LayerObservation};
 pub use press::{Budget, ForwardModel, Press, PressReport, PressSpec};

@@ -337,6 +337,12 @@ impl GgufFile {
         self.index.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// The raw bytes of a tensor's data (`None` if the directory entry points outside the
+    /// file; [`GgufFile::open`] checks that it does not).
+    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Option<&[u8]> {
+        self.data.get(info.offset..info.offset.checked_add(info.size)?)
+    }
+
     /// Dequantizes a tensor to f32; returns (data, shape in PyTorch order).
     ///
     /// # Errors
@@ -443,6 +449,70 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
         }
     }
     Some(out)
+}
+
+/// The integer codes of a quantized tensor, for a [`kvc_core::QuantMatrix`]: `(codes, scale,
+/// min)` with one code per element (in [`dequantize`]'s order) and one `(scale, min)` per 32
+/// consecutive elements, such that `code * scale + min` is the dequantized weight: bit for bit
+/// for `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`; for `Q4_0` (`(q - 8) * d` in ggml) the
+/// codes stay 4-bit with `min = -8 d`, which may round the last bit differently. `None` for
+/// types without one scale per 32 elements (`F32`, `F16`, `BF16`, `Q6_K`, unknown) or a buffer
+/// that is not whole blocks.
+pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, Vec<f32>)> {
+    let (per_block, block_bytes) = kind.block()?;
+    if per_block < 32 || bytes.len() % block_bytes != 0 || matches!(kind, GgmlType::Q6K) {
+        return None;
+    }
+    let n = bytes.len() / block_bytes * per_block;
+    let (mut codes, mut scale, mut min) = (Vec::with_capacity(n), Vec::with_capacity(n / 32), Vec::with_capacity(n / 32));
+    for b in bytes.chunks_exact(block_bytes) {
+        match kind {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let d = f16_at(b, 0);
+                let (m, qs) = if kind == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
+                codes.extend(qs.iter().map(|&q| (q & 0xF) as i8));
+                codes.extend(qs.iter().map(|&q| (q >> 4) as i8));
+                scale.push(d);
+                min.push(m);
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let d = f16_at(b, 0);
+                let (m, rest, off) = if kind == GgmlType::Q5_1 { (f16_at(b, 2), &b[4..], 0) } else { (0.0, &b[2..], 16) };
+                let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let qs = &rest[4..20];
+                let mut hi = [0i8; 16];
+                for j in 0..16 {
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    codes.push((((qs[j] as u32 & 0xF) | h0) as i32 - off) as i8);
+                    hi[j] = (((qs[j] as u32 >> 4) | h1) as i32 - off) as i8;
+                }
+                codes.extend_from_slice(&hi);
+                scale.push(d);
+                min.push(m);
+            }
+            GgmlType::Q8_0 => {
+                codes.extend(b[2..34].iter().map(|&q| q as i8));
+                scale.push(f16_at(b, 0));
+                min.push(0.0);
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, dmin, scales) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);
+                let (qh, qs) = if kind == GgmlType::Q5K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                for (j, q) in qs.chunks_exact(32).enumerate() {
+                    for (sub, shift) in [(2 * j, 0), (2 * j + 1, 4)] {
+                        let (sc, m) = scale_min_k4(sub, scales);
+                        let bit = 1u8 << sub;
+                        codes.extend(q.iter().enumerate().map(|(l, &x)| (((x >> shift) & 0xF) + if !qh.is_empty() && qh[l] & bit != 0 { 16 } else { 0 }) as i8));
+                        scale.push(d * sc as f32);
+                        min.push(-(dmin * m as f32));
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some((codes, scale, min))
 }
 
 /// `x * d + m` (ggml's `_1` types), or just `x * d` without a min (the `_0` types).

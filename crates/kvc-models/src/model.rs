@@ -8,7 +8,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 use kvc_core::kernels::observed_attention;
-use kvc_core::{AttentionObserver, KvCache, KvcBackend};
+use kvc_core::{AttentionObserver, KvCache, KvcBackend, QuantMatrix};
+use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -84,6 +85,68 @@ pub struct Decoder<B: Backend> {
     config: ModelConfig,
     #[module(skip)]
     inv_freq: Vec<f32>,
+    /// Block-quantized copies of the projections for small products (decode), when the source
+    /// keeps them so and the weights are f32.
+    #[module(skip)]
+    quantized: Option<Arc<QuantizedWeights>>,
+    /// Whether small products use [`Decoder::quantized`] ([`Decoder::set_quantized_decode`]).
+    #[module(skip)]
+    quantized_decode: bool,
+}
+
+/// Products of at most this many rows (tokens x batch) read quantized weights when the model has
+/// them: a decode step (1) and short question chunks; longer inputs are bound by arithmetic, where
+/// the dense f32 GEMM is faster.
+pub const QUANTIZED_MAX_ROWS: usize = 4;
+
+/// The weights of a GGUF model kept in their blocks of integer codes ([`QuantMatrix`]) beside the
+/// dense f32 copies: a decode step's matrix-vector products read 4- or 8-bit codes instead of
+/// f32 (SmolLM2-135M `Q4_1`/`Q8_0`: ~150 MB instead of 540 MB per token).
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedWeights {
+    /// Per layer: `q, k, v, o, gate, up, down` (`None` where the file keeps floats or a block
+    /// format without one scale per 32 elements).
+    layers: Vec<[Option<QuantMatrix>; 7]>,
+    /// The LM head `[vocab, hidden]` (the embedding's codes when tied).
+    lm_head: Option<QuantMatrix>,
+}
+
+impl QuantizedWeights {
+    /// Bytes held by the codes, scales and mins.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().chain([&self.lm_head]).flatten().map(QuantMatrix::bytes).sum()
+    }
+
+    /// Matrices held (of `7 x layers + 1`).
+    pub fn matrices(&self) -> usize {
+        self.layers.iter().flatten().chain([&self.lm_head]).flatten().count()
+    }
+}
+
+/// `x W_j` for each linear layer of `lins` (all on the same input `x`, `[batch, tokens, in]`):
+/// through their block codes in one call ([`KvcBackend::kvc_quant_linear`]: a fused Q/K/V or
+/// gate/up product) when `x` has at most [`QUANTIZED_MAX_ROWS`] rows, every layer has codes and
+/// the backend has the kernel; otherwise through the dense weights.
+fn project<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
+    let [b, c, i] = x.dims();
+    if b * c <= QUANTIZED_MAX_ROWS {
+        if let Some(ws) = lins.iter().map(|(_, w)| *w).collect::<Option<Vec<_>>>() {
+            if let Some(y) = B::kvc_quant_linear(x.clone().reshape([b * c, i]), &ws) {
+                let mut start = 0;
+                return lins.map(|(lin, w)| {
+                    let rows = w.map_or(0, QuantMatrix::rows);
+                    let part = if N == 1 { y.clone() } else { y.clone().narrow(1, start, rows) };
+                    start += rows;
+                    let part = part.reshape([b, c, rows]);
+                    match &lin.bias {
+                        Some(bias) => part + bias.val().reshape([1, 1, rows]),
+                        None => part,
+                    }
+                });
+            }
+        }
+    }
+    lins.map(|(lin, _)| lin.forward(x.clone()))
 }
 
 struct Loader<'a, B: Backend> {
@@ -125,6 +188,15 @@ impl<B: Backend> Loader<'_, B> {
         let weight = Param::from_tensor(self.tensor(transpose(&w, output, input), [input, output]));
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), output)?) } else { None };
         Ok(Linear { weight, bias })
+    }
+
+    /// The source's block codes of `name` when the weights are f32 and the shape is `[output,
+    /// input]`.
+    fn quantized(&self, name: &str, input: usize, output: usize) -> Option<QuantMatrix> {
+        if self.dtype.is_some_and(|d| d != DType::F32) {
+            return None;
+        }
+        self.source.quantized(name).filter(|w| w.rows() == output && w.cols() == input)
     }
 
     fn norm(&self, name: &str, len: usize, eps: f64) -> Result<RmsNorm<B>> {
@@ -179,6 +251,8 @@ impl<B: Backend> Decoder<B> {
             weight: Param::from_tensor(l.tensor(lm_head_weight, [h, c.vocab_size])),
             bias: None,
         };
+        let head_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let mut quantized = QuantizedWeights { layers: Vec::new(), lm_head: l.quantized(head_name, h, c.vocab_size) };
         // grows with the tensors found (the config's count is checked against them, not trusted)
         let mut layers = Vec::new();
         for i in 0..c.num_layers {
@@ -209,9 +283,53 @@ impl<B: Backend> Decoder<B> {
                     down_proj: l.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
                 },
             });
+            let (qd, kvd, im) = (c.num_heads * d, c.num_kv_heads * d, c.intermediate_size);
+            quantized.layers.push([
+                l.quantized(&format!("{a}.q_proj.weight"), h, qd),
+                l.quantized(&format!("{a}.k_proj.weight"), h, kvd),
+                l.quantized(&format!("{a}.v_proj.weight"), h, kvd),
+                l.quantized(&format!("{a}.o_proj.weight"), qd, h),
+                l.quantized(&format!("{p}.mlp.gate_proj.weight"), h, im),
+                l.quantized(&format!("{p}.mlp.up_proj.weight"), h, im),
+                l.quantized(&format!("{p}.mlp.down_proj.weight"), im, h),
+            ]);
         }
         let norm = l.norm("model.norm.weight", h, eps)?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, config: config.clone(), inv_freq: rope::inv_freq(config) })
+        let quantized = (quantized.matrices() > 0).then(|| Arc::new(quantized));
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config: config.clone(),
+            inv_freq: rope::inv_freq(config),
+            quantized_decode: quantized.is_some(),
+            quantized,
+        })
+    }
+
+    /// The block-quantized weights kept for decode, if the source had any ([`QuantizedWeights`]).
+    pub fn quantized(&self) -> Option<&QuantizedWeights> {
+        self.quantized.as_deref()
+    }
+
+    /// Whether products of at most [`QUANTIZED_MAX_ROWS`] rows (decode steps) read the
+    /// quantized weights (on by default when there are any; the logits then differ from the
+    /// dense f32 product only in the order of the sums). Off: every product uses the dense
+    /// weights.
+    pub fn set_quantized_decode(&mut self, on: bool) {
+        self.quantized_decode = on && self.quantized.is_some();
+    }
+
+    /// Whether decode steps read quantized weights ([`Decoder::set_quantized_decode`]).
+    pub fn quantized_decode(&self) -> bool {
+        self.quantized_decode
+    }
+
+    /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use.
+    fn quant(&self, layer: usize, index: usize) -> Option<&QuantMatrix> {
+        let q = self.quantized.as_deref().filter(|_| self.quantized_decode)?;
+        q.layers.get(layer)?.get(index)?.as_ref()
     }
 
     /// The model's configuration.
@@ -276,7 +394,7 @@ impl<B: KvcBackend> Decoder<B> {
         cache.reserve(ids.len());
         for part in ids.chunks(chunk.max(1)) {
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
-            self.forward_hidden(crate::generate::token_tensor::<B>(part, &device), cache, obs)?;
+            self.forward_layers(crate::generate::token_tensor::<B>(part, &device), cache, obs, false)?;
         }
         Ok(())
     }
@@ -319,7 +437,9 @@ impl<B: KvcBackend> Decoder<B> {
             Logits::All => x,
             Logits::Last => x.narrow(1, chunk - 1, 1),
         };
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        let head = self.quantized.as_deref().filter(|_| self.quantized_decode).and_then(|q| q.lm_head.as_ref());
+        let [logits] = project([(&self.lm_head, head)], self.norm.forward(x));
+        Ok(logits)
     }
 
     /// As [`forward`](Self::forward), but returns the last layer's hidden states
@@ -329,8 +449,23 @@ impl<B: KvcBackend> Decoder<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
-        mut observer: Option<&mut dyn AttentionObserver<B>>,
+        observer: Option<&mut dyn AttentionObserver<B>>,
     ) -> Result<Tensor<B, 3>> {
+        let out = self.forward_layers(tokens, cache, observer, true)?;
+        out.ok_or_else(|| ModelError::Config("the decoder has no layers".into()))
+    }
+
+    /// The layers over `tokens`; with `output` false (a feed: only the KV cache and the
+    /// observer's view matter) the last layer stops once it has what they need: its keys and
+    /// values without an observer (no queries, attention, output projection or MLP), its
+    /// attention with one (no output projection or MLP), and `None` is returned.
+    fn forward_layers(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        mut observer: Option<&mut dyn AttentionObserver<B>>,
+        output: bool,
+    ) -> Result<Option<Tensor<B, 3>>> {
         let [_, chunk] = tokens.dims();
         let device = tokens.device();
         let first = cache.next_position();
@@ -339,19 +474,36 @@ impl<B: KvcBackend> Decoder<B> {
         let dtype = self.embed_tokens.weight.val().dtype();
         let rope_q = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_heads, &device, dtype);
         let rope_k = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_kv_heads, &device, dtype);
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = Some(self.embed_tokens.forward(tokens));
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(x.clone());
-            let a = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>))?;
-            let x1 = x + a;
+            let Some(xi) = x.take() else { break };
+            let h = layer.input_layernorm.forward(xi.clone());
+            let quant = [0, 1, 2, 3].map(|j| self.quant(i, j));
+            let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
+            let part = if output || i < last { AttentionPart::Output } else if obs.is_some() { AttentionPart::Attention } else { AttentionPart::KeysValues };
+            let Some(a) = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, cache, obs, quant, part)? else { break };
+            let x1 = xi + a;
             let h = layer.post_attention_layernorm.forward(x1.clone());
             let m = &layer.mlp;
-            let ff = m.down_proj.forward(B::kvc_swiglu(m.gate_proj.forward(h.clone()), m.up_proj.forward(h)));
-            x = x1 + ff;
+            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h);
+            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up));
+            x = Some(x1 + ff);
         }
         cache.advance(chunk);
         Ok(x)
     }
+}
+
+/// How much of a layer's attention to compute.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AttentionPart {
+    /// Keys and values into the cache, output projected (every layer of a forward pass).
+    Output,
+    /// Keys and values into the cache and the attention shown to the observer; no output.
+    Attention,
+    /// Keys and values into the cache only.
+    KeysValues,
 }
 
 impl<B: KvcBackend> Attention<B> {
@@ -365,15 +517,27 @@ impl<B: KvcBackend> Attention<B> {
         rope_k: &(Tensor<B, 4>, Tensor<B, 4>),
         cache: &mut KvCache<B>,
         observer: Option<&mut dyn AttentionObserver<B>>,
-    ) -> Result<Tensor<B, 3>> {
+        quant: [Option<&QuantMatrix>; 4],
+        part: AttentionPart,
+    ) -> Result<Option<Tensor<B, 3>>> {
         let [b, c, _] = x.dims();
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [b, c, heads * d] -> [b, c, heads, d]; RoPE (and Qwen3's q/k norm) work in this contiguous
         // layout, then heads move to dim 1
         let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, c, heads, d]);
-        let mut q = split(self.q_proj.forward(x.clone()), hq);
-        let mut k = split(self.k_proj.forward(x.clone()), hkv);
-        let v = split(self.v_proj.forward(x), hkv).swap_dims(1, 2);
+        if part == AttentionPart::KeysValues {
+            let [k, v] = project([(&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x);
+            let mut k = split(k, hkv);
+            if let Some(kn) = &self.k_norm {
+                k = kn.forward(k);
+            }
+            let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
+            cache.append_with(layer, first, k, split(v, hkv).swap_dims(1, 2), B::kvc_write_slots)?;
+            return Ok(None);
+        }
+        let [q, k, v] = project([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x);
+        let (mut q, mut k) = (split(q, hq), split(k, hkv));
+        let v = split(v, hkv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -386,7 +550,11 @@ impl<B: KvcBackend> Attention<B> {
         let valid = cache.layer(layer)?.and_then(|kv| kv.valid.as_deref());
         let out = observed_attention(observer, layer, first, q, || q_pre_rope.swap_dims(1, 2), keys, values, valid, B::kvc_attention);
         let out = out.swap_dims(1, 2).reshape([b, c, hq * d]);
-        Ok(self.o_proj.forward(out))
+        if part == AttentionPart::Attention {
+            return Ok(None);
+        }
+        let [out] = project([(&self.o_proj, quant[3])], out);
+        Ok(Some(out))
     }
 }
 

@@ -277,11 +277,32 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     /// Press errors (unknown press, options, budget, a capture without what the press needs),
     /// errors of the model during a press's pass.
     pub fn compress(&self, prefilled: &Prefilled<B>, press: &PressSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Compressed<B>> {
+        self.compress_cache(prefilled.cache.clone(), &prefilled.context, &prefilled.capture, press, progress)
+    }
+
+    /// As [`Pipeline::compress`], compressing the prefilled cache itself instead of a copy: the
+    /// peak then holds one context cache, not two (KVCompose: `2T` slots during its scoring pass
+    /// instead of `3T`). For a prefill compressed once.
+    ///
+    /// # Errors
+    /// As [`Pipeline::compress`]; the prefilled cache is gone with the error.
+    pub fn compress_prefilled(&self, prefilled: Prefilled<B>, press: &PressSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Compressed<B>> {
+        let Prefilled { context, cache, capture, .. } = prefilled;
+        self.compress_cache(cache, &context, &capture, press, progress)
+    }
+
+    fn compress_cache(
+        &self,
+        mut cache: KvCache<B>,
+        context: &[u32],
+        capture: &PrefillCapture<B>,
+        press: &PressSpec,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Compressed<B>> {
         let mut p = press.build::<B>()?;
-        let mut cache = prefilled.cache.clone();
-        let model = Reporting { model: &self.model.model, progress: RefCell::new(progress), total: prefilled.context.len() };
+        let model = Reporting { model: &self.model.model, progress: RefCell::new(progress), total: context.len() };
         let start = Instant::now();
-        let report = p.compress(&model, &prefilled.context, &mut cache, &prefilled.capture)?;
+        let report = p.compress(&model, context, &mut cache, capture)?;
         self.sync()?;
         Ok(Compressed { cache, report, seconds: start.elapsed().as_secs_f64() })
     }
@@ -387,7 +408,8 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         let (cache, report) = match &request.press {
             Some(p) => {
                 events(Event::Compress { done: 0, total });
-                let c = self.compress(&prefilled, p, &mut |done, total| events(Event::Compress { done, total }))?;
+                // the prefilled cache is not read after this (the baseline answers came first)
+                let c = self.compress_prefilled(prefilled, p, &mut |done, total| events(Event::Compress { done, total }))?;
                 events(Event::Compress { done: total, total });
                 timings.compress = c.seconds;
                 (c.cache, Some(c.report))
@@ -413,18 +435,19 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     }
 
     /// Bytes of KV cache alive at the peak of [`Pipeline::run`] for a context of `context` tokens,
-    /// `answer` more tokens per question (question + new tokens) and `press`: the prefilled cache
-    /// (`T` tokens) plus, without a press, an answer's copy (`T + answer`); with one, the larger of
-    /// the press's working copy (`T`, and `T` more per pass over the context the press makes:
-    /// [`kvc_core::press::spec::PressDoc::refeeds`]) and the compressed cache with an answer's copy
-    /// (at most `2T + answer`). Per token: layers x KV heads x head_dim x 2 (keys, values) x the
-    /// weights' element size. Weights and activations are not counted.
+    /// `answer` more tokens per question (question + new tokens) and `press`: an answer's copy
+    /// (`T + answer`) beside the cache it copies (the prefilled one, or the compressed one of at
+    /// most `T`), or, when larger, the press's working cache: the prefilled cache is compressed
+    /// in place ([`Pipeline::compress_prefilled`]) and grows by `T` per pass over the context the
+    /// press makes ([`kvc_core::press::spec::PressDoc::refeeds`]), plus one layer's old buffer
+    /// while it grows. Per token: layers x KV heads x head_dim x 2 (keys, values) x the weights'
+    /// element size. Weights and activations are not counted.
     pub fn kv_bytes_needed(&self, context: usize, answer: usize, press: Option<&PressSpec>) -> usize {
         let per_token = self.kv_bytes_per_token();
         let refeeds = press.and_then(|p| kvc_core::press::spec::docs().into_iter().find(|d| d.name == p.name)).map_or(0, |d| d.refeeds);
-        // with a press the prefilled cache stays alive beside the compressed one and its answer copy
-        let working = if press.is_some() { (context * (1 + refeeds)).max(2 * context + answer) } else { context + answer };
-        per_token.saturating_mul(context + working)
+        let answering = (2 * context).saturating_add(answer);
+        let working = if refeeds > 0 { context * (1 + refeeds) + context.div_ceil(self.model.model.config().num_layers.max(1)) } else { 0 };
+        per_token.saturating_mul(answering.max(working))
     }
 
     /// The header a cache of this model is saved with: the model's fingerprint and shape,

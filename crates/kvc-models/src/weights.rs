@@ -28,6 +28,14 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<HostTensor>;
     /// Whether `name` exists.
     fn contains(&self, name: &str) -> bool;
+    /// The 2-D weight `name` (`[out, in]`) kept in its file's blocks of integer codes, for the
+    /// decode step's matrix-vector products ([`kvc_core::QuantMatrix`]); `None` (the default)
+    /// when the source holds it as floats or in a block format without one scale per 32
+    /// elements. Its dequantized values are those of [`WeightSource::tensor`].
+    fn quantized(&self, name: &str) -> Option<kvc_core::QuantMatrix> {
+        let _ = name;
+        None
+    }
 }
 
 /// HF name -> GGUF name (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`).
@@ -82,10 +90,10 @@ impl GgufWeights {
 /// Undoes llama.cpp's `permute()` of Q/K rows (convert_hf_to_gguf.py, `LlamaModel.permute`):
 /// GGUF row `h*hd + 2i + j` holds HF row `h*hd + j*hd/2 + i`. Works for weights `[out, in]` and
 /// biases `[out]` (`cols` = 1).
-pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub fn unpermute_rows<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
     let hd = rows / heads;
     let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -98,33 +106,54 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> V
     out
 }
 
+impl GgufWeights {
+    /// Heads whose rows llama.cpp permuted in `name` (Llama-architecture Q and K), if any.
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        if self.architecture != Architecture::Llama {
+            None
+        } else if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
+            Some(self.num_heads)
+        } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
+            Some(self.num_kv_heads)
+        } else {
+            None
+        }
+    }
+}
+
 impl WeightSource for GgufWeights {
+    fn quantized(&self, name: &str) -> Option<kvc_core::QuantMatrix> {
+        let info = self.file.tensor_info(&gguf_name(name)?)?;
+        let [rows, cols] = info.shape[..] else { return None };
+        let (mut codes, mut scale, mut min) = crate::gguf::quant_codes(info.kind, self.file.tensor_bytes(info)?)?;
+        if let Some(heads) = self.permuted_heads(name) {
+            if heads == 0 || rows % (2 * heads) != 0 || cols % 32 != 0 {
+                return None;
+            }
+            codes = unpermute_rows(&codes, rows, cols, heads);
+            scale = unpermute_rows(&scale, rows, cols / 32, heads);
+            min = unpermute_rows(&min, rows, cols / 32, heads);
+        }
+        kvc_core::QuantMatrix::from_codes(rows, cols, &codes, scale, min).ok()
+    }
+
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let (data, shape) = self.file.tensor_f32(&g).map_err(|e| match e {
             ModelError::MissingTensor(_) => ModelError::MissingTensor(format!("{name} (GGUF {g})")),
             other => other,
         })?;
-        if self.architecture == Architecture::Llama {
-            let heads = if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
-                Some(self.num_heads)
-            } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
-                Some(self.num_kv_heads)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
-                let rows = shape[0];
-                if heads == 0 || rows % (2 * heads) != 0 {
-                    return Err(ModelError::ShapeMismatch {
-                        name: name.to_string(),
-                        expected: vec![heads * 2, 0],
-                        actual: shape,
-                    });
-                }
-                let cols = data.len() / rows;
-                return Ok((unpermute_rows(&data, rows, cols, heads), shape));
+        if let Some(heads) = self.permuted_heads(name) {
+            let rows = shape[0];
+            if heads == 0 || rows % (2 * heads) != 0 {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: vec![heads * 2, 0],
+                    actual: shape,
+                });
             }
+            let cols = data.len() / rows;
+            return Ok((unpermute_rows(&data, rows, cols, heads), shape));
         }
         Ok((data, shape))
     }

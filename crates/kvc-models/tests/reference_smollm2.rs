@@ -55,3 +55,35 @@ fn tokenizer_and_chat_template_match_hf() {
     }
     assert!(tok.eos_ids().contains(&2), "<|im_end|> ends generation");
 }
+
+/// Products of one token read the GGUF's Q4_1 / Q8_0 codes (`Decoder::quantized`): fed one token
+/// at a time, the logits at every position still match transformers on the dequantized weights,
+/// on both CPU backends, and differ from the dense path's only by the order of the sums.
+#[test]
+fn quantized_decode_matches_transformers() {
+    let fx = Fixture::open("smollm2_logits.safetensors");
+    let path = model_path();
+    let mut flex = load::<Flex>(&path, &Default::default()).unwrap();
+    let nd = load::<Nd>(&path, &Default::default()).unwrap();
+    let q = flex.model.quantized().expect("the Q4_1 GGUF keeps quantized weights");
+    let layers = flex.model.config().num_layers;
+    assert_eq!(q.matrices(), 7 * layers + 1, "every projection and the tied LM head");
+    assert!(flex.model.quantized_decode() && nd.model.quantized_decode());
+    for p in ["short", "long"] {
+        let ids = fx.ids(&format!("{p}.input_ids"));
+        let quant = all_logits(&flex.model, &ids, 1);
+        let d = compare_logits(&fx, p, &quant);
+        eprintln!("{p}: {} tokens one at a time, quantized products, max |logit diff| vs transformers {d:.2e}", ids.len());
+        assert!(d <= 1e-3, "{p}: flex quantized max abs diff {d}");
+        if p == "short" {
+            let d_nd = compare_logits(&fx, p, &all_logits(&nd.model, &ids, 1));
+            assert!(d_nd <= 1e-3, "{p}: ndarray quantized max abs diff {d_nd}");
+            flex.model.set_quantized_decode(false);
+            let dense = all_logits(&flex.model, &ids, 1);
+            flex.model.set_quantized_decode(true);
+            let diff = quant.iter().flatten().zip(dense.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            eprintln!("{p}: quantized vs dense products, max |logit diff| {diff:.2e}");
+            assert!(diff > 0.0 && diff <= 1e-3, "quantized vs dense {diff}");
+        }
+    }
+}

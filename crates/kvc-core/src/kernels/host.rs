@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::QueryReduce;
 
 /// Queries per task.
-pub const QUERY_BLOCK: usize = 8;
+pub const QUERY_BLOCK: usize = 32;
 
 /// One attention call on host slices (all row-major, `f32`).
 ///

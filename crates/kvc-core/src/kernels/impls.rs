@@ -64,6 +64,20 @@ impl KvcBackend for burn::backend::Flex {
         let out = super::host::swiglu(g.as_slice::<f32>().unwrap_or(&[]), u.as_slice::<f32>().unwrap_or(&[]));
         Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(out, shape))))
     }
+
+    /// [`super::quant::matvec`] on flex's buffer of `x` (no copy when contiguous).
+    fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        let [n, cols] = x.dims();
+        if x.dtype() != DType::F32 || ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
+            return None;
+        }
+        let p = flex_f32(x);
+        let y = super::quant::matvec(p.as_slice::<f32>()?, n, ws);
+        let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
+        Some(Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(y, [n, rows])))))
+    }
 }
 
 #[cfg(feature = "flex")]
@@ -107,6 +121,11 @@ impl KvcBackend for burn::backend::NdArray<f32> {
         } else {
             super::host_attention_copying(a)
         }
+    }
+
+    /// [`super::quant::matvec`] through copies of `x` and `y` (a few KB for a decode step).
+    fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
+        super::host_quant_linear_copying(x, ws)
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod host;
 mod impls;
+pub mod quant;
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
@@ -95,6 +96,16 @@ pub trait KvcBackend: Backend {
     /// `act_fn(gate_proj(x)) * up_proj(x)`); `gate`, `up`: same shape.
     fn kvc_swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
         silu(gate) * up
+    }
+
+    /// `x [W_1; W_2; ...]^T` for the rows of `x` (`[n, in]`, f32) with block-quantized matrices
+    /// `ws` ([`quant::QuantMatrix`], each `[out_i, in]`): `[n, sum of out_i]`, outputs side by
+    /// side (a fused Q/K/V or gate/up projection). The decode step's matrix-vector products read
+    /// 4- or 8-bit codes instead of f32 weights ([`quant::matvec`]). `None` (the default): no such
+    /// kernel on this backend, and the caller multiplies by its dense weights.
+    fn kvc_quant_linear(x: Tensor<Self, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<Self, 2>> {
+        let _ = (x, ws);
+        None
     }
 }
 
@@ -204,6 +215,20 @@ pub fn host_attention_copying<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionO
     let (q, k, v) = (read(a.queries), read(a.keys), read(a.values));
     let kv_stride = req.kv[2] * req.kv[3];
     req.run(&q, &k, &v, kv_stride, |data, shape| Tensor::from_data(TensorData::new(data, shape), &device))
+}
+
+/// [`quant::matvec`] on any backend through `into_data` / `from_data` (copies of `x` and `y`,
+/// a few KB for a decode step); `None` unless `x` is f32 `[n, cols]` for every matrix.
+pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<B, 2>> {
+    let [n, cols] = x.dims();
+    if x.dtype() != DType::F32 || ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
+        return None;
+    }
+    let device = x.device();
+    let data = x.into_data().to_vec::<f32>().ok()?;
+    let y = quant::matvec(&data, n, ws);
+    let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
+    Some(Tensor::from_data(TensorData::new(y, [n, rows]), &device))
 }
 
 /// What a host attention call needs besides the data: shapes and requests of an
