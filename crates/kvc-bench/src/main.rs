@@ -132,7 +132,7 @@ enum Command {
         /// Float types of weights and KV cache to run each backend in (f32, f16, bf16); the
         /// reference is the first backend in the first type. A type a backend does not support
         /// gives a row that says so.
-        #[arg(long, alias = "dtype", value_delimiter = ',', default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        #[arg(long, alias = "dtype", value_delimiter = ',', default_value = "f32", value_parser = backend::DTYPES)]
         dtypes: Vec<String>,
     },
     /// Prefill, compression and decode time against context length: a table (stdout), a JSON
@@ -427,19 +427,7 @@ impl backend::BackendJob for BackendsJob<'_> {
         let mut kept = Vec::new();
         for l in 0..compressed.cache.num_layers() {
             let kv = compressed.cache.layer(l)?.context("empty layer after compression")?;
-            let [_, h, len, _] = kv.keys.dims();
-            kept.push(
-                (0..h)
-                    .map(|hi| {
-                        let mut p: Vec<u32> = (0..len)
-                            .filter(|&j| kv.valid.as_ref().is_none_or(|v| v[hi * len + j]))
-                            .map(|j| kv.positions[hi * len + j])
-                            .collect();
-                        p.sort_unstable();
-                        p
-                    })
-                    .collect::<Vec<_>>(),
-            );
+            kept.push(kv.kept_positions());
         }
         let (first_logits, d) = decode_after(&m, compressed.cache.clone(), last, self.n_decode, &device)?;
         Ok(BackendRun {
@@ -661,11 +649,7 @@ fn real_main() -> Result<()> {
             let mut unsupported = Vec::new();
             for b in &backends {
                 for t in &dtypes {
-                    let dtype = match t.as_str() {
-                        "f16" => burn::tensor::DType::F16,
-                        "bf16" => burn::tensor::DType::BF16,
-                        _ => burn::tensor::DType::F32,
-                    };
+                    let dtype = backend::dtype(t);
                     let name = if dtypes.len() > 1 || t != "f32" { format!("{b} {t}") } else { b.clone() };
                     match backend::run(b, BackendsJob { model: &model, ids: &ids, ratio, n_decode: decode, dtype }) {
                         Ok(run) => runs.push((name, run)),

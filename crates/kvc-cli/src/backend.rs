@@ -23,6 +23,18 @@ pub fn default_backend() -> &'static str {
     COMPILED.first().copied().unwrap_or("none")
 }
 
+/// Float type names a user may give (`--dtype`), as parsed by clap's `value_parser`.
+pub const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
+
+/// The burn dtype of a name of [`DTYPES`] (`f32` for anything else: clap has checked the name).
+pub fn dtype(name: &str) -> burn::tensor::DType {
+    match name {
+        "f16" => burn::tensor::DType::F16,
+        "bf16" => burn::tensor::DType::BF16,
+        _ => burn::tensor::DType::F32,
+    }
+}
+
 /// Work to run on a backend chosen at run time.
 pub trait BackendJob {
     /// What the work returns.

@@ -120,7 +120,7 @@ struct GenerateArgs {
     /// Float type of the weights, activations and KV cache on the device: f32 (default), or f16 /
     /// bf16 (half the KV cache; flex and cuda, wgpu f16 where the adapter has it; attention and
     /// press scores still compute in f32; answers may differ from f32's).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
     /// Decode with the dense f32 weights. By default a GGUF model's decode steps multiply by the
     /// file's quantized blocks (4- or 8-bit codes, dequantized in registers: the same weights,
@@ -528,11 +528,7 @@ fn real_main() -> Result<()> {
                     _ => None,
                 }),
             };
-            let dtype = match a.dtype.as_str() {
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                _ => DType::F32,
-            };
+            let dtype = backend::dtype(&a.dtype);
             let job = GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone(), dtype, names: (a.model.backend.clone(), a.dtype.clone()), dense_weights: a.dense_weights };
             backend::run(&a.model.backend, job)
         }

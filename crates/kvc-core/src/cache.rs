@@ -60,6 +60,25 @@ impl<B: Backend> LayerKv<B> {
             .collect()
     }
 
+    /// The original positions of the real (unpadded) tokens of every `(batch, head)` row, in
+    /// ascending order: `[batch * kv_heads][kept]` (the kept set of each head after compression).
+    pub fn kept_positions(&self) -> Vec<Vec<u32>> {
+        let len = self.len();
+        if len == 0 {
+            return vec![Vec::new(); self.keys.dims()[0] * self.keys.dims()[1]];
+        }
+        self.positions
+            .chunks(len)
+            .enumerate()
+            .map(|(row, pos)| {
+                let mut kept: Vec<u32> =
+                    pos.iter().enumerate().filter(|(j, _)| self.valid.as_ref().is_none_or(|v| v[row * len + j])).map(|(_, &p)| p).collect();
+                kept.sort_unstable();
+                kept
+            })
+            .collect()
+    }
+
     /// Bytes held by keys and values (element count x element size of the tensors' dtype).
     pub fn bytes(&self) -> usize {
         let elems = self.keys.shape().num_elements() + self.values.shape().num_elements();
@@ -476,6 +495,9 @@ mod tests {
         let keys = kv.keys.to_data().to_vec::<f32>().unwrap();
         // head 0 slot 1 = [2,3], slot 3 = [6,7]; head 1 (offset 8) slot 0 = [8,9], slot 2 = [12,13]
         assert_eq!(keys, vec![2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 12.0, 13.0]);
+        // kept sets come sorted whatever the slot order
+        cache.gather_layer(0, &[vec![vec![1, 0], vec![1]]]).unwrap();
+        assert_eq!(cache.layer(0).unwrap().unwrap().kept_positions(), vec![vec![11, 13], vec![12]]);
         assert!(cache.gather_layer(0, &[vec![vec![5, 0], vec![0, 1]]]).is_err());
         assert!(cache.gather_layer(0, &[vec![vec![0]]]).is_err());
     }
@@ -497,6 +519,8 @@ mod tests {
         let kv = cache.layer(0).unwrap().unwrap();
         assert_eq!(kv.tokens_per_head(), vec![vec![4, 2]]);
         assert_eq!(kv.positions, vec![0, 2, 3, 4, 1, 1, 1, 4]);
+        // kept sets leave the padding out
+        assert_eq!(kv.kept_positions(), vec![vec![0, 2, 3, 4], vec![1, 4]]);
     }
 
     #[test]

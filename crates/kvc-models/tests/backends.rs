@@ -140,18 +140,7 @@ struct Smol {
 }
 
 fn kept_sets<B: Backend>(cache: &KvCache<B>) -> Vec<Vec<u32>> {
-    let mut sets = Vec::new();
-    for l in 0..cache.num_layers() {
-        let kv = cache.layer(l).unwrap().unwrap();
-        let len = kv.len();
-        for (h, row) in kv.positions.chunks(len).enumerate() {
-            let mut set: Vec<u32> =
-                row.iter().enumerate().filter(|(i, _)| kv.valid.as_ref().is_none_or(|v| v[h * len + i])).map(|(_, &p)| p).collect();
-            set.sort_unstable();
-            sets.push(set);
-        }
-    }
-    sets
+    (0..cache.num_layers()).flat_map(|l| cache.layer(l).unwrap().unwrap().kept_positions()).collect()
 }
 
 const PROMPT: &str = "The lighthouse keeper, Ada Quill, lived on the island of Varn for twelve years. \

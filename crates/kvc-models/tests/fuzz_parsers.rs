@@ -160,15 +160,18 @@ fn check_with_slack(what: &str, input: &[u8], size: usize, slack: usize, run: im
     }
 }
 
-/// Opens `path` as GGUF and reads everything a loader would.
-fn gguf_target(path: &Path) {
-    if let Ok(file) = GgufFile::open(path) {
-        let _ = ModelConfig::from_gguf(&file);
-        let names: Vec<String> = file.tensors.iter().map(|t| t.name.clone()).collect();
-        for name in names {
-            let _ = file.tensor_f32(&name);
+/// Opens `path` as GGUF and reads everything a loader would (the config, every tensor dequantized
+/// and as the block codes decode reads); returns the opened file.
+fn gguf_target(path: &Path) -> Option<GgufFile> {
+    let file = GgufFile::open(path).ok()?;
+    let _ = ModelConfig::from_gguf(&file);
+    for info in &file.tensors {
+        let _ = file.tensor_f32(&info.name);
+        if let Some(bytes) = file.tensor_bytes(info) {
+            let _ = kvc_models::gguf::quant_codes(info.kind, bytes);
         }
     }
+    Some(file)
 }
 
 /// A small valid GGUF: metadata of every value type, tensors of several types.
@@ -269,8 +272,7 @@ fn metadata_seed(path: &Path) -> Vec<u8> {
 /// The GGUF reader, then the config, the tokenizer (vocabulary, merges, special tokens) and the
 /// chat template built from its metadata, used once each.
 fn gguf_metadata_target(path: &Path) {
-    gguf_target(path);
-    if let Ok(file) = GgufFile::open(path) {
+    if let Some(file) = gguf_target(path) {
         if let Ok(tok) = kvc_models::Tokenizer::from_gguf(&file) {
             let _ = tok.encode("Hello, world! 12345 ünïcödé", true);
             let _ = tok.apply_chat_template(&[kvc_models::ChatMessage { role: "user".into(), content: "Hi".into() }]);
@@ -295,7 +297,7 @@ fn regressions(prefix: &str) -> Vec<(String, Vec<u8>)> {
 
 /// Fuzzes a GGUF seed for `budget` through [`gguf_target`]; returns executions.
 fn fuzz_gguf(what: &str, seed: &[u8], budget: Duration, rng: &mut StdRng) -> usize {
-    fuzz_gguf_with(what, seed, budget, rng, gguf_target)
+    fuzz_gguf_with(what, seed, budget, rng, |p| drop(gguf_target(p)))
 }
 
 /// Fuzzes a GGUF seed for `budget` through `target`; returns executions.
@@ -327,7 +329,7 @@ fn gguf_reader_survives_mutations() {
     }
     for (name, input) in regressions("gguf") {
         std::fs::write(&path, &input).unwrap();
-        check(&name, &input, input.len(), || gguf_target(&path));
+        check(&name, &input, input.len(), || drop(gguf_target(&path)));
     }
     let mut rng = StdRng::seed_from_u64(0x6767_7566);
     let b = budget();

@@ -30,20 +30,7 @@ fn spec(name: &str, ratio: f64) -> PressSpec {
 
 /// Kept positions per layer and head.
 fn kept_sets(cache: &KvCache<B>) -> Vec<Vec<Vec<u32>>> {
-    (0..cache.num_layers())
-        .map(|l| {
-            let kv = cache.layer(l).unwrap().unwrap();
-            let [_, h, len, _] = kv.keys.dims();
-            (0..h)
-                .map(|hi| {
-                    let mut p: Vec<u32> =
-                        (0..len).filter(|&i| kv.valid.as_ref().is_none_or(|v| v[hi * len + i])).map(|i| kv.positions[hi * len + i]).collect();
-                    p.sort_unstable();
-                    p
-                })
-                .collect()
-        })
-        .collect()
+    (0..cache.num_layers()).map(|l| cache.layer(l).unwrap().unwrap().kept_positions()).collect()
 }
 
 /// 32 greedy tokens after feeding the whole question in one step; also the first logits.

@@ -4,10 +4,11 @@
 //! bytes of weights read, not by arithmetic (SmolLM2-135M in f32: 540 MB per token). GGUF files
 //! keep weights in blocks of 32 integer codes with a scale and a min (ggml's `Q4_0`, `Q4_1`,
 //! `Q8_0`, ...); a [`QuantMatrix`] holds those codes (4 bits each when they fit, else 8) and
-//! [`matvec`] dequantizes them on the fly, in registers: the weights it multiplies by are exactly
-//! the dequantized ones (`code * scale + min`, rounded as ggml's `dequantize_row_*` rounds), only
-//! the order of the sums differs from a dense product. Prefill keeps the dense f32 weights (it is
-//! bound by arithmetic, where a GEMM on f32 is fastest).
+//! [`matvec`] multiplies by them in registers, with each block's scale and min factored out:
+//! `w . x = sum_b scale_b (codes_b . x_b) + sum_b min_b (sum of x_b)`, the product by the
+//! dequantized weights (`code * scale + min`, as ggml's `dequantize_row_*`) up to f32 rounding
+//! of the sums. Prefill keeps the dense f32 weights (it is bound by arithmetic, where a GEMM on
+//! f32 is fastest).
 
 use rayon::prelude::*;
 
@@ -36,6 +37,8 @@ pub struct QuantMatrix {
     codes: QuantCodes,
     scale: Vec<f32>,
     min: Vec<f32>,
+    /// Whether any min is nonzero (`Q8_0`, `Q5_0`: none, and the kernels skip their term).
+    has_min: bool,
     quants: Vec<u8>,
 }
 
@@ -62,7 +65,8 @@ impl QuantMatrix {
         } else {
             (QuantCodes::Bytes, codes.iter().map(|&c| c as u8).collect())
         };
-        Ok(Self { rows, cols, codes: kind, scale, min, quants })
+        let has_min = min.iter().any(|&m| m != 0.0);
+        Ok(Self { rows, cols, codes: kind, scale, min, has_min, quants })
     }
 
     /// Output features (rows).
@@ -113,9 +117,9 @@ const ROWS_PER_TASK: usize = 64;
 
 /// `y = x [W_1; W_2; ...]^T` for `n` rows of `x` (row-major `[n, cols]`) and matrices that all
 /// have `cols` columns (a fused Q/K/V or gate/up projection): returns `[n, sum of rows]`
-/// row-major, the outputs of `ws[0]` first. Each weight block is dequantized once
-/// (`code * scale + min`, the same two roundings as ggml's dequantizers) and multiplied into every
-/// row of `x`; output rows are split over the rayon pool, one dispatch for all the matrices.
+/// row-major, the outputs of `ws[0]` first: `sum_b scale_b (codes_b . x_b) + sum_b min_b xsum_b`
+/// per output, the product by the dequantized weights up to f32 rounding. Output rows are split
+/// over the rayon pool, one dispatch for all the matrices.
 ///
 /// # Panics
 /// When `x.len() != n * cols` of some matrix (a caller's shape bug, not user input).
@@ -139,7 +143,9 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
         parts.push((ws[i], r, part));
         rest = tail;
     }
-    parts.into_par_iter().for_each(|(w, first, out)| rows_into(x, n, w, first, out));
+    // per row of x, the sum of each block of 32 (the mins' term: `sum_b min_b * xsum_b`)
+    let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect();
+    parts.into_par_iter().for_each(|(w, first, out)| rows_into(x, &xsum, n, w, first, out));
     if n == 1 {
         return out_t;
     }
@@ -153,7 +159,7 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
 }
 
 /// Rows `first..first + out.len() / n` of `w` times the `n` rows of `x`, into `out` (`[rows, n]`).
-fn rows_into(x: &[f32], n: usize, w: &QuantMatrix, first: usize, out: &mut [f32]) {
+fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, out: &mut [f32]) {
     let blocks = w.cols / BLOCK;
     let per_block = match w.codes {
         QuantCodes::Nibbles => BLOCK / 2,
@@ -162,12 +168,13 @@ fn rows_into(x: &[f32], n: usize, w: &QuantMatrix, first: usize, out: &mut [f32]
     for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
         let r = first + i;
         let q = &w.quants[r * blocks * per_block..][..blocks * per_block];
-        let (s, m) = (&w.scale[r * blocks..][..blocks], &w.min[r * blocks..][..blocks]);
+        let s = &w.scale[r * blocks..][..blocks];
+        let m = if w.has_min { &w.min[r * blocks..][..blocks] } else { &[][..] };
         for (k, o) in o.iter_mut().enumerate() {
-            let xr = &x[k * w.cols..][..w.cols];
+            let (xr, xs) = (&x[k * w.cols..][..w.cols], &xsum[k * blocks..][..blocks]);
             *o = match w.codes {
-                QuantCodes::Nibbles => simd::dot_nibbles(q, s, m, xr),
-                QuantCodes::Bytes => simd::dot_bytes(q, s, m, xr),
+                QuantCodes::Nibbles => simd::dot_nibbles(q, s, m, xs, xr),
+                QuantCodes::Bytes => simd::dot_bytes(q, s, m, xs, xr),
             };
         }
     }
@@ -176,77 +183,138 @@ fn rows_into(x: &[f32], n: usize, w: &QuantMatrix, first: usize, out: &mut [f32]
 mod simd {
     use super::BLOCK;
 
-    macro_rules! dispatch {
-        ($name:ident, $body:ident) => {
-            pub fn $name(q: &[u8], s: &[f32], m: &[f32], x: &[f32]) -> f32 {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    unsafe fn v4(q: &[u8], s: &[f32], m: &[f32], x: &[f32]) -> f32 {
-                        $body(q, s, m, x)
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn v3(q: &[u8], s: &[f32], m: &[f32], x: &[f32]) -> f32 {
-                        $body(q, s, m, x)
-                    }
-                    if std::arch::is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the CPU supports the instructions the function was compiled for.
-                        return unsafe { v4(q, s, m, x) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                        // SAFETY: as above.
-                        return unsafe { v3(q, s, m, x) };
-                    }
-                }
-                $body(q, s, m, x)
-            }
-        };
+    /// `sum_b scale_b (codes_b . x_b) + sum_b min_b xsum_b` over one row of nibble codes (low
+    /// nibbles pair with `x_b[0..16]`, high with `x_b[16..32]`); `m` empty = no mins.
+    pub fn dot_nibbles(q: &[u8], s: &[f32], m: &[f32], xs: &[f32], x: &[f32]) -> f32 {
+        let n = s.len();
+        assert!(q.len() >= n * 16 && x.len() >= n * 32 && xs.len() >= n && (m.is_empty() || m.len() >= n), "nibble row lengths");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the lengths are checked above.
+            return unsafe { avx512::dot_nibbles(q, s, x) } + mins(m, xs);
+        }
+        generic_nibbles(q, s, x) + mins(m, xs)
     }
 
-    dispatch!(dot_nibbles, dot_nibbles_body);
-    dispatch!(dot_bytes, dot_bytes_body);
+    /// [`dot_nibbles`] without the mins and explicit SIMD (CPUs without AVX-512; in tests).
+    pub(super) fn generic_nibbles(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
+        generic(q, s, x, 16, |q, j| if j < 16 { (q[j] & 15) as f32 } else { (q[j - 16] >> 4) as f32 })
+    }
 
-    /// One row of nibble codes dotted with `x`: per block, `w = code * scale + min`, then
-    /// `acc += w * x` lane by lane (32 lanes, summed once at the end).
+    /// As [`dot_nibbles`] for `i8` codes (32 bytes a block).
+    pub fn dot_bytes(q: &[u8], s: &[f32], m: &[f32], xs: &[f32], x: &[f32]) -> f32 {
+        let n = s.len();
+        assert!(q.len() >= n * 32 && x.len() >= n * 32 && xs.len() >= n && (m.is_empty() || m.len() >= n), "byte row lengths");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: as above.
+            return unsafe { avx512::dot_bytes(q, s, x) } + mins(m, xs);
+        }
+        generic_bytes(q, s, x) + mins(m, xs)
+    }
+
+    /// [`dot_bytes`] without the mins and explicit SIMD.
+    pub(super) fn generic_bytes(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
+        generic(q, s, x, 32, |q, j| q[j] as i8 as f32)
+    }
+
+    /// `sum_b m_b xs_b` on four independent accumulators (0 for no mins).
     #[inline(always)]
-    fn dot_nibbles_body(q: &[u8], s: &[f32], m: &[f32], x: &[f32]) -> f32 {
-        let mut acc = [0f32; BLOCK];
-        for (((qb, xb), &s), &m) in q.chunks_exact(BLOCK / 2).zip(x.chunks_exact(BLOCK)).zip(s).zip(m) {
-            let (qb, xb): (&[u8; 16], &[f32; 32]) = (qb.try_into().unwrap_or(&[0; 16]), xb.try_into().unwrap_or(&[0.0; 32]));
-            for j in 0..16 {
-                let lo = (qb[j] & 15) as f32 * s + m;
-                let hi = (qb[j] >> 4) as f32 * s + m;
-                acc[j] = lo.mul_add(xb[j], acc[j]);
-                acc[j + 16] = hi.mul_add(xb[j + 16], acc[j + 16]);
+    fn mins(m: &[f32], xs: &[f32]) -> f32 {
+        let mut acc = [0f32; 4];
+        let (mc, xc) = (m.chunks_exact(4), xs.chunks_exact(4));
+        let (mr, xr) = (mc.remainder(), &xs[m.len() / 4 * 4..m.len()]);
+        for (a, b) in mc.zip(xc) {
+            for j in 0..4 {
+                acc[j] += a[j] * b[j];
             }
         }
-        sum_lanes(&acc)
+        let tail: f32 = mr.iter().zip(xr).map(|(a, b)| a * b).sum();
+        (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
     }
 
-    /// As [`dot_nibbles_body`] for `i8` codes.
+    /// Any CPU: per block, `scale * code(j) * x_j` accumulated over 32 lanes.
     #[inline(always)]
-    fn dot_bytes_body(q: &[u8], s: &[f32], m: &[f32], x: &[f32]) -> f32 {
+    fn generic(q: &[u8], s: &[f32], x: &[f32], per_block: usize, code: impl Fn(&[u8], usize) -> f32) -> f32 {
         let mut acc = [0f32; BLOCK];
-        for (((qb, xb), &s), &m) in q.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).zip(s).zip(m) {
-            let (qb, xb): (&[u8; 32], &[f32; 32]) = (qb.try_into().unwrap_or(&[0; 32]), xb.try_into().unwrap_or(&[0.0; 32]));
+        for ((qb, xb), &s) in q.chunks_exact(per_block).zip(x.chunks_exact(BLOCK)).zip(s) {
             for j in 0..BLOCK {
-                let w = qb[j] as i8 as f32 * s + m;
-                acc[j] = w.mul_add(xb[j], acc[j]);
+                acc[j] += code(qb, j) * s * xb[j];
             }
         }
-        sum_lanes(&acc)
+        let mut half = [0f32; 16];
+        for j in 0..16 {
+            half[j] = acc[j] + acc[j + 16];
+        }
+        sum_lanes(&half)
     }
 
-    /// The 32 lanes summed as a tree (vector adds; a sequential sum would be 31 dependent adds).
-    #[inline(always)]
-    fn sum_lanes(acc: &[f32; BLOCK]) -> f32 {
-        let mut v = [0f32; 16];
-        for j in 0..16 {
-            v[j] = acc[j] + acc[j + 16];
+    /// Explicit AVX-512 kernels: two blocks per iteration on two accumulators (an FMA's latency
+    /// would otherwise bound the loop), codes widened and converted in registers.
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use std::arch::x86_64::*;
+
+        /// `sum_b s_b * block(b)` lane-wise, then over lanes: two blocks per iteration on two
+        /// accumulators.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn scaled_sum(s: &[f32], block: impl Fn(usize) -> __m512) -> f32 {
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let n = s.len();
+            let mut b = 0;
+            while b + 1 < n {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[b]), block(b), a0);
+                a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[b + 1]), block(b + 1), a1);
+                b += 2;
+            }
+            if b < n {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[b]), block(b), a0);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
         }
+
+        /// # Safety
+        /// AVX-512F; `q.len() >= 16 s.len()`, `x.len() >= 32 s.len()`.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn dot_nibbles(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
+            let mask = _mm512_set1_epi32(15);
+            let (qp, xp) = (q.as_ptr(), x.as_ptr());
+            let block = |b: usize| {
+                // SAFETY: b < s.len(), so 16 bytes at 16 b and 32 floats at 32 b are in bounds.
+                unsafe {
+                    let w = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * b) as *const __m128i));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(w, mask));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(w));
+                    _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(32 * b + 16)), _mm512_mul_ps(lo, _mm512_loadu_ps(xp.add(32 * b))))
+                }
+            };
+            scaled_sum(s, block)
+        }
+
+        /// # Safety
+        /// AVX-512F; `q.len() >= 32 s.len()`, `x.len() >= 32 s.len()`.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn dot_bytes(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
+            let (qp, xp) = (q.as_ptr(), x.as_ptr());
+            let block = |b: usize| {
+                // SAFETY: b < s.len(), so 32 bytes and 32 floats at 32 b are in bounds.
+                unsafe {
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(32 * b) as *const __m128i)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(32 * b + 16) as *const __m128i)));
+                    _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(32 * b + 16)), _mm512_mul_ps(lo, _mm512_loadu_ps(xp.add(32 * b))))
+                }
+            };
+            scaled_sum(s, block)
+        }
+    }
+
+    /// The 16 lanes summed as a tree (vector adds; a sequential sum would be 15 dependent adds).
+    #[inline(always)]
+    fn sum_lanes(acc: &[f32; 16]) -> f32 {
         let mut w = [0f32; 8];
         for j in 0..8 {
-            w[j] = v[j] + v[j + 8];
+            w[j] = acc[j] + acc[j + 8];
         }
         let mut u = [0f32; 4];
         for j in 0..4 {
@@ -305,6 +373,22 @@ mod tests {
         check(130, 96, 0, 15, QuantCodes::Nibbles);
         check(65, 32, -128, 127, QuantCodes::Bytes);
         check(7, 160, -16, 15, QuantCodes::Bytes);
+    }
+
+    /// The explicit-SIMD row kernels (where the CPU has them) and the plain ones agree, on
+    /// even and odd block counts.
+    #[test]
+    fn row_kernels_agree() {
+        for blocks in [1, 2, 3, 18, 19] {
+            let q: Vec<u8> = (0..blocks * 32).map(|i| (i * 37 % 256) as u8).collect();
+            let s: Vec<f32> = (0..blocks).map(|b| 0.01 * (b as f32 + 1.0)).collect();
+            let x: Vec<f32> = (0..blocks * 32).map(|i| (i as f32 * 0.7).cos()).collect();
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+            let (n, gn) = (simd::dot_nibbles(&q[..blocks * 16], &s, &[], &s, &x), simd::generic_nibbles(&q[..blocks * 16], &s, &x));
+            assert!(close(n, gn), "{blocks} blocks: nibbles {n} vs {gn}");
+            let (b, gb) = (simd::dot_bytes(&q, &s, &[], &s, &x), simd::generic_bytes(&q, &s, &x));
+            assert!(close(b, gb), "{blocks} blocks: bytes {b} vs {gb}");
+        }
     }
 
     /// Several matrices in one call give their outputs side by side, as separate calls do.
