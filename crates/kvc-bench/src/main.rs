@@ -508,6 +508,9 @@ impl backend::BackendJob for SpeedJob<'_> {
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
         let mut loaded = kvc_models::load::<B>(self.model, &device)?;
+        if !B::kvc_has_quant_linear() {
+            loaded.model.drop_quantized();
+        }
         let ids = context_ids(&loaded.tokenizer, self.text, self.lens.iter().copied().max().unwrap_or(1))?;
         for &n in self.lens {
             let prompt = &ids[..n];
@@ -548,6 +551,8 @@ impl backend::BackendJob for SpeedJob<'_> {
 }
 
 fn main() {
+    backend::quiet_broken_pipe();
+    backend::join_rayon_pool();
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

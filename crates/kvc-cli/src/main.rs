@@ -192,8 +192,8 @@ impl backend::BackendJob for GenerateJob {
         }
         let mut loaded =
             kvc_models::load_as::<B>(&self.model, &device, Some(self.dtype)).with_context(|| format!("loading model {}", self.model.display()))?;
-        if self.dense_weights {
-            loaded.model.set_quantized_decode(false);
+        if self.dense_weights || !B::kvc_has_quant_linear() {
+            loaded.model.drop_quantized();
         }
         let load_secs = t_load.elapsed().as_secs_f64();
         let pipeline = Pipeline::new(&loaded);
@@ -476,6 +476,8 @@ fn mem_available() -> Option<usize> {
 }
 
 fn main() {
+    backend::quiet_broken_pipe();
+    backend::join_rayon_pool();
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

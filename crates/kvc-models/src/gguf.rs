@@ -454,6 +454,7 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
 /// The integer codes of a quantized tensor, for a [`kvc_core::QuantMatrix`]: `(codes, scale,
 /// min)` with one code per element (in [`dequantize`]'s order) and one `(scale, min)` per 32
 /// consecutive elements, such that `code * scale + min` is the dequantized weight: bit for bit
+/// (zeros' signs included; types without a min get `-0.0`, which adds nothing)
 /// for `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`; for `Q4_0` (`(q - 8) * d` in ggml) the
 /// codes stay 4-bit with `min = -8 d`, which may round the last bit differently. `None` for
 /// types without one scale per 32 elements (`F32`, `F16`, `BF16`, `Q6_K`, unknown) or a buffer
@@ -477,7 +478,7 @@ pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, V
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let d = f16_at(b, 0);
-                let (m, rest, off) = if kind == GgmlType::Q5_1 { (f16_at(b, 2), &b[4..], 0) } else { (0.0, &b[2..], 16) };
+                let (m, rest, off) = if kind == GgmlType::Q5_1 { (f16_at(b, 2), &b[4..], 0) } else { (-0.0, &b[2..], 16) };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 let mut hi = [0i8; 16];
@@ -494,7 +495,8 @@ pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, V
             GgmlType::Q8_0 => {
                 codes.extend(b[2..34].iter().map(|&q| q as i8));
                 scale.push(f16_at(b, 0));
-                min.push(0.0);
+                // -0.0 adds nothing, not even the sign of a zero product
+                min.push(-0.0);
             }
             GgmlType::Q4K | GgmlType::Q5K => {
                 let (d, dmin, scales) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);

@@ -95,13 +95,15 @@ pub struct Decoder<B: Backend> {
 }
 
 /// Products of at most this many rows (tokens x batch) read quantized weights when the model has
-/// them: a decode step (1) and short question chunks; longer inputs are bound by arithmetic, where
-/// the dense f32 GEMM is faster.
+/// them: decode steps, and any chunk of at most this many tokens (a short question, the last piece
+/// of a chunked prefill, the prefill's last-token LM head); longer inputs are bound by arithmetic,
+/// where the dense f32 GEMM is faster.
 pub const QUANTIZED_MAX_ROWS: usize = 4;
 
 /// The weights of a GGUF model kept in their blocks of integer codes ([`QuantMatrix`]) beside the
 /// dense f32 copies: a decode step's matrix-vector products read 4- or 8-bit codes instead of
-/// f32 (SmolLM2-135M `Q4_1`/`Q8_0`: ~150 MB instead of 540 MB per token).
+/// f32 (SmolLM2-135M `Q4_1`/`Q8_0`: ~115 MB instead of 540 MB per token). Used on backends with
+/// [`KvcBackend::kvc_quant_linear`] (flex, ndarray); [`Decoder::drop_quantized`] frees them.
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedWeights {
     /// Per layer: `q, k, v, o, gate, up, down` (`None` where the file keeps floats or a block
@@ -315,21 +317,17 @@ impl<B: Backend> Decoder<B> {
 
     /// Whether products of at most [`QUANTIZED_MAX_ROWS`] rows (decode steps) read the
     /// quantized weights (on by default when there are any; the logits then differ from the
-    /// dense f32 product only in the order of the sums). Off: every product uses the dense
-    /// weights.
+    /// dense f32 product only by f32 rounding of the sums). Off: every product uses the dense
+    /// weights (the codes stay, to be turned on again).
     pub fn set_quantized_decode(&mut self, on: bool) {
         self.quantized_decode = on && self.quantized.is_some();
     }
 
-    /// Whether decode steps read quantized weights ([`Decoder::set_quantized_decode`]).
-    pub fn quantized_decode(&self) -> bool {
-        self.quantized_decode
-    }
-
-    /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use.
-    fn quant(&self, layer: usize, index: usize) -> Option<&QuantMatrix> {
-        let q = self.quantized.as_deref().filter(|_| self.quantized_decode)?;
-        q.layers.get(layer)?.get(index)?.as_ref()
+    /// Frees the quantized weights (every product then uses the dense ones): for a backend
+    /// without [`KvcBackend::kvc_quant_linear`], or an app that never wants them.
+    pub fn drop_quantized(&mut self) {
+        self.quantized = None;
+        self.quantized_decode = false;
     }
 
     /// The model's configuration.
@@ -382,6 +380,18 @@ impl<B: Backend> Decoder<B> {
 }
 
 impl<B: KvcBackend> Decoder<B> {
+    /// Whether decode steps read quantized weights: the model has them, they are on
+    /// ([`Decoder::set_quantized_decode`]) and the backend has the kernel
+    /// ([`KvcBackend::kvc_has_quant_linear`]).
+    pub fn quantized_decode(&self) -> bool {
+        self.quantized_decode && B::kvc_has_quant_linear()
+    }
+
+    /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use.
+    fn quant(&self, layer: usize, index: usize) -> Option<&QuantMatrix> {
+        let q = self.quantized.as_deref().filter(|_| self.quantized_decode())?;
+        q.layers.get(layer)?.get(index)?.as_ref()
+    }
 
     /// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing
     /// logits: a context prefill before compression, or a press's scoring pass (with an
@@ -437,14 +447,15 @@ impl<B: KvcBackend> Decoder<B> {
             Logits::All => x,
             Logits::Last => x.narrow(1, chunk - 1, 1),
         };
-        let head = self.quantized.as_deref().filter(|_| self.quantized_decode).and_then(|q| q.lm_head.as_ref());
+        let head = self.quantized.as_deref().filter(|_| self.quantized_decode()).and_then(|q| q.lm_head.as_ref());
         let [logits] = project([(&self.lm_head, head)], self.norm.forward(x));
         Ok(logits)
     }
 
     /// As [`forward`](Self::forward), but returns the last layer's hidden states
-    /// `[batch, chunk, hidden]` (before the final norm) and computes no logits: prefill chunks
-    /// whose logits nobody reads, and presses' scoring passes.
+    /// `[batch, chunk, hidden]` (before the final norm) and computes no logits. (Prefill chunks
+    /// and presses' scoring passes go through [`Decoder::feed`], which also skips the last
+    /// layer's output.)
     pub fn forward_hidden(
         &self,
         tokens: Tensor<B, 2, Int>,

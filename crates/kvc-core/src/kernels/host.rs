@@ -334,6 +334,11 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "swiglu: gate and up differ in length");
     let mut out = vec![0f32; gate.len()];
     const PART: usize = 1 << 15;
+    if gate.len() <= PART {
+        // one part (a decode step): on this thread, no hand-off to the pool
+        simd::swiglu(gate, up, &mut out);
+        return out;
+    }
     out.par_chunks_mut(PART).enumerate().for_each(|(i, o)| {
         let g = &gate[i * PART..][..o.len()];
         let u = &up[i * PART..][..o.len()];

@@ -65,6 +65,10 @@ impl KvcBackend for burn::backend::Flex {
         Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(out, shape))))
     }
 
+    fn kvc_has_quant_linear() -> bool {
+        true
+    }
+
     /// [`super::quant::matvec`] on flex's buffer of `x` (no copy when contiguous).
     fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
         use burn::backend::flex::FlexTensor;
@@ -121,6 +125,10 @@ impl KvcBackend for burn::backend::NdArray<f32> {
         } else {
             super::host_attention_copying(a)
         }
+    }
+
+    fn kvc_has_quant_linear() -> bool {
+        true
     }
 
     /// [`super::quant::matvec`] through copies of `x` and `y` (a few KB for a decode step).

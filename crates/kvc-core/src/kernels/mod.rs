@@ -107,6 +107,12 @@ pub trait KvcBackend: Backend {
         let _ = (x, ws);
         None
     }
+
+    /// Whether [`KvcBackend::kvc_quant_linear`] has a kernel here (a model keeps quantized
+    /// weights only then). `false` by default.
+    fn kvc_has_quant_linear() -> bool {
+        false
+    }
 }
 
 /// One attention call of a layer that an observer watches: asks `observer` what it wants

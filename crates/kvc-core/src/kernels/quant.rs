@@ -7,8 +7,8 @@
 //! [`matvec`] multiplies by them in registers, with each block's scale and min factored out:
 //! `w . x = sum_b scale_b (codes_b . x_b) + sum_b min_b (sum of x_b)`, the product by the
 //! dequantized weights (`code * scale + min`, as ggml's `dequantize_row_*`) up to f32 rounding
-//! of the sums. Prefill keeps the dense f32 weights (it is bound by arithmetic, where a GEMM on
-//! f32 is fastest).
+//! of the sums. Chunks of more than a few tokens keep the dense f32 weights (they are bound by
+//! arithmetic, where a GEMM on f32 is fastest).
 
 use rayon::prelude::*;
 
