@@ -27,6 +27,16 @@ pub enum QuantCodes {
     Bytes,
 }
 
+impl QuantCodes {
+    /// Bytes of codes in a block of [`BLOCK`] elements.
+    pub fn bytes_per_block(self) -> usize {
+        match self {
+            QuantCodes::Nibbles => BLOCK / 2,
+            QuantCodes::Bytes => BLOCK,
+        }
+    }
+}
+
 /// A weight matrix `[rows, cols]` (PyTorch layout `[out, in]`: `y = W x`) in blocks of
 /// [`BLOCK`] consecutive elements of a row; element `c` of block `b` of row `r` is
 /// `code * scale[r * blocks + b] + min[r * blocks + b]`.
@@ -92,10 +102,7 @@ impl QuantMatrix {
     /// The matrix dequantized, row-major `[rows, cols]` (tests and references).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        let per_block = match self.codes {
-            QuantCodes::Nibbles => BLOCK / 2,
-            QuantCodes::Bytes => BLOCK,
-        };
+        let per_block = self.codes.bytes_per_block();
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
             let q = &self.quants[b * per_block..][..per_block];
             let (s, m) = (self.scale[b], self.min[b]);
@@ -161,10 +168,7 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
 /// Rows `first..first + out.len() / n` of `w` times the `n` rows of `x`, into `out` (`[rows, n]`).
 fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, out: &mut [f32]) {
     let blocks = w.cols / BLOCK;
-    let per_block = match w.codes {
-        QuantCodes::Nibbles => BLOCK / 2,
-        QuantCodes::Bytes => BLOCK,
-    };
+    let per_block = w.codes.bytes_per_block();
     for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
         let r = first + i;
         let q = &w.quants[r * blocks * per_block..][..blocks * per_block];
