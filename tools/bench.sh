@@ -17,6 +17,9 @@ $B speed --text $TEXT --tokens 1024,2048 --decode 32 --backends ndarray
 python3 tools/bench_transformers.py --text $TEXT --tokens 1024,2048,4096,8000 --decode 32 --threads 2
 python3 tools/bench_llamacpp.py --text $TEXT --tokens 1024,2048,4096,8000 --decode 32 --threads 2 \
   || echo "llama.cpp row skipped (pip install llama-cpp-python: builds llama.cpp, ~10 min)"
+echo "== half precision (bf16 weights, activations and KV cache; transformers in bf16 too)"
+$B speed --text $TEXT --tokens 1024,2048,4096 --decode 32 --backends flex --dtype bf16
+python3 tools/bench_transformers.py --text $TEXT --tokens 1024,2048,4096 --decode 32 --threads 2 --dtype bf16
 echo "== KVCompose compression time vs plain prefill (ratio 0.5)"
 for n in 1024 2048; do $B compress --text $TEXT --tokens $n --backend flex; done
 python3 tools/make_kvcompose_fixtures.py --timing-only

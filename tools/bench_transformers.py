@@ -5,7 +5,7 @@ text is tokenized with the reference SmolLM2 tokenizer, identical to kvc's), sam
 prefill of N tokens (one forward pass), then greedy decode of D tokens. Prints one JSON line per
 length, like `kvc-bench speed`.
 
-    python3 tools/bench_transformers.py --text assets/pride_and_prejudice_ch1-2.txt --tokens 1024,2048 --decode 32 --threads 2
+    python3 tools/bench_transformers.py --text assets/pride_and_prejudice_ch1-2.txt --tokens 1024,2048 --decode 32 --threads 2 [--dtype bf16]
 """
 
 import json
@@ -23,10 +23,13 @@ import make_model_fixtures as mmf  # noqa: E402
 def main() -> None:
     ap = bench_common.parser(__doc__)
     ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"],
+                    help="weights, activations and KV cache (kvc's --dtype)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path, ids, lens = bench_common.model_and_ids(args)
     model = mmf.load_gguf_model(path)
+    model = model.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
     model.config._attn_implementation = args.attn
     with torch.no_grad():
         for n in lens:
@@ -42,7 +45,7 @@ def main() -> None:
                 out = model(nxt.view(1, 1), past_key_values=cache, use_cache=True)
                 nxt = out.logits[0, -1].argmax()
             decode = time.perf_counter() - t0
-            print(json.dumps({"backend": f"transformers-{args.attn}", "threads": args.threads, "prompt_tokens": n,
+            print(json.dumps({"backend": f"transformers-{args.attn}", "threads": args.threads, "dtype": args.dtype, "prompt_tokens": n,
                               "prefill_s": prefill, "prefill_tok_s": n / prefill,
                               "decode_tokens": args.decode, "decode_tok_s": (args.decode - 1) / decode}), flush=True)
 

@@ -75,6 +75,9 @@ enum Command {
         /// Prefill chunk size.
         #[arg(long, default_value_t = 512)]
         chunk: usize,
+        /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
+        #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
+        dtype: String,
     },
     /// Prefill time, then compression time with a press, on one prompt length; peak RSS of the
     /// process. Run once with `--press none` and once with a press, in separate processes, to
@@ -501,13 +504,18 @@ struct SpeedJob<'a> {
     lens: &'a [usize],
     n_decode: usize,
     chunk: usize,
+    /// The name and burn dtype of `--dtype`.
+    dtype: (&'a str, burn::tensor::DType),
 }
 
 impl backend::BackendJob for SpeedJob<'_> {
     type Output = ();
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
-        let mut loaded = kvc_models::load::<B>(self.model, &device)?;
+        if !B::supports_dtype(&device, self.dtype.1) {
+            bail!("--dtype {} is not supported by the {} backend", self.dtype.0, self.name);
+        }
+        let mut loaded = kvc_models::load_as::<B>(self.model, &device, Some(self.dtype.1))?;
         if !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }
@@ -527,7 +535,7 @@ impl backend::BackendJob for SpeedJob<'_> {
             let d = generate::decode(&loaded.model, &mut cache, logits.clone(), &cfg, &[], |_| true, &device)?;
             let decode_tps = (d.tokens.len().saturating_sub(1)) as f64 / d.elapsed.as_secs_f64();
             let kv_bytes = cache.bytes();
-            // the same steps on the dense f32 weights (the lever measured in the same run)
+            // the same steps on the dense weights (the lever measured in the same run)
             let dense_tps = if loaded.model.quantized_decode() {
                 cache.truncate(n);
                 cache.set_next_position(n);
@@ -541,7 +549,7 @@ impl backend::BackendJob for SpeedJob<'_> {
             };
             println!(
                 "{}",
-                serde_json::json!({"backend": self.name, "prompt_tokens": n, "prefill_s": prefill,
+                serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "prompt_tokens": n, "prefill_s": prefill,
                     "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
                     "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes})
             );
@@ -707,11 +715,12 @@ fn real_main() -> Result<()> {
                 println!("wrote {}", f.display());
             }
         }
-        Command::Speed { model, text, tokens, decode, backends, chunk } => {
+        Command::Speed { model, text, tokens, decode, backends, chunk, dtype } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;
             let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             for b in backends {
-                backend::run(&b, SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk })?;
+                let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)) };
+                backend::run(&b, job)?;
             }
         }
     }

@@ -119,10 +119,11 @@ struct GenerateArgs {
     compare: bool,
     /// Float type of the weights, activations and KV cache on the device: f32 (default), or f16 /
     /// bf16 (half the KV cache; flex and cuda, wgpu f16 where the adapter has it; attention and
-    /// press scores still compute in f32; answers may differ from f32's).
+    /// press scores still compute in f32; answers may differ from f32's; on flex, bf16 prefills
+    /// faster than f32 on CPUs with AVX512_BF16).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
-    /// Decode with the dense f32 weights. By default a GGUF model's decode steps multiply by the
+    /// Decode with the dense weights (f32, or --dtype's). By default a GGUF model's decode steps multiply by the
     /// file's quantized blocks (4- or 8-bit codes, dequantized in registers: the same weights,
     /// the sums in another order), reading ~4x fewer bytes per token.
     #[arg(long)]

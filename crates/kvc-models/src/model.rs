@@ -86,7 +86,7 @@ pub struct Decoder<B: Backend> {
     #[module(skip)]
     inv_freq: Vec<f32>,
     /// Block-quantized copies of the projections for small products (decode), when the source
-    /// keeps them so and the weights are f32.
+    /// keeps them so (for any dtype of the dense weights).
     #[module(skip)]
     quantized: Option<Arc<QuantizedWeights>>,
     /// Whether small products use [`Decoder::quantized`] ([`Decoder::set_quantized_decode`]).
@@ -97,13 +97,15 @@ pub struct Decoder<B: Backend> {
 /// Products of at most this many rows (tokens x batch) read quantized weights when the model has
 /// them: decode steps, and any chunk of at most this many tokens (a short question, the last piece
 /// of a chunked prefill, the prefill's last-token LM head); longer inputs are bound by arithmetic,
-/// where the dense f32 GEMM is faster.
+/// where the dense GEMM is faster.
 pub const QUANTIZED_MAX_ROWS: usize = 4;
 
 /// The weights of a GGUF model kept in their blocks of integer codes ([`QuantMatrix`]) beside the
-/// dense f32 copies: a decode step's matrix-vector products read 4- or 8-bit codes instead of
-/// f32 (SmolLM2-135M `Q4_1`/`Q8_0`: ~115 MB instead of 540 MB per token). Used on backends with
-/// [`KvcBackend::kvc_quant_linear`] (flex, ndarray); [`Decoder::drop_quantized`] frees them.
+/// dense copies: a decode step's matrix-vector products read 4- or 8-bit codes instead of f32
+/// (SmolLM2-135M `Q4_1`/`Q8_0`: ~115 MB instead of 540 MB per token), in f32 arithmetic whatever
+/// the model's dtype (f16/bf16 activations are widened and the products rounded back). Used on
+/// backends with [`KvcBackend::kvc_quant_linear`] (flex, ndarray; ndarray runs f32 only);
+/// [`Decoder::drop_quantized`] frees them.
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedWeights {
     /// Per layer: `q, k, v, o, gate, up, down` (`None` where the file keeps floats or a block
@@ -148,7 +150,22 @@ fn project<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatri
             }
         }
     }
-    lins.map(|(lin, _)| lin.forward(x.clone()))
+    lins.map(|(lin, _)| {
+        let Some(y) = B::kvc_linear(x.clone().reshape([b * c, i]), &lin.weight.val()) else {
+            return lin.forward(x.clone());
+        };
+        let out = y.dims()[1];
+        let y = y.reshape([b, c, out]);
+        match &lin.bias {
+            Some(bias) => y + bias.val().reshape([1, 1, out]),
+            None => y,
+        }
+    })
+}
+
+/// `norm(x)` through [`KvcBackend::kvc_rms_norm`] (the host kernel on CPU backends).
+fn norm<B: KvcBackend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    B::kvc_rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
 struct Loader<'a, B: Backend> {
@@ -192,12 +209,9 @@ impl<B: Backend> Loader<'_, B> {
         Ok(Linear { weight, bias })
     }
 
-    /// The source's block codes of `name` when the weights are f32 and the shape is `[output,
-    /// input]`.
+    /// The source's block codes of `name` when the shape is `[output, input]` (for any dtype: the
+    /// host kernels widen f16/bf16 rows to f32 and round the product back).
     fn quantized(&self, name: &str, input: usize, output: usize) -> Option<QuantMatrix> {
-        if self.dtype.is_some_and(|d| d != DType::F32) {
-            return None;
-        }
         self.source.quantized(name).filter(|w| w.rows() == output && w.cols() == input)
     }
 
@@ -448,7 +462,7 @@ impl<B: KvcBackend> Decoder<B> {
             Logits::Last => x.narrow(1, chunk - 1, 1),
         };
         let head = self.quantized.as_deref().filter(|_| self.quantized_decode()).and_then(|q| q.lm_head.as_ref());
-        let [logits] = project([(&self.lm_head, head)], self.norm.forward(x));
+        let [logits] = project([(&self.lm_head, head)], norm(&self.norm, x));
         Ok(logits)
     }
 
@@ -489,13 +503,13 @@ impl<B: KvcBackend> Decoder<B> {
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(xi) = x.take() else { break };
-            let h = layer.input_layernorm.forward(xi.clone());
+            let h = norm(&layer.input_layernorm, xi.clone());
             let quant = [0, 1, 2, 3].map(|j| self.quant(i, j));
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
             let part = if output || i < last { AttentionPart::Output } else if obs.is_some() { AttentionPart::Attention } else { AttentionPart::KeysValues };
             let Some(a) = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, cache, obs, quant, part)? else { break };
             let x1 = xi + a;
-            let h = layer.post_attention_layernorm.forward(x1.clone());
+            let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
             let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h);
             let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up));
@@ -540,7 +554,7 @@ impl<B: KvcBackend> Attention<B> {
             let [k, v] = project([(&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x);
             let mut k = split(k, hkv);
             if let Some(kn) = &self.k_norm {
-                k = kn.forward(k);
+                k = norm(kn, k);
             }
             let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
             cache.append_with(layer, first, k, split(v, hkv).swap_dims(1, 2), B::kvc_write_slots)?;
@@ -550,8 +564,8 @@ impl<B: KvcBackend> Attention<B> {
         let (mut q, mut k) = (split(q, hq), split(k, hkv));
         let v = split(v, hkv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(q);
-            k = kn.forward(k);
+            q = norm(qn, q);
+            k = norm(kn, k);
         }
         let q_pre_rope = q.clone();
         let q = rope::apply(q, &rope_q.0, &rope_q.1).swap_dims(1, 2);

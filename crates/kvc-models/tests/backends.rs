@@ -222,3 +222,112 @@ fn half_precision_halves_the_cache_and_keeps_the_answer() {
     }
     assert!(checked >= 2, "flex runs f16 and bf16: only {checked} backend/dtype pairs checked");
 }
+
+/// `KvcBackend::kvc_quant_linear` on f16 / bf16 rows (a half-precision model's decode step): the
+/// f32 product of the rows' exact values, rounded to their dtype; `None` where the backend has
+/// no kernel or no such dtype.
+fn quant_half<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<(Vec<f32>, Vec<f32>)> {
+    use kvc_core::kernels::quant::{matvec, QuantMatrix};
+    let device = Default::default();
+    if !B::kvc_has_quant_linear() || !B::supports_dtype(&device, dtype) {
+        return None;
+    }
+    let (rows, cols, n) = (5, 64, 2);
+    let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7 + 3) % 16) as i8).collect();
+    let blocks = rows * cols / 32;
+    let w = QuantMatrix::from_codes(rows, cols, &codes, (0..blocks).map(|b| 0.01 + 0.003 * b as f32).collect(), vec![-0.05; blocks]).unwrap();
+    let xs: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+    let x = tensor::<B, 2>(xs, [n, cols]).cast(dtype);
+    let exact = floats(x.clone());
+    let y = B::kvc_quant_linear(x, &[&w]).expect("a backend with the kernel takes half-precision rows");
+    assert_eq!((y.dims(), y.dtype()), ([n, rows], dtype));
+    let want = floats(tensor::<B, 2>(matvec(&exact, n, &[&w]), [n, rows]).cast(dtype));
+    Some((floats(y), want))
+}
+
+/// Runs `$f` (returning `Option<(got, want)>`) on every backend in f16 and bf16: equal results
+/// wherever it ran, and it ran at least on flex in both.
+macro_rules! equal_in_half_precision {
+    ($f:ident) => {{
+        use burn::tensor::DType;
+        let mut checked = 0;
+        for dtype in [DType::F16, DType::BF16] {
+            for (name, run) in each_backend!($f, dtype) {
+                if let Some((got, want)) = run {
+                    assert_eq!(got, want, "{name} {dtype:?}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 2, "flex runs f16 and bf16: only {checked} backend/dtype pairs checked");
+    }};
+}
+
+#[test]
+fn quantized_products_take_half_precision_rows() {
+    equal_in_half_precision!(quant_half);
+}
+
+/// `KvcBackend::kvc_write_slots` on an f16 / bf16 cache buffer (flex writes such buffers in place
+/// as it does f32 ones): the same tensor as burn's `slice_assign` (`kernels::write_slots`).
+fn write_half<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<(Vec<f32>, Vec<f32>)> {
+    if !B::supports_dtype(&Default::default(), dtype) {
+        return None;
+    }
+    let buffer = tensor::<B, 4>((0..2 * 3 * 6 * 4).map(|i| i as f32 * 0.25).collect(), [2, 3, 6, 4]).cast(dtype);
+    let slots = tensor::<B, 4>((0..2 * 3 * 2 * 4).map(|i| -(i as f32) - 0.5).collect(), [2, 3, 2, 4]).cast(dtype);
+    let want = floats(kvc_core::kernels::write_slots(buffer.clone(), 3, slots.clone()));
+    let got = B::kvc_write_slots(buffer, 3, slots);
+    assert_eq!(got.dtype(), dtype);
+    Some((floats(got), want))
+}
+
+#[test]
+fn cache_writes_keep_half_precision() {
+    equal_in_half_precision!(write_half);
+}
+
+/// `KvcBackend::kvc_rms_norm` and `kvc_swiglu` against burn's formulas (`kernels::rms_norm`,
+/// `silu(gate) * up`) on every backend and float type: (largest difference, tolerance) per op.
+/// The host kernels compute in f32 and round half results once, burn's formulas round after
+/// each op, so half precision may differ by an ulp or two of the dtype.
+fn norm_and_swiglu<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<[(f32, f32); 2]> {
+    use burn::tensor::DType;
+    if !B::supports_dtype(&Default::default(), dtype) {
+        return None;
+    }
+    let (rows, d) = (37, 96);
+    let x = tensor::<B, 3>((0..rows * d).map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0).collect(), [1, rows, d]).cast(dtype);
+    let gamma = tensor::<B, 1>((0..d).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect(), [d]).cast(dtype);
+    let got = floats(B::kvc_rms_norm(x.clone(), gamma.clone(), 1e-5));
+    let want = floats(kvc_core::kernels::rms_norm(x.clone(), gamma, 1e-5));
+    let up = tensor::<B, 3>((0..rows * d).map(|i| ((i * 31 % 89) as f32 - 44.0) / 11.0).collect(), [1, rows, d]).cast(dtype);
+    let got_s = floats(B::kvc_swiglu(x.clone(), up.clone()));
+    let want_s = floats(burn::tensor::activation::silu(x) * up);
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0f32, f32::max);
+    // relative to max(|value|, 1): f32 sums in another order; half: two roundings of the dtype
+    let tol = match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 4.0 * 2f32.powi(-11),
+        _ => 4.0 * 2f32.powi(-8),
+    };
+    assert_eq!(got.len(), want.len());
+    Some([(diff(&got, &want), tol), (diff(&got_s, &want_s), tol)])
+}
+
+#[test]
+fn rms_norm_and_swiglu_kernels_match_burn() {
+    use burn::tensor::DType;
+    let mut checked = 0;
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (name, run) in each_backend!(norm_and_swiglu, dtype) {
+            if let Some([(norm, tol), (swiglu, _)]) = run {
+                println!("{name} {dtype:?}: rms_norm {norm:.2e}, swiglu {swiglu:.2e} (tolerance {tol:.1e})");
+                assert!(norm <= tol, "{name} {dtype:?}: rms_norm differs by {norm}");
+                assert!(swiglu <= tol, "{name} {dtype:?}: swiglu differs by {swiglu}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 4, "flex f32/f16/bf16 and ndarray f32: only {checked} checked");
+}

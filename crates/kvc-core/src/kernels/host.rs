@@ -24,15 +24,16 @@ pub const QUERY_BLOCK: usize = 32;
 /// One attention call on host slices (all row-major, `f32`).
 ///
 /// Query `i` of the chunk sits at cache slot `len - chunk + i` and sees slots `0..=len - chunk + i`
-/// (cached keys all visible, the chunk causal; decode is `chunk = 1`).
+/// (cached keys all visible, the chunk causal; decode is `chunk = 1`). Keys and values are `T`:
+/// f32 for [`attention`], f32/f16/bf16 for [`decode_attention`].
 #[derive(Clone, Copy, Debug)]
-pub struct HostAttention<'a> {
+pub struct HostAttention<'a, T = f32> {
     /// Queries `[batch, q_heads, chunk, head_dim]`.
     pub q: &'a [f32],
     /// Keys `[batch, kv_heads, len, head_dim]`, (batch, KV head) rows `kv_stride` apart.
-    pub k: &'a [f32],
+    pub k: &'a [T],
     /// Values, laid out as `k`.
-    pub v: &'a [f32],
+    pub v: &'a [T],
     /// Elements between the starts of consecutive (batch, KV head) rows of `k` and `v`:
     /// `len * head_dim` when contiguous, the capacity times `head_dim` for views of a
     /// preallocated cache buffer.
@@ -103,6 +104,107 @@ pub fn attention(a: &HostAttention<'_>) -> HostOutput {
     if c == 1 && a.reduce.is_none() && !a.probs && len > KEY_TILE {
         return decode_split(a);
     }
+    blocks(a, g, past)
+}
+
+/// Float elements the host kernels read and write: f32 as they are; f16 / bf16 widened to f32
+/// (exactly) for the arithmetic and rounded back once (to nearest even).
+pub trait HostFloat: Copy + Send + Sync + 'static {
+    /// `src` as f32: `src` itself, or its values widened into `buf`.
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+    /// `src` rounded into `dst` (same lengths).
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+impl HostFloat for f32 {
+    fn widen<'a>(src: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl HostFloat for half::f16 {
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        buf.clear();
+        buf.resize(src.len(), 0.0);
+        // F16C conversions where the CPU has them
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl HostFloat for half::bf16 {
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        // a bf16 is the top half of an f32: a shift the compiler vectorizes (half's slice
+        // conversion goes value by value, 10% of a bf16 decode step)
+        buf.clear();
+        buf.extend(src.iter().map(|x| f32::from_bits(u32::from(x.to_bits()) << 16)));
+        buf
+    }
+
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = half::bf16::from_f32(x);
+        }
+    }
+}
+
+/// RMSNorm over rows of `gamma.len()` values (HF `LlamaRMSNorm`, burn's `RmsNorm`):
+/// `x / sqrt(mean(x^2) + eps) * gamma` per row, in f32 (half inputs widened, the result rounded
+/// once). Rows split over the rayon pool when there are many (a prefill chunk); one row (a decode
+/// step) stays on this thread. Panics only when `x.len()` is not a multiple of `gamma.len()`.
+pub fn rms_norm<T: HostFloat>(x: &[T], gamma: &[T], eps: f32) -> Vec<T> {
+    let d = gamma.len();
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms_norm: rows of {d} values do not tile {} values", x.len());
+    let mut gbuf = Vec::new();
+    let g = T::widen(gamma, &mut gbuf);
+    let mut out = vec![x[0]; x.len()];
+    let rows_per_part = (1 << 14) / d + 1;
+    let part = |(xs, os): (&[T], &mut [T])| {
+        let (mut xbuf, mut ybuf) = (Vec::new(), vec![0f32; d]);
+        for (xr, or) in xs.chunks_exact(d).zip(os.chunks_exact_mut(d)) {
+            let xr = T::widen(xr, &mut xbuf);
+            let rms = (simd::sum_squares(xr) / d as f32 + eps).sqrt();
+            for ((y, &v), &w) in ybuf.iter_mut().zip(xr).zip(g) {
+                *y = v / rms * w;
+            }
+            T::narrow(&ybuf, or);
+        }
+    };
+    if x.len() / d <= rows_per_part {
+        part((x, &mut out));
+    } else {
+        x.par_chunks(rows_per_part * d).zip(out.par_chunks_mut(rows_per_part * d)).for_each(part);
+    }
+    out
+}
+
+/// Attention of one query per head (a decode step, no reductions or probabilities) over keys and
+/// values of any [`HostFloat`] type: a half-precision cache is read in place, one widened key
+/// tile at a time, instead of being cast to f32 whole for every step. Same arithmetic as
+/// [`attention`]'s decode (f32 throughout); panics only on inconsistent lengths.
+pub fn decode_attention<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
+    let (b, hq, hkv, len, d) = (a.batch, a.q_heads, a.kv_heads, a.len, a.head_dim);
+    assert!(a.chunk == 1 && a.reduce.is_none() && !a.probs, "decode attention: one query per head, output only");
+    assert!(hkv > 0 && hq % hkv == 0 && len > 0 && a.q.len() == b * hq * d, "decode attention: inconsistent shapes");
+    let kv_extent = (b * hkv - 1) * a.kv_stride + len * d;
+    assert!(a.kv_stride >= len * d && a.k.len() >= kv_extent && a.v.len() >= kv_extent, "decode attention: inconsistent key/value lengths");
+    assert!(a.valid.is_none_or(|v| v.len() == b * hkv * len), "decode attention: inconsistent mask length");
+    decode_split(a)
+}
+
+/// [`attention`]'s tasks: (batch, KV head, block of queries).
+fn blocks(a: &HostAttention<'_>, g: usize, past: usize) -> HostOutput {
+    let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
     let mut tasks = Vec::new();
     for bi in 0..b {
         for kv in 0..hkv {
@@ -273,7 +375,7 @@ fn online_block(q: &[f32], k: &[f32], v: &[f32], valid: Option<&[bool]>, g: Geom
 /// Decode (one query per head) over a long cache, split over key tiles so both cores work even
 /// with few KV heads (flash-decoding): per (batch, KV head, tile) a partial max, sum and output of
 /// the group's `g` query rows, merged with `exp(max_t - max)` weights.
-fn decode_split(a: &HostAttention<'_>) -> HostOutput {
+fn decode_split<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
     let (b, hq, hkv, len, d) = (a.batch, a.q_heads, a.kv_heads, a.len, a.head_dim);
     let g = hq / hkv;
     let tiles = len.div_ceil(KEY_TILE);
@@ -286,8 +388,9 @@ fn decode_split(a: &HostAttention<'_>) -> HostOutput {
             let tn = KEY_TILE.min(len - t0);
             let row = bi * hkv + kv;
             let q = &a.q[(bi * hq + kv * g) * d..][..g * d];
-            let k = &a.k[row * a.kv_stride + t0 * d..][..tn * d];
-            let v = &a.v[row * a.kv_stride + t0 * d..][..tn * d];
+            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+            let k = T::widen(&a.k[row * a.kv_stride + t0 * d..][..tn * d], &mut kbuf);
+            let v = T::widen(&a.v[row * a.kv_stride + t0 * d..][..tn * d], &mut vbuf);
             let valid = a.valid.map(|m| &m[row * len + t0..row * len + t0 + tn]);
             // a few query rows against a tile of keys: plain loops read K and V once (a GEMM would
             // first pack them, doubling the memory traffic that bounds decoding)
@@ -329,21 +432,27 @@ fn decode_split(a: &HostAttention<'_>) -> HostOutput {
 }
 
 /// `silu(gate) * up` elementwise (the SwiGLU MLP's activation, HF `LlamaMLP`), split over the
-/// rayon pool. Within a few ulp of `x / (1 + exp(-x)) * up`.
-pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+/// rayon pool. Within a few ulp of `x / (1 + exp(-x)) * up` in f32; half inputs are widened and
+/// the result rounded once.
+pub fn swiglu<T: HostFloat>(gate: &[T], up: &[T]) -> Vec<T> {
     assert_eq!(gate.len(), up.len(), "swiglu: gate and up differ in length");
-    let mut out = vec![0f32; gate.len()];
+    let Some(&first) = gate.first() else { return Vec::new() };
+    let mut out = vec![first; gate.len()];
     const PART: usize = 1 << 15;
+    let part = |(i, o): (usize, &mut [T])| {
+        let (mut gb, mut ub) = (Vec::new(), Vec::new());
+        let g = T::widen(&gate[i * PART..][..o.len()], &mut gb);
+        let u = T::widen(&up[i * PART..][..o.len()], &mut ub);
+        let mut y = vec![0f32; o.len()];
+        simd::swiglu(g, u, &mut y);
+        T::narrow(&y, o);
+    };
     if gate.len() <= PART {
         // one part (a decode step): on this thread, no hand-off to the pool
-        simd::swiglu(gate, up, &mut out);
-        return out;
+        part((0, &mut out));
+    } else {
+        out.par_chunks_mut(PART).enumerate().for_each(part);
     }
-    out.par_chunks_mut(PART).enumerate().for_each(|(i, o)| {
-        let g = &gate[i * PART..][..o.len()];
-        let u = &up[i * PART..][..o.len()];
-        simd::swiglu(g, u, o);
-    });
     out
 }
 
@@ -419,6 +528,20 @@ pub(crate) mod simd {
     dispatch!(swiglu, swiglu_body, (gate: &[f32], up: &[f32], out: &mut [f32]) -> ());
     dispatch!(scores, scores_body, (q: &[f32], k: &[f32], d: usize, scale: f32, s: &mut [f32]) -> ());
     dispatch!(weighted_rows, weighted_rows_body, (p: &[f32], v: &[f32], d: usize, out: &mut [f32]) -> ());
+    dispatch!(sum_squares, sum_squares_body, (x: &[f32]) -> f32);
+
+    /// `sum x_j^2` on `LANES` accumulators, then over lanes.
+    #[inline(always)]
+    fn sum_squares_body(x: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                acc[l] += c[l] * c[l];
+            }
+        }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>()
+    }
 
     /// `s[r * n + j] = scale * q_r . k_j` for the `g = q.len() / d` rows of `q` and the
     /// `n = k.len() / d` rows of `k` (row-major), each key row read once.
@@ -678,6 +801,58 @@ mod tests {
             let (kp, vp) = (pad(&k), pad(&v));
             let strided = attention(&HostAttention { k: &kp, v: &vp, kv_stride: (len + 3) * d, ..a });
             assert_eq!(strided.out, got.out, "strided rows");
+        }
+    }
+
+    fn with_kv<'a, T>(a: &HostAttention<'a>, k: &'a [T], v: &'a [T]) -> HostAttention<'a, T> {
+        let HostAttention { q, kv_stride, valid, batch, q_heads, kv_heads, chunk, len, head_dim, scale, reduce, probs, .. } = *a;
+        HostAttention { q, k, v, kv_stride, valid, batch, q_heads, kv_heads, chunk, len, head_dim, scale, reduce, probs }
+    }
+
+    #[test]
+    fn decode_reads_half_precision_keys_and_values() {
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5) * 3.0).collect()
+        };
+        // (batch, q_heads, kv_heads, len, head_dim, masked): one tile and several, with a mask
+        for (b, hq, hkv, len, d, masked) in [(1, 4, 2, 9, 8, false), (1, 3, 1, 1100, 64, false), (2, 4, 2, 1500, 8, true)] {
+            let q = vals(b * hq * d, 1);
+            let (k32, v32) = (vals(b * hkv * len * d, 2), vals(b * hkv * len * d, 3));
+            let mask: Vec<bool> = (0..b * hkv * len).map(|i| !masked || i % 5 != 3).collect();
+            let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (k32.iter().map(|&x| half::bf16::from_f32(x)).collect(), v32.iter().map(|&x| half::bf16::from_f32(x)).collect());
+            let (kh, vh): (Vec<half::f16>, Vec<half::f16>) = (k32.iter().map(|&x| half::f16::from_f32(x)).collect(), v32.iter().map(|&x| half::f16::from_f32(x)).collect());
+            let a = HostAttention {
+                q: &q,
+                k: &k32,
+                v: &v32,
+                kv_stride: len * d,
+                valid: masked.then_some(&mask[..]),
+                batch: b,
+                q_heads: hq,
+                kv_heads: hkv,
+                chunk: 1,
+                len,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+                reduce: None,
+                probs: false,
+            };
+            // the f32 kernel on the rounded values (widening is exact)
+            let widened = |x: &[f32], f: fn(f32) -> f32| -> Vec<f32> { x.iter().map(|&y| f(y)).collect() };
+            for (name, got, k, v) in [
+                ("bf16", decode_attention(&with_kv(&a, &kb, &vb)), widened(&k32, |x| half::bf16::from_f32(x).to_f32()), widened(&v32, |x| half::bf16::from_f32(x).to_f32())),
+                ("f16", decode_attention(&with_kv(&a, &kh, &vh)), widened(&k32, |x| half::f16::from_f32(x).to_f32()), widened(&v32, |x| half::f16::from_f32(x).to_f32())),
+            ] {
+                let want = attention(&HostAttention { k: &k, v: &v, ..a });
+                let err = got.out.iter().zip(&want.out).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-6, "{name} {:?}: {err}", (b, hq, len));
+                if len > KEY_TILE {
+                    assert_eq!(got.out, want.out, "{name}: the same split kernel");
+                }
+                assert!(got.reduced.is_none() && got.probs.is_none());
+            }
+            let f32_decode = decode_attention(&a);
+            assert!(f32_decode.out.iter().zip(&attention(&a).out).all(|(x, y)| (x - y).abs() < 1e-6), "f32 through decode_attention");
         }
     }
 }

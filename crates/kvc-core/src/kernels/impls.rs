@@ -11,12 +11,15 @@ impl KvcBackend for burn::backend::Flex {
     fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
         use burn::backend::flex::FlexTensor;
         use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        let req = super::HostRequest::of(&a);
         match a.queries.dtype() {
             DType::F32 => {}
+            dtype @ (DType::F16 | DType::BF16) if req.is_decode() && a.keys.dtype() == dtype && a.values.dtype() == dtype => {
+                return flex_half_decode(a, req, dtype);
+            }
             DType::F16 | DType::BF16 => return super::in_f32(a, Self::kvc_attention),
             _ => return super::generic_attention(a),
         }
-        let req = super::HostRequest::of(&a);
         let [_, _, len, d] = req.kv;
         let q = flex_f32(a.queries);
         // contiguous with offset 0 after `to_contiguous`: `as_slice` is the whole tensor
@@ -30,58 +33,181 @@ impl KvcBackend for burn::backend::Flex {
         })
     }
 
-    /// A row copy into the buffer's own storage when it is contiguous, `f32` and not shared.
+    /// A row copy into the buffer's own storage when it is contiguous, f32 / f16 / bf16 (the
+    /// same as `slots`) and not shared.
     fn kvc_write_slots(buffer: burn::tensor::Tensor<Self, 4>, start: usize, slots: burn::tensor::Tensor<Self, 4>) -> burn::tensor::Tensor<Self, 4> {
         use burn::tensor::{DType, Tensor, TensorPrimitive};
         let ([b, h, cap, d], [sb, sh, c, sd]) = (buffer.dims(), slots.dims());
-        if buffer.dtype() != DType::F32 || slots.dtype() != DType::F32 || (sb, sh, sd) != (b, h, d) || start + c > cap {
+        let dtype = buffer.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || slots.dtype() != dtype || (sb, sh, sd) != (b, h, d) || start + c > cap {
             return super::write_slots(buffer, start, slots);
         }
         let mut buf = buffer.into_primitive().tensor();
-        let whole = buf.as_slice::<f32>().is_some_and(|s| s.len() == b * h * cap * d);
-        let src = flex_f32(slots);
-        if let (true, Some(s)) = (whole, src.as_slice::<f32>()) {
-            if let Some(dst) = buf.try_storage_mut::<f32>() {
-                for row in 0..b * h {
-                    dst[(row * cap + start) * d..][..c * d].copy_from_slice(&s[row * c * d..][..c * d]);
+        let src = slots.into_primitive().tensor();
+        let src = if src.is_contiguous() { src } else { src.to_contiguous() };
+        // the same copy for each element type (flex's typed views need a concrete type)
+        macro_rules! copy_rows {
+            ($e:ty) => {{
+                let whole = buf.as_slice::<$e>().is_some_and(|s| s.len() == b * h * cap * d);
+                match (whole, src.as_slice::<$e>()) {
+                    (true, Some(s)) => match buf.try_storage_mut::<$e>() {
+                        Some(dst) => {
+                            for row in 0..b * h {
+                                dst[(row * cap + start) * d..][..c * d].copy_from_slice(&s[row * c * d..][..c * d]);
+                            }
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
                 }
-                return Tensor::from_primitive(TensorPrimitive::Float(buf));
-            }
+            }};
+        }
+        let done = match dtype {
+            DType::F16 => copy_rows!(half::f16),
+            DType::BF16 => copy_rows!(half::bf16),
+            _ => copy_rows!(f32),
+        };
+        if done {
+            return Tensor::from_primitive(TensorPrimitive::Float(buf));
         }
         // shared (copy on write) or strided buffer: burn's own slice_assign
         super::write_slots(Tensor::from_primitive(TensorPrimitive::Float(buf)), start, Tensor::from_primitive(TensorPrimitive::Float(src)))
     }
 
-    /// [`super::host::swiglu`]: vectorized `exp`, both cores.
+    /// [`super::host::swiglu`]: vectorized `exp`, both cores; f16 / bf16 widened and rounded once.
     fn kvc_swiglu<const D: usize>(gate: burn::tensor::Tensor<Self, D>, up: burn::tensor::Tensor<Self, D>) -> burn::tensor::Tensor<Self, D> {
-        use burn::backend::flex::FlexTensor;
-        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.dims() != up.dims() {
+        use burn::tensor::DType;
+        if gate.dtype() != up.dtype() || gate.dims() != up.dims() {
             return burn::tensor::activation::silu(gate) * up;
         }
-        let shape = gate.dims();
-        let (g, u) = (flex_f32(gate), flex_f32(up));
-        let out = super::host::swiglu(g.as_slice::<f32>().unwrap_or(&[]), u.as_slice::<f32>().unwrap_or(&[]));
-        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(out, shape))))
+        match gate.dtype() {
+            DType::F32 => flex_swiglu::<f32, D>(gate, up),
+            DType::F16 => flex_swiglu::<half::f16, D>(gate, up),
+            DType::BF16 => flex_swiglu::<half::bf16, D>(gate, up),
+            _ => burn::tensor::activation::silu(gate) * up,
+        }
+    }
+
+    /// [`super::host::rms_norm`] on flex's buffers (f32, f16, bf16; `gamma` in `x`'s dtype).
+    fn kvc_rms_norm<const D: usize>(x: burn::tensor::Tensor<Self, D>, gamma: burn::tensor::Tensor<Self, 1>, epsilon: f64) -> burn::tensor::Tensor<Self, D> {
+        use burn::tensor::DType;
+        if gamma.dtype() != x.dtype() || gamma.dims()[0] != x.dims()[D - 1] || gamma.dims()[0] == 0 {
+            return super::rms_norm(x, gamma, epsilon);
+        }
+        match x.dtype() {
+            DType::F32 => flex_rms_norm::<f32, D>(x, gamma, epsilon),
+            DType::F16 => flex_rms_norm::<half::f16, D>(x, gamma, epsilon),
+            DType::BF16 => flex_rms_norm::<half::bf16, D>(x, gamma, epsilon),
+            _ => super::rms_norm(x, gamma, epsilon),
+        }
+    }
+
+    /// [`super::bf16::matmul`] on flex's bf16 buffers (`x` made contiguous if it is not; the weight
+    /// read in place).
+    fn kvc_linear(x: burn::tensor::Tensor<Self, 2>, w: &burn::tensor::Tensor<Self, 2>) -> Option<burn::tensor::Tensor<Self, 2>> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        let ([n, k], [wk, out]) = (x.dims(), w.dims());
+        if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || k != wk || !super::bf16::available() {
+            return None;
+        }
+        let xp = x.into_primitive().tensor();
+        let xp = if xp.as_slice::<half::bf16>().is_some() { xp } else { xp.to_contiguous() };
+        let wp = w.clone().into_primitive().tensor();
+        let y = super::bf16::matmul(xp.as_slice::<half::bf16>()?, wp.as_slice::<half::bf16>()?, n, k, out)?;
+        Some(Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(y, [n, out])))))
     }
 
     fn kvc_has_quant_linear() -> bool {
         true
     }
 
-    /// [`super::quant::matvec`] on flex's buffer of `x` (no copy when contiguous).
+    /// [`super::quant::matvec`] on flex's buffer of `x` (no copy when contiguous and f32; f16 and
+    /// bf16 rows are widened to f32 first and the result rounded back to their dtype).
     fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
         use burn::backend::flex::FlexTensor;
         use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
         let [n, cols] = x.dims();
-        if x.dtype() != DType::F32 || ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
+        if ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
             return None;
+        }
+        match x.dtype() {
+            DType::F32 => {}
+            dtype @ (DType::F16 | DType::BF16) => return Self::kvc_quant_linear(x.cast(DType::F32), ws).map(|y| y.cast(dtype)),
+            _ => return None,
         }
         let p = flex_f32(x);
         let y = super::quant::matvec(p.as_slice::<f32>()?, n, ws);
         let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
         Some(Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(y, [n, rows])))))
     }
+}
+
+/// A decode step on a half-precision cache: [`super::host::decode_attention`] reads flex's f16 /
+/// bf16 buffers of keys and values in place (a cast of the whole cache to f32 per step was most
+/// of a bf16 decode step); the query is widened and the output rounded back to `dtype`.
+#[cfg(feature = "flex")]
+fn flex_half_decode(
+    a: super::AttentionArgs<'_, burn::backend::Flex>,
+    req: super::HostRequest<'_>,
+    dtype: burn::tensor::DType,
+) -> super::AttentionOutput<burn::backend::Flex> {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+    let [_, _, len, d] = req.kv;
+    let q = flex_f32(a.queries.cast(DType::F32));
+    let qs = q.as_slice::<f32>().unwrap_or(&[]);
+    let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
+    let ((k, k_off), (v, v_off), kv_stride) =
+        if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
+    let make = |data, shape| Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))));
+    let out = if dtype == DType::F16 {
+        req.run_decode(qs, &k.storage::<half::f16>()[k_off..], &v.storage::<half::f16>()[v_off..], kv_stride, make)
+    } else {
+        req.run_decode(qs, &k.storage::<half::bf16>()[k_off..], &v.storage::<half::bf16>()[v_off..], kv_stride, make)
+    };
+    super::AttentionOutput { output: out.output.cast(dtype), ..out }
+}
+
+/// `t`'s buffer with its values contiguous as `E` (a copy only for strided views).
+#[cfg(feature = "flex")]
+fn flex_contiguous<E: burn::tensor::Element + bytemuck::Pod, const D: usize>(t: burn::tensor::Tensor<burn::backend::Flex, D>) -> burn::backend::flex::FlexTensor {
+    let p = t.into_primitive().tensor();
+    if p.as_slice::<E>().is_some() {
+        p
+    } else {
+        p.to_contiguous()
+    }
+}
+
+/// A host result as a flex tensor.
+#[cfg(feature = "flex")]
+fn flex_tensor<E: burn::tensor::Element, const D: usize>(data: Vec<E>, shape: [usize; D]) -> burn::tensor::Tensor<burn::backend::Flex, D> {
+    use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+    Tensor::from_primitive(TensorPrimitive::Float(burn::backend::flex::FlexTensor::from_data(TensorData::new(data, shape))))
+}
+
+#[cfg(feature = "flex")]
+fn flex_swiglu<E, const D: usize>(gate: burn::tensor::Tensor<burn::backend::Flex, D>, up: burn::tensor::Tensor<burn::backend::Flex, D>) -> burn::tensor::Tensor<burn::backend::Flex, D>
+where
+    E: super::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
+{
+    let shape = gate.dims();
+    let (g, u) = (flex_contiguous::<E, D>(gate), flex_contiguous::<E, D>(up));
+    let out = super::host::swiglu(g.as_slice::<E>().unwrap_or(&[]), u.as_slice::<E>().unwrap_or(&[]));
+    flex_tensor(out, shape)
+}
+
+#[cfg(feature = "flex")]
+fn flex_rms_norm<E, const D: usize>(x: burn::tensor::Tensor<burn::backend::Flex, D>, gamma: burn::tensor::Tensor<burn::backend::Flex, 1>, epsilon: f64) -> burn::tensor::Tensor<burn::backend::Flex, D>
+where
+    E: super::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
+{
+    let shape = x.dims();
+    let (xs, g) = (flex_contiguous::<E, D>(x), flex_contiguous::<E, 1>(gamma));
+    let out = super::host::rms_norm(xs.as_slice::<E>().unwrap_or(&[]), g.as_slice::<E>().unwrap_or(&[]), epsilon as f32);
+    flex_tensor(out, shape)
 }
 
 #[cfg(feature = "flex")]

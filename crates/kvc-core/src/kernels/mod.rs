@@ -1,11 +1,15 @@
 //! Kernels a backend may specialise: burn's documented way to add custom operations is a trait
 //! extending `Backend` whose methods have a generic default ([`KvcBackend`]).
 //!
-//! kvc's kernels: attention over a KV cache and the SwiGLU activation. Attention because that is where burn's generic
+//! kvc's kernels: attention over a KV cache, the SwiGLU activation, RMSNorm, products with
+//! block-quantized weights and bf16 linear layers. Attention because that is where burn's generic
 //! tensor API leaves CPU speed on the table (issue 10: burn-flex's fused attention runs on one
 //! thread with a scalar `exp`; the explicit path materializes full-size masks) and where presses
 //! want more than the output (KVCompose's max over queries, H2O's sum over queries); SwiGLU
-//! because burn-flex computes `silu` with a scalar `expf` per element.
+//! because burn-flex computes `silu` with a scalar `expf` per element; RMSNorm because it is six
+//! tensor ops (strided iteration in half precision on burn-flex); quantized products because a
+//! decode step is bound by reading weights ([`quant`]); bf16 products because burn-flex converts
+//! bf16 operands to f32 ([`bf16`]).
 //!
 //! - Every backend gets [`generic_attention`] (burn's fused `attention` when only the output is
 //!   wanted; an explicit softmax with device-side masks otherwise).
@@ -14,6 +18,7 @@
 //!
 //! An app on another backend opts in with one line, `impl kvc_core::KvcBackend for MyBackend {}`.
 
+pub mod bf16;
 pub mod host;
 mod impls;
 pub mod quant;
@@ -98,13 +103,32 @@ pub trait KvcBackend: Backend {
         silu(gate) * up
     }
 
-    /// `x [W_1; W_2; ...]^T` for the rows of `x` (`[n, in]`, f32) with block-quantized matrices
+    /// RMSNorm over the last dimension (HF `LlamaRMSNorm`, burn's `RmsNorm::forward`):
+    /// `x / sqrt(mean(x^2) + epsilon) * gamma`, `x` `[..., d]`, `gamma` `[d]`, same shape and
+    /// dtype out. Default: [`rms_norm`] (burn's formula). CPU backends: [`host::rms_norm`], one
+    /// pass per row instead of six tensor ops (burn-flex runs half-precision elementwise ops
+    /// through strided iterators).
+    fn kvc_rms_norm<const D: usize>(x: Tensor<Self, D>, gamma: Tensor<Self, 1>, epsilon: f64) -> Tensor<Self, D> {
+        rms_norm(x, gamma, epsilon)
+    }
+
+    /// `x [W_1; W_2; ...]^T` for the rows of `x` (`[n, in]`, any float dtype: the host kernels
+    /// compute in f32 and round the result to `x`'s dtype) with block-quantized matrices
     /// `ws` ([`quant::QuantMatrix`], each `[out_i, in]`): `[n, sum of out_i]`, outputs side by
     /// side (a fused Q/K/V or gate/up projection). The decode step's matrix-vector products read
     /// 4- or 8-bit codes instead of f32 weights ([`quant::matvec`]). `None` (the default): no such
     /// kernel on this backend, and the caller multiplies by its dense weights.
     fn kvc_quant_linear(x: Tensor<Self, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<Self, 2>> {
         let _ = (x, ws);
+        None
+    }
+
+    /// `x W` for rows `x` `[n, in]` and a linear layer's weight `W` `[in, out]` (burn's `Linear`
+    /// layout), in their shared dtype: `[n, out]`. `None` (the default): no kernel beyond burn's
+    /// matmul for this case, and the caller runs `Linear::forward`. flex: bf16 on CPUs with
+    /// AVX512_BF16 ([`bf16::matmul`]; burn-flex converts bf16 operands to f32 value by value).
+    fn kvc_linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+        let _ = (x, w);
         None
     }
 
@@ -152,6 +176,14 @@ pub fn observed_attention<B: Backend>(
         });
     }
     att.output
+}
+
+/// burn's `RmsNorm::forward` on a bare `gamma`: the mean of squares in f32, `x / rms` and
+/// `* gamma` in `x`'s dtype (the default of [`KvcBackend::kvc_rms_norm`]).
+pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, epsilon: f64) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let rms = (x.clone().cast(DType::F32).square().mean_dim(D - 1) + epsilon).sqrt();
+    (x / rms.cast(dtype)) * gamma.unsqueeze()
 }
 
 /// The generic slot write: `slice_assign` (burn-flex 0.21's copies the whole buffer even when it
@@ -224,17 +256,19 @@ pub fn host_attention_copying<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionO
 }
 
 /// [`quant::matvec`] on any backend through `into_data` / `from_data` (copies of `x` and `y`,
-/// a few KB for a decode step); `None` unless `x` is f32 `[n, cols]` for every matrix.
+/// a few KB for a decode step); `None` unless `x` is a float `[n, cols]` for every matrix (f16 and
+/// bf16 rows are widened to f32, the result rounded back to their dtype).
 pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<B, 2>> {
     let [n, cols] = x.dims();
-    if x.dtype() != DType::F32 || ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
         return None;
     }
     let device = x.device();
-    let data = x.into_data().to_vec::<f32>().ok()?;
+    let data = x.into_data().convert::<f32>().to_vec::<f32>().ok()?;
     let y = quant::matvec(&data, n, ws);
     let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
-    Some(Tensor::from_data(TensorData::new(y, [n, rows]), &device))
+    Some(Tensor::<B, 2>::from_data(TensorData::new(y, [n, rows]), &device).cast(dtype))
 }
 
 /// What a host attention call needs besides the data: shapes and requests of an
@@ -257,8 +291,35 @@ impl<'a> HostRequest<'a> {
     /// Runs [`host::attention`] on host slices (`kv_stride`: [`host::HostAttention::kv_stride`])
     /// and wraps the result as tensors built by `make`.
     fn run<B: Backend>(&self, q: &[f32], k: &[f32], v: &[f32], kv_stride: usize, make: impl Fn(Vec<f32>, [usize; 4]) -> Tensor<B, 4>) -> AttentionOutput<B> {
+        let out = host::attention(&self.host(q, k, v, kv_stride));
+        host_output(out, self.q, self.kv[2], make)
+    }
+
+    /// As [`HostRequest::run`] for a decode step on keys and values of any
+    /// [`host::HostFloat`] type ([`host::decode_attention`]): `true` is only returned by
+    /// [`HostRequest::is_decode`] requests.
+    #[allow(dead_code)] // only the flex backend reads half-precision caches in place
+    fn run_decode<B: Backend, T: host::HostFloat>(
+        &self,
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        kv_stride: usize,
+        make: impl Fn(Vec<f32>, [usize; 4]) -> Tensor<B, 4>,
+    ) -> AttentionOutput<B> {
+        let out = host::decode_attention(&self.host(q, k, v, kv_stride));
+        host_output(out, self.q, self.kv[2], make)
+    }
+
+    /// One query per head and only the output wanted: [`HostRequest::run_decode`] applies.
+    #[allow(dead_code)]
+    fn is_decode(&self) -> bool {
+        self.q[2] == 1 && self.reduce.is_none() && !self.probs
+    }
+
+    fn host<'b, T>(&'b self, q: &'b [f32], k: &'b [T], v: &'b [T], kv_stride: usize) -> host::HostAttention<'b, T> {
         let ([b, hq, c, d], [_, hkv, len, _]) = (self.q, self.kv);
-        let out = host::attention(&host::HostAttention {
+        host::HostAttention {
             q,
             k,
             v,
@@ -273,8 +334,7 @@ impl<'a> HostRequest<'a> {
             scale: (d as f32).powf(-0.5),
             reduce: self.reduce,
             probs: self.probs,
-        });
-        host_output(out, self.q, len, make)
+        }
     }
 }
 
