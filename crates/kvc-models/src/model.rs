@@ -163,7 +163,7 @@ fn project<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatri
     })
 }
 
-/// `norm(x)` through [`KvcBackend::kvc_rms_norm`] (the host kernel on CPU backends).
+/// `norm(x)` through [`KvcBackend::kvc_rms_norm`] (the host kernel on flex).
 fn norm<B: KvcBackend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     B::kvc_rms_norm(x, norm.gamma.val(), norm.epsilon)
 }

@@ -331,3 +331,36 @@ fn rms_norm_and_swiglu_kernels_match_burn() {
     }
     assert!(checked >= 4, "flex f32/f16/bf16 and ndarray f32: only {checked} checked");
 }
+
+/// `KvcBackend::kvc_linear` on bf16 rows (flex: kvc's bf16 GEMM where the CPU has AVX512_BF16)
+/// against burn's `matmul` for `m` rows, `x` a transposed (strided) view: `None` where the
+/// backend has no such kernel; else (largest difference relative to max(|value|, 1)).
+fn linear_bf16<B: KvcBackend>(_: &str, m: usize) -> Option<f32> {
+    use burn::tensor::DType;
+    if !B::supports_dtype(&Default::default(), DType::BF16) {
+        return None;
+    }
+    let (k, n) = (96, 70);
+    let xt = tensor::<B, 2>((0..k * m).map(|i| ((i * 41 % 67) as f32 - 33.0) / 13.0).collect(), [k, m]).cast(DType::BF16);
+    let x = xt.transpose();
+    let w = tensor::<B, 2>((0..k * n).map(|i| ((i * 29 % 71) as f32 - 35.0) / 50.0).collect(), [k, n]).cast(DType::BF16);
+    let got = B::kvc_linear(x.clone(), &w)?;
+    assert_eq!((got.dims(), got.dtype()), ([m, n], DType::BF16));
+    let (got, want) = (floats(got), floats(x.matmul(w)));
+    Some(got.iter().zip(&want).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max))
+}
+
+#[test]
+fn bf16_linear_matches_burns_matmul() {
+    // one row (decode), a few, and more rows than one task holds
+    for m in [1, 3, 5, 60] {
+        for (name, run) in each_backend!(linear_bf16, m) {
+            match run {
+                // the same f32 sums in another order, each rounded once to bf16 (2^-8 relative)
+                Some(diff) => assert!(diff <= 2f32.powi(-7), "{name}, {m} rows: {diff}"),
+                None if name == "flex" => assert!(!kvc_core::kernels::bf16::available(), "flex has the kernel on this CPU"),
+                None => {}
+            }
+        }
+    }
+}

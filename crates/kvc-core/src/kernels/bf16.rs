@@ -5,7 +5,8 @@
 //! and running its f32 GEMM (`ops/matmul.rs`, `matmul_bf16`): a `--dtype bf16` prefill ran at 0.57x
 //! of f32's on the AMD EPYC VM of README Speed, while torch's bf16 GEMM (oneDNN, the same
 //! instruction) runs at ~2x its f32 one. The semantics are torch's CPU bf16 matmul's: bf16
-//! operands, products and sums in f32, the result rounded once to bf16 (round to nearest even).
+//! operands, products and sums in f32, the result rounded once to bf16 (round to nearest even;
+//! `vdpbf16ps` treats subnormal inputs and outputs as zero, as oneDNN's kernels do).
 //!
 //! Layout: `C [m, n] = A [m, k] B [k, n]`, all row-major (`B` is a linear layer's `[in, out]`
 //! weight). `B` is packed per call into panels of 32 columns whose rows are interleaved in pairs
@@ -23,6 +24,11 @@ pub const MR: usize = 12;
 pub const NR: usize = 32;
 /// Rows of `C` per rayon task (a multiple of [`MR`]).
 pub const ROWS_PER_TASK: usize = 4 * MR;
+/// Up to this many rows (decode steps on dense bf16 weights), [`matmul`] streams `B` once, split
+/// by columns over rayon, instead of packing it.
+pub const MATVEC_ROWS: usize = 4;
+/// Columns of `B` per rayon task of the matrix-vector path.
+const MATVEC_COLS: usize = 512;
 
 /// Whether this CPU runs [`matmul`] (AVX512_BF16, checked once per call; cached by std).
 pub fn available() -> bool {
@@ -36,7 +42,8 @@ pub fn available() -> bool {
     }
 }
 
-/// `A [m, k] B [k, n]` in bf16 with f32 sums, rounded to bf16; row-major slices of exactly
+/// `A [m, k] B [k, n]` in bf16 with f32 sums, rounded to bf16 (up to [`MATVEC_ROWS`] rows:
+/// [`matvec`], streaming `B`; more: packed panels and micro-tiles); row-major slices of exactly
 /// `m * k` and `k * n` values. `None` when the CPU lacks AVX512_BF16 or `k` is odd (the pairs of
 /// `A` are read in place), and the caller multiplies another way. Panics only when the slice
 /// lengths disagree with the shape (a caller bug).
@@ -44,6 +51,9 @@ pub fn matmul(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Option<Ve
     assert!(a.len() == m * k && b.len() == k * n, "bf16 matmul: slice lengths disagree with the shape");
     if !available() || !k.is_multiple_of(2) || m == 0 || n == 0 || k == 0 {
         return None;
+    }
+    if m <= MATVEC_ROWS {
+        return Some(matvec(a, b, m, k, n));
     }
     let packed = pack(b, k, n);
     let mut c = vec![bf16::ZERO; m * n];
@@ -69,6 +79,37 @@ pub fn matmul(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Option<Ve
         }
     });
     Some(c)
+}
+
+/// [`matmul`] for a few rows: each task streams its columns of every row of `B` once
+/// (`acc_i += A[i, p] * B[p, cols]`, widened in registers), so the product reads the weights once,
+/// at memory speed, on every core.
+fn matvec(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+    let x: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(MATVEC_COLS))
+        .into_par_iter()
+        .map(|t| {
+            let (c0, cols) = (t * MATVEC_COLS, MATVEC_COLS.min(n - t * MATVEC_COLS));
+            let mut acc = vec![0f32; m * cols];
+            for p in 0..k {
+                let row = &b[p * n + c0..][..cols];
+                for (i, acc) in acc.chunks_exact_mut(cols).enumerate() {
+                    super::host::simd::axpy_bf16(acc, row, x[i * k + p]);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut c = vec![bf16::ZERO; m * n];
+    for (t, part) in parts.iter().enumerate() {
+        let (c0, cols) = (t * MATVEC_COLS, MATVEC_COLS.min(n - t * MATVEC_COLS));
+        for i in 0..m {
+            for (d, &v) in c[i * n + c0..][..cols].iter_mut().zip(&part[i * cols..][..cols]) {
+                *d = bf16::from_f32(v);
+            }
+        }
+    }
+    c
 }
 
 /// `B [k, n]` as `ceil(n / NR)` panels of `k / 2` pair rows of `NR` (column, pair) entries:
@@ -173,7 +214,8 @@ mod tests {
             return;
         }
         // shapes around every edge: one row, partial micro-tiles and tasks, partial panels
-        for (m, k, n) in [(1, 2, 1), (5, 8, 7), (12, 64, 32), (13, 66, 33), (49, 576, 70), (100, 130, 200)] {
+        // (m <= MATVEC_ROWS takes the matrix-vector path; 49 and 100 rows span several tasks)
+        for (m, k, n) in [(1, 2, 1), (3, 40, 1100), (4, 6, 513), (5, 8, 7), (12, 64, 32), (13, 66, 33), (49, 576, 70), (100, 130, 200)] {
             let (a, b) = (vals(m * k, 1), vals(k * n, 2));
             let c = matmul(&a, &b, m, k, n).unwrap();
             for i in 0..m {

@@ -21,7 +21,7 @@ use super::QueryReduce;
 /// Queries per task.
 pub const QUERY_BLOCK: usize = 32;
 
-/// One attention call on host slices (all row-major, `f32`).
+/// One attention call on host slices (all row-major; queries `f32`, keys and values `T`).
 ///
 /// Query `i` of the chunk sits at cache slot `len - chunk + i` and sees slots `0..=len - chunk + i`
 /// (cached keys all visible, the chunk causal; decode is `chunk = 1`). Keys and values are `T`:
@@ -161,13 +161,15 @@ impl HostFloat for half::bf16 {
 /// RMSNorm over rows of `gamma.len()` values (HF `LlamaRMSNorm`, burn's `RmsNorm`):
 /// `x / sqrt(mean(x^2) + eps) * gamma` per row, in f32 (half inputs widened, the result rounded
 /// once). Rows split over the rayon pool when there are many (a prefill chunk); one row (a decode
-/// step) stays on this thread. Panics only when `x.len()` is not a multiple of `gamma.len()`.
+/// step) stays on this thread. Panics only when `gamma` is empty or `x.len()` is not a multiple
+/// of `gamma.len()` (a caller bug: the burn wrappers derive both from shapes).
 pub fn rms_norm<T: HostFloat>(x: &[T], gamma: &[T], eps: f32) -> Vec<T> {
     let d = gamma.len();
     assert!(d > 0 && x.len().is_multiple_of(d), "rms_norm: rows of {d} values do not tile {} values", x.len());
+    let Some(&first) = x.first() else { return Vec::new() };
     let mut gbuf = Vec::new();
     let g = T::widen(gamma, &mut gbuf);
-    let mut out = vec![x[0]; x.len()];
+    let mut out = vec![first; x.len()];
     let rows_per_part = (1 << 14) / d + 1;
     let part = |(xs, os): (&[T], &mut [T])| {
         let (mut xbuf, mut ybuf) = (Vec::new(), vec![0f32; d]);
@@ -529,6 +531,15 @@ pub(crate) mod simd {
     dispatch!(scores, scores_body, (q: &[f32], k: &[f32], d: usize, scale: f32, s: &mut [f32]) -> ());
     dispatch!(weighted_rows, weighted_rows_body, (p: &[f32], v: &[f32], d: usize, out: &mut [f32]) -> ());
     dispatch!(sum_squares, sum_squares_body, (x: &[f32]) -> f32);
+    dispatch!(axpy_bf16, axpy_bf16_body, (acc: &mut [f32], w: &[half::bf16], x: f32) -> ());
+
+    /// `acc_j += x * w_j` with `w` widened from bf16 (a shift of its bits).
+    #[inline(always)]
+    fn axpy_bf16_body(acc: &mut [f32], w: &[half::bf16], x: f32) {
+        for (a, &w) in acc.iter_mut().zip(w) {
+            *a += x * f32::from_bits(u32::from(w.to_bits()) << 16);
+        }
+    }
 
     /// `sum x_j^2` on `LANES` accumulators, then over lanes.
     #[inline(always)]

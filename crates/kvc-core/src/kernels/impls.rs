@@ -9,8 +9,7 @@ impl KvcBackend for burn::backend::Flex {
     /// The host kernel on flex's own buffers: no copy of queries, keys or values when they are
     /// contiguous (the cache's are).
     fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
-        use burn::backend::flex::FlexTensor;
-        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        use burn::tensor::DType;
         let req = super::HostRequest::of(&a);
         match a.queries.dtype() {
             DType::F32 => {}
@@ -21,16 +20,14 @@ impl KvcBackend for burn::backend::Flex {
             _ => return super::generic_attention(a),
         }
         let [_, _, len, d] = req.kv;
-        let q = flex_f32(a.queries);
+        let q = flex_contiguous::<f32, _>(a.queries);
         // contiguous with offset 0 after `to_contiguous`: `as_slice` is the whole tensor
         let qs = q.as_slice::<f32>().unwrap_or(&[]);
         let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
         // keys and values laid out differently: both made contiguous (one row stride for both)
         let ((k, k_off), (v, v_off), kv_stride) =
             if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
-        req.run(qs, &k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], kv_stride, |data, shape| {
-            Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))))
-        })
+        req.run(qs, &k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], kv_stride, flex_tensor::<f32, 4>)
     }
 
     /// A row copy into the buffer's own storage when it is contiguous, f32 / f16 / bf16 (the
@@ -45,28 +42,10 @@ impl KvcBackend for burn::backend::Flex {
         let mut buf = buffer.into_primitive().tensor();
         let src = slots.into_primitive().tensor();
         let src = if src.is_contiguous() { src } else { src.to_contiguous() };
-        // the same copy for each element type (flex's typed views need a concrete type)
-        macro_rules! copy_rows {
-            ($e:ty) => {{
-                let whole = buf.as_slice::<$e>().is_some_and(|s| s.len() == b * h * cap * d);
-                match (whole, src.as_slice::<$e>()) {
-                    (true, Some(s)) => match buf.try_storage_mut::<$e>() {
-                        Some(dst) => {
-                            for row in 0..b * h {
-                                dst[(row * cap + start) * d..][..c * d].copy_from_slice(&s[row * c * d..][..c * d]);
-                            }
-                            true
-                        }
-                        None => false,
-                    },
-                    _ => false,
-                }
-            }};
-        }
         let done = match dtype {
-            DType::F16 => copy_rows!(half::f16),
-            DType::BF16 => copy_rows!(half::bf16),
-            _ => copy_rows!(f32),
+            DType::F16 => write_rows::<half::f16>(&mut buf, &src, [b * h, cap, c, d], start),
+            DType::BF16 => write_rows::<half::bf16>(&mut buf, &src, [b * h, cap, c, d], start),
+            _ => write_rows::<f32>(&mut buf, &src, [b * h, cap, c, d], start),
         };
         if done {
             return Tensor::from_primitive(TensorPrimitive::Float(buf));
@@ -106,17 +85,15 @@ impl KvcBackend for burn::backend::Flex {
     /// [`super::bf16::matmul`] on flex's bf16 buffers (`x` made contiguous if it is not; the weight
     /// read in place).
     fn kvc_linear(x: burn::tensor::Tensor<Self, 2>, w: &burn::tensor::Tensor<Self, 2>) -> Option<burn::tensor::Tensor<Self, 2>> {
-        use burn::backend::flex::FlexTensor;
-        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        use burn::tensor::DType;
         let ([n, k], [wk, out]) = (x.dims(), w.dims());
         if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || k != wk || !super::bf16::available() {
             return None;
         }
-        let xp = x.into_primitive().tensor();
-        let xp = if xp.as_slice::<half::bf16>().is_some() { xp } else { xp.to_contiguous() };
+        let xp = flex_contiguous::<half::bf16, 2>(x);
         let wp = w.clone().into_primitive().tensor();
         let y = super::bf16::matmul(xp.as_slice::<half::bf16>()?, wp.as_slice::<half::bf16>()?, n, k, out)?;
-        Some(Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(y, [n, out])))))
+        Some(flex_tensor(y, [n, out]))
     }
 
     fn kvc_has_quant_linear() -> bool {
@@ -126,8 +103,7 @@ impl KvcBackend for burn::backend::Flex {
     /// [`super::quant::matvec`] on flex's buffer of `x` (no copy when contiguous and f32; f16 and
     /// bf16 rows are widened to f32 first and the result rounded back to their dtype).
     fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
-        use burn::backend::flex::FlexTensor;
-        use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+        use burn::tensor::DType;
         let [n, cols] = x.dims();
         if ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
             return None;
@@ -137,10 +113,10 @@ impl KvcBackend for burn::backend::Flex {
             dtype @ (DType::F16 | DType::BF16) => return Self::kvc_quant_linear(x.cast(DType::F32), ws).map(|y| y.cast(dtype)),
             _ => return None,
         }
-        let p = flex_f32(x);
+        let p = flex_contiguous::<f32, _>(x);
         let y = super::quant::matvec(p.as_slice::<f32>()?, n, ws);
         let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
-        Some(Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(y, [n, rows])))))
+        Some(flex_tensor(y, [n, rows]))
     }
 }
 
@@ -153,21 +129,40 @@ fn flex_half_decode(
     req: super::HostRequest<'_>,
     dtype: burn::tensor::DType,
 ) -> super::AttentionOutput<burn::backend::Flex> {
-    use burn::backend::flex::FlexTensor;
-    use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+    use burn::tensor::DType;
     let [_, _, len, d] = req.kv;
-    let q = flex_f32(a.queries.cast(DType::F32));
+    let q = flex_contiguous::<f32, _>(a.queries.cast(DType::F32));
     let qs = q.as_slice::<f32>().unwrap_or(&[]);
     let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
     let ((k, k_off), (v, v_off), kv_stride) =
         if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
-    let make = |data, shape| Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))));
+    let make = flex_tensor::<f32, 4>;
     let out = if dtype == DType::F16 {
         req.run_decode(qs, &k.storage::<half::f16>()[k_off..], &v.storage::<half::f16>()[v_off..], kv_stride, make)
     } else {
         req.run_decode(qs, &k.storage::<half::bf16>()[k_off..], &v.storage::<half::bf16>()[v_off..], kv_stride, make)
     };
     super::AttentionOutput { output: out.output.cast(dtype), ..out }
+}
+
+/// Copies `src`'s `rows x c x d` values into rows of `c` slots at slot `start` of `buf`'s `rows x
+/// cap x d` storage when `buf` is contiguous from the start of its storage and not shared; `false`
+/// (nothing written) otherwise.
+#[cfg(feature = "flex")]
+fn write_rows<E: burn::tensor::Element + bytemuck::Pod>(
+    buf: &mut burn::backend::flex::FlexTensor,
+    src: &burn::backend::flex::FlexTensor,
+    [rows, cap, c, d]: [usize; 4],
+    start: usize,
+) -> bool {
+    // the view must cover the storage from element 0: `try_storage_mut` is the whole storage
+    let whole = buf.layout().start_offset() == 0 && buf.as_slice::<E>().is_some_and(|s| s.len() == rows * cap * d);
+    let Some(s) = src.as_slice::<E>().filter(|_| whole) else { return false };
+    let Some(dst) = buf.try_storage_mut::<E>() else { return false };
+    for row in 0..rows {
+        dst[(row * cap + start) * d..][..c * d].copy_from_slice(&s[row * c * d..][..c * d]);
+    }
+    true
 }
 
 /// `t`'s buffer with its values contiguous as `E` (a copy only for strided views).
@@ -210,17 +205,8 @@ where
     flex_tensor(out, shape)
 }
 
-#[cfg(feature = "flex")]
-fn flex_f32<const D: usize>(t: burn::tensor::Tensor<burn::backend::Flex, D>) -> burn::backend::flex::FlexTensor {
-    let p = t.into_primitive().tensor();
-    if p.as_slice::<f32>().is_some() {
-        p
-    } else {
-        p.to_contiguous()
-    }
-}
 
-/// A `[batch, heads, len, head_dim]` f32 tensor whose (batch, head) rows are each contiguous and
+/// A `[batch, heads, len, head_dim]` tensor (any dtype) whose (batch, head) rows are each contiguous and
 /// evenly spaced (the cache's views of its preallocated buffer): the tensor, the offset of its
 /// first element and the row stride, without copying. Anything else is made contiguous.
 #[cfg(feature = "flex")]
@@ -297,6 +283,11 @@ mod tests {
         assert_eq!(host(kept.clone()), (0..60).map(|i| i as f32).collect::<Vec<_>>(), "the other holder changed");
         let unique = Flex::kvc_write_slots(kept, 2, slots.clone().swap_dims(0, 1).swap_dims(0, 1));
         assert_eq!(host(unique), want);
+        // a view starting past element 0 of its storage (the second batch row), not shared
+        let big = t((0..3 * 3 * 5 * 2).map(|i| i as f32).collect(), [3, 3, 5, 2]);
+        let view = big.narrow(0, 1, 2);
+        let want = host(super::super::write_slots(view.clone(), 2, slots.clone()));
+        assert_eq!(host(Flex::kvc_write_slots(view, 2, slots)), want, "offset view");
     }
 
     /// Attention reads the cache's strided views of its buffer without copying them first and

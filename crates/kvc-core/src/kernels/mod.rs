@@ -105,14 +105,14 @@ pub trait KvcBackend: Backend {
 
     /// RMSNorm over the last dimension (HF `LlamaRMSNorm`, burn's `RmsNorm::forward`):
     /// `x / sqrt(mean(x^2) + epsilon) * gamma`, `x` `[..., d]`, `gamma` `[d]`, same shape and
-    /// dtype out. Default: [`rms_norm`] (burn's formula). CPU backends: [`host::rms_norm`], one
-    /// pass per row instead of six tensor ops (burn-flex runs half-precision elementwise ops
-    /// through strided iterators).
+    /// dtype out. Default: [`rms_norm`] (burn's formula). flex: [`host::rms_norm`], one pass per
+    /// row instead of six tensor ops (burn-flex runs half-precision elementwise ops through
+    /// strided iterators).
     fn kvc_rms_norm<const D: usize>(x: Tensor<Self, D>, gamma: Tensor<Self, 1>, epsilon: f64) -> Tensor<Self, D> {
         rms_norm(x, gamma, epsilon)
     }
 
-    /// `x [W_1; W_2; ...]^T` for the rows of `x` (`[n, in]`, any float dtype: the host kernels
+    /// `x [W_1; W_2; ...]^T` for the rows of `x` (`[n, in]`, f32, f16 or bf16: the host kernels
     /// compute in f32 and round the result to `x`'s dtype) with block-quantized matrices
     /// `ws` ([`quant::QuantMatrix`], each `[out_i, in]`): `[n, sum of out_i]`, outputs side by
     /// side (a fused Q/K/V or gate/up projection). The decode step's matrix-vector products read
@@ -295,10 +295,9 @@ impl<'a> HostRequest<'a> {
         host_output(out, self.q, self.kv[2], make)
     }
 
-    /// As [`HostRequest::run`] for a decode step on keys and values of any
-    /// [`host::HostFloat`] type ([`host::decode_attention`]): `true` is only returned by
-    /// [`HostRequest::is_decode`] requests.
-    #[allow(dead_code)] // only the flex backend reads half-precision caches in place
+    /// As [`HostRequest::run`] for a decode step ([`HostRequest::is_decode`]) on keys and values
+    /// of any [`host::HostFloat`] type ([`host::decode_attention`]).
+    #[cfg(feature = "flex")] // only flex reads half-precision caches in place
     fn run_decode<B: Backend, T: host::HostFloat>(
         &self,
         q: &[f32],
@@ -312,7 +311,7 @@ impl<'a> HostRequest<'a> {
     }
 
     /// One query per head and only the output wanted: [`HostRequest::run_decode`] applies.
-    #[allow(dead_code)]
+    #[cfg(feature = "flex")]
     fn is_decode(&self) -> bool {
         self.q[2] == 1 && self.reduce.is_none() && !self.probs
     }
