@@ -309,6 +309,8 @@ fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel
         "decode_seconds": first.decode_seconds,
         "decode_tokens_per_second": first.decode_tokens_per_second(),
         "quantized_decode": loaded.model.quantized_decode(),
+        "backend": job.names.0,
+        "dtype": job.names.1,
         "kv_cache_bytes_context": r.kv_bytes.0,
         "kv_cache_bytes_compressed": r.kv_bytes.1,
         "kv_cache_bytes_final": first.kv_bytes_final,
