@@ -23,7 +23,9 @@ fn backends_table_compares_cpu_backends() {
         assert!(r.contains("90/90") && r.contains("4/4"), "{r}");
     }
     let bad = bench().args(["backends", "--text", &text(), "--backends", "flex,tpu"]).output().unwrap();
-    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not compiled in"));
+    // a backend not compiled in is a usage error (exit 2, as `kvc --backend`), naming those that are
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(bad.status.code() == Some(2) && err.contains("invalid value 'tpu'") && err.contains("flex"), "{err}");
 }
 
 #[test]

@@ -65,11 +65,12 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("input").args(["prompt", "prompt_file", "load_cache"]).required(true))]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt text (with --question: the context).
-    #[arg(long, conflicts_with = "prompt_file", required_unless_present_any = ["prompt_file", "load_cache"])]
+    #[arg(long)]
     prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(long)]

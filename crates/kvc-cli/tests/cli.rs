@@ -68,7 +68,8 @@ fn bad_input_exits_non_zero_with_a_message() {
     fails_with(&["generate", "--prompt", "hi", "--temperature", "-1"], "temperature");
     fails_with(&["generate", "--model", "no-such-model", "--prompt", "hi"], "one of: smollm2-135m-instruct");
     fails_with(&["generate", "--prompt", "hi", "--top-p", "2"], "top_p");
-    fails_with(&["generate"], "usage:--prompt");
+    // the error names every way to give the context
+    fails_with(&["generate"], "usage:--prompt <PROMPT>|--prompt-file <PROMPT_FILE>|--load-cache");
     fails_with(&["generate", "--prompt", "hi", "--backend", "tpu"], "usage:invalid value 'tpu'");
     let long = "word ".repeat(9000);
     fails_with(&["generate", "--prompt", &long, "--max-new-tokens", "1"], "more than the model's context");
@@ -221,6 +222,8 @@ fn a_saved_cache_answers_in_another_process() {
     fails_with(&["generate", "--load-cache", file, "--prompt", "x", "--question", q], "usage:cannot be used with");
     fails_with(&["generate", "--load-cache", "/nonexistent/ctx.kvc", "--question", q], "/nonexistent/ctx.kvc");
     fails_with(&["generate", "--load-cache", file, "--question", q], "chat template");
+    // another dtype than the saving run's: told which one to give
+    fails_with(&["generate", "--load-cache", file, "--dtype", "bf16", "--chat", "--question", q], "it holds f32 keys and values, the model runs in bf16");
 }
 
 #[test]

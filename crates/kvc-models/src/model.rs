@@ -344,6 +344,12 @@ impl<B: Backend> Decoder<B> {
         self.quantized_decode = false;
     }
 
+    /// The float dtype of the weights on the device, which the activations and the KV cache share
+    /// (F32 unless loaded with [`Decoder::from_source_as`] in F16 / BF16).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.weight.val().dtype()
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config

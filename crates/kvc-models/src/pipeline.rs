@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
+use burn::tensor::DType;
 use kvc_core::{AttentionObserver, CacheHeader, CaptureSpec, CoreError, ForwardModel, KvCache, KvcBackend, PrefillCapture, PressReport, PressSpec};
 
 use crate::error::{ModelError, Result};
@@ -490,6 +491,16 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             return Err(mismatch(format!(
                 "it holds {} layers x {} KV heads x {} per head, the model has {} x {} x {}",
                 header.num_layers, header.num_kv_heads, header.head_dim, c.num_layers, c.num_kv_heads, c.head_dim
+            )));
+        }
+        let (saved, model) = (cache.layer(0).ok().flatten().map(|l| l.keys.dtype()), self.model.model.dtype());
+        if let Some(saved) = saved.filter(|&d| d != model) {
+            let name = |d: DType| format!("{d:?}").to_lowercase();
+            return Err(mismatch(format!(
+                "it holds {} keys and values, the model runs in {} (load the model in the dtype the cache was saved with; kvc: --dtype {})",
+                name(saved),
+                name(model),
+                name(saved)
             )));
         }
         let fingerprint = self.model.model.fingerprint();
