@@ -111,6 +111,9 @@ enum Command {
         /// A press option, key=value (repeatable), as `kvc generate --press-option`.
         #[arg(long = "press-option", value_name = "KEY=VALUE")]
         press_options: Vec<String>,
+        /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
+        #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
+        dtype: String,
     },
     /// The same prefill + KVCompose + decode on several backends, side by side: speed, cache bytes,
     /// peak memory, and agreement with the first backend (kept sets, first logits, greedy tokens).
@@ -340,13 +343,18 @@ struct CompressJob<'a> {
     ratio: f64,
     repeat: usize,
     chunk: usize,
+    /// The name and burn dtype of `--dtype`.
+    dtype: (&'a str, burn::tensor::DType),
 }
 
 impl backend::BackendJob for CompressJob<'_> {
     type Output = ();
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
-        let m = kvc_models::load::<B>(self.model, &device)?;
+        if !B::supports_dtype(&device, self.dtype.1) {
+            bail!("--dtype {} is not supported by this backend", self.dtype.0);
+        }
+        let m = kvc_models::load_as::<B>(self.model, &device, Some(self.dtype.1))?;
         let ids = context_ids(&m.tokenizer, self.text, self.tokens)?;
         let pipeline = Pipeline::new(&m);
         let spec = self.spec;
@@ -369,7 +377,7 @@ impl backend::BackendJob for CompressJob<'_> {
         let compress = spec.as_ref().map(|_| best_compress);
         println!(
             "{}",
-            serde_json::json!({"tokens": self.tokens, "press": self.press, "ratio": self.ratio, "chunk": self.chunk, "prefill_s": best_prefill,
+            serde_json::json!({"tokens": self.tokens, "dtype": self.dtype.0, "press": self.press, "ratio": self.ratio, "chunk": self.chunk, "prefill_s": best_prefill,
                 "compress_s": compress, "total_over_prefill": compress.map(|c| (best_prefill + c) / best_prefill),
                 "kv_bytes_before": bytes.0, "kv_bytes_after": bytes.1, "peak_rss_bytes": peak_rss()})
         );
@@ -635,7 +643,7 @@ fn real_main() -> Result<()> {
             std::fs::write(&out, body).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {} rows to {}", rows.len(), out.display());
         }
-        Command::Compress { model, text, tokens, press, ratio, backend, repeat, chunk, press_options } => {
+        Command::Compress { model, text, tokens, press, ratio, backend, repeat, chunk, press_options, dtype } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;
             let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             let spec = if press == "none" {
@@ -648,7 +656,7 @@ fn real_main() -> Result<()> {
                 }
                 Some(spec)
             };
-            backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk })?;
+            backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk, dtype: (&dtype, backend::dtype(&dtype)) })?;
         }
         Command::Backends { model, text, tokens, ratio, decode, backends, dtypes } => {
             let model = kvc_models::default_model::resolve(model.as_deref())?;

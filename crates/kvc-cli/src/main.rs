@@ -119,9 +119,9 @@ struct GenerateArgs {
     #[arg(long)]
     compare: bool,
     /// Float type of the weights, activations and KV cache on the device: f32 (default), or f16 /
-    /// bf16 (half the KV cache; flex and cuda, wgpu f16 where the adapter has it; attention and
-    /// press scores still compute in f32; answers may differ from f32's; on flex, bf16 prefills
-    /// faster than f32 on CPUs with AVX512_BF16).
+    /// bf16 (half the KV cache; flex and cuda, wgpu f16 where the adapter has it; attention sums
+    /// and press scores compute in f32; answers may differ from f32's; on flex, bf16 prefills
+    /// and compresses faster than f32 on CPUs with AVX512_BF16).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
     /// Decode with the dense weights (f32, or --dtype's). By default a GGUF model's decode steps multiply by the

@@ -182,8 +182,9 @@ pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B
 
 /// As [`load`], with the weights (and so the activations and the KV cache) in `dtype` on the
 /// device: `Some(DType::F16)` or `Some(DType::BF16)` halve the KV cache on backends that support
-/// them (flex, cuda); `None` = the backend's default float type (f32). Attention and presses'
-/// scores still compute in f32 ([`kvc_core::kernels::in_f32`]).
+/// them (flex, cuda); `None` = the backend's default float type (f32). Attention sums and
+/// presses' scores compute in f32 ([`kvc_core::kernels::in_f32`] on backends without a
+/// half-precision kernel; flex reads half caches in place, [`kvc_core::kernels::host`]).
 ///
 /// # Errors
 /// As [`load`].

@@ -70,15 +70,27 @@ pub fn matmul(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Option<Ve
                 // `panel` `k / 2` pair rows of `NR` pairs, `tile` `MR x NR` floats.
                 unsafe { avx512::tile(a_rows, k, mr, panel, &mut tile) };
                 for i in 0..mr {
-                    let dst = &mut out[(i0 + i) * n + c0..][..cols];
-                    for (d, &s) in dst.iter_mut().zip(&tile[i * NR..i * NR + cols]) {
-                        *d = bf16::from_f32(s);
-                    }
+                    narrow(&tile[i * NR..i * NR + cols], &mut out[(i0 + i) * n + c0..][..cols]);
                 }
             }
         }
     });
     Some(c)
+}
+
+/// `src` rounded to bf16 into `dst` (same lengths; round to nearest even): 16 values per
+/// `vcvtneps2bf16` where the CPU has AVX512_BF16 (subnormal values become zeros, as in the
+/// products), `half`'s conversion otherwise.
+pub fn narrow(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "bf16 narrow: lengths differ");
+    if available() {
+        // SAFETY: AVX512_BF16 checked; equal lengths.
+        unsafe { avx512::narrow(src, dst) }
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(x);
+        }
+    }
 }
 
 /// [`matmul`] for a few rows: each task streams its columns of every row of `B` once
@@ -115,19 +127,105 @@ fn matvec(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
 /// `B [k, n]` as `ceil(n / NR)` panels of `k / 2` pair rows of `NR` (column, pair) entries:
 /// panel `p`, pair row `q`, column `j`: `[B[2q, p NR + j], B[2q + 1, p NR + j]]`, zeros past `n`.
 fn pack(b: &[bf16], k: usize, n: usize) -> Vec<bf16> {
-    let panels = n.div_ceil(NR);
-    let mut packed = vec![bf16::ZERO; panels * k * NR];
-    packed.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
+    let mut packed = vec![bf16::ZERO; n.div_ceil(NR) * k * NR];
+    packed.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| pack_panel(panel, p, n, |r, c| b[r * n + c]));
+    packed
+}
+
+/// Fills panel `p` (`k * NR` values, [`pack`]'s layout) of a `[k, n]` matrix given by element
+/// (`at(row, column)`); columns past `n` stay as they are (zeros).
+fn pack_panel(panel: &mut [bf16], p: usize, n: usize, at: impl Fn(usize, usize) -> bf16) {
+    let (c0, cols) = (p * NR, NR.min(n - p * NR));
+    for (q, pair_row) in panel.chunks_exact_mut(2 * NR).enumerate() {
+        for j in 0..cols {
+            pair_row[2 * j] = at(2 * q, c0 + j);
+            pair_row[2 * j + 1] = at(2 * q + 1, c0 + j);
+        }
+    }
+}
+
+/// Keys and values of one attention head, packed once for [`Packed::scores`] and
+/// [`Packed::weighted`] (on this thread: callers run heads in parallel).
+///
+/// `k`: `K^T [d, n]` in [`pack`]'s panels (32 keys per panel, so key tiles starting at multiples
+/// of 32 are whole panels); `v`: `V [n2, d]` (`n2` = `n` rounded up to even, a zero key added)
+/// in panels over `d`, so the keys `t0..t0 + 2j` of every panel are one contiguous range.
+pub struct Packed {
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+    n: usize,
+    n2: usize,
+    d: usize,
+}
+
+impl Packed {
+    /// Packs `n` keys and values, row-major `[n, d]`. `None` when the CPU lacks AVX512_BF16 or
+    /// `d` is odd. Panics only when the slices are shorter than `n * d`.
+    pub fn new(k: &[bf16], v: &[bf16], n: usize, d: usize) -> Option<Self> {
+        if !available() || !d.is_multiple_of(2) || n == 0 || d == 0 {
+            return None;
+        }
+        let (k, v) = (&k[..n * d], &v[..n * d]);
+        let n2 = n.next_multiple_of(2);
+        let mut kp = vec![bf16::ZERO; n.div_ceil(NR) * d * NR];
+        for (p, panel) in kp.chunks_exact_mut(d * NR).enumerate() {
+            pack_panel(panel, p, n, |r, c| k[c * d + r]);
+        }
+        let mut vp = vec![bf16::ZERO; d.div_ceil(NR) * n2 * NR];
+        for (p, panel) in vp.chunks_exact_mut(n2 * NR).enumerate() {
+            pack_panel(panel, p, d, |r, c| if r < n { v[r * d + c] } else { bf16::ZERO });
+        }
+        Some(Self { k: kp, v: vp, n, n2, d })
+    }
+
+    /// `s [m, tn] = scale * Q K[t0..t0 + tn]^T` (f32, row-major), `q [m, d]` row-major bf16;
+    /// `t0` a multiple of 32. Panics on a key range past `n` or an unaligned `t0` (caller bugs).
+    pub fn scores(&self, q: &[bf16], m: usize, t0: usize, tn: usize, scale: f32, s: &mut [f32]) {
+        assert!(t0.is_multiple_of(NR) && t0 + tn <= self.n && q.len() == m * self.d && s.len() >= m * tn, "bf16 scores: bad range");
+        let d = self.d;
+        products(q, d, m, &self.k[(t0 / NR) * d * NR..], d * NR, tn, s, tn, scale, false);
+    }
+
+    /// `out [m, d] (+)= P V[t0..t0 + tn]`, `p [m, tn]` f32 row-major (rounded to bf16 for the
+    /// product, as torch's CPU attention in bf16 does), `t0` even; `accumulate` adds to `out`
+    /// instead of overwriting it. `buf` is scratch. Panics on a key range past `n`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn weighted(&self, p: &[f32], m: usize, t0: usize, tn: usize, out: &mut [f32], accumulate: bool, buf: &mut Vec<bf16>) {
+        assert!(t0.is_multiple_of(2) && t0 + tn <= self.n && p.len() >= m * tn && out.len() >= m * self.d, "bf16 weighted: bad range");
+        let tn2 = tn.next_multiple_of(2);
+        buf.clear();
+        buf.resize(m * tn2, bf16::ZERO);
+        for (dst, src) in buf.chunks_exact_mut(tn2).zip(p.chunks_exact(tn)) {
+            narrow(src, &mut dst[..tn]);
+        }
+        products(buf, tn2, m, &self.v[t0 * NR..], self.n2 * NR, self.d, out, self.d, 1.0, accumulate);
+    }
+}
+
+/// `out [m, n] (+)= scale * A [m, k] B [k, n]` on this thread, `B` given as panels `panel_stride`
+/// values apart whose first `k * NR` values are the ones used (`k` even).
+#[allow(clippy::too_many_arguments)]
+fn products(a: &[bf16], k: usize, m: usize, panels: &[bf16], panel_stride: usize, n: usize, out: &mut [f32], ldo: usize, scale: f32, accumulate: bool) {
+    let mut tile = [0f32; MR * NR];
+    for p in 0..n.div_ceil(NR) {
         let (c0, cols) = (p * NR, NR.min(n - p * NR));
-        for (q, pair_row) in panel.chunks_exact_mut(2 * NR).enumerate() {
-            let (r0, r1) = (&b[2 * q * n + c0..][..cols], &b[(2 * q + 1) * n + c0..][..cols]);
-            for j in 0..cols {
-                pair_row[2 * j] = r0[j];
-                pair_row[2 * j + 1] = r1[j];
+        let panel = &panels[p * panel_stride..][..k * NR];
+        for i0 in (0..m).step_by(MR) {
+            let mr = MR.min(m - i0);
+            // SAFETY: `available()` held when the panels were packed; `a` holds `mr` rows of `k`
+            // (even) values from row `i0`, `panel` `k / 2` pair rows of `NR` pairs.
+            unsafe { avx512::tile(&a[i0 * k..(i0 + mr) * k], k, mr, panel, &mut tile) };
+            for i in 0..mr {
+                let dst = &mut out[(i0 + i) * ldo + c0..][..cols];
+                let src = &tile[i * NR..i * NR + cols];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, &x)| *d += scale * x);
+                } else {
+                    dst.iter_mut().zip(src).for_each(|(d, &x)| *d = scale * x);
+                }
             }
         }
-    });
-    packed
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -155,6 +253,27 @@ mod avx512 {
             };
         }
         rows!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+
+    /// `dst[i] = src[i]` rounded to bf16 (`vcvtneps2bf16`, 16 at a time; a masked tail).
+    ///
+    /// # Safety
+    /// AVX512_BF16 and AVX-512F; `src.len() == dst.len()`.
+    #[target_feature(enable = "avx512bf16,avx512f")]
+    pub unsafe fn narrow(src: &[f32], dst: &mut [bf16]) {
+        let n = src.len();
+        let mut i = 0;
+        while i < n {
+            let left = (n - i).min(16);
+            let mask: u16 = if left == 16 { u16::MAX } else { (1u16 << left) - 1 };
+            // SAFETY: lanes below `left` are inside both slices; masked lanes are not touched.
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
+                let y: __m256i = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x));
+                _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask, y);
+            }
+            i += 16;
+        }
     }
 
     #[target_feature(enable = "avx512bf16,avx512f")]
@@ -193,6 +312,11 @@ mod avx512 {
     use half::bf16;
 
     /// Never called: [`super::available`] is false off x86-64.
+    pub unsafe fn narrow(_: &[f32], _: &mut [bf16]) {
+        unreachable!("AVX512_BF16 off x86-64")
+    }
+
+    /// Never called: [`super::available`] is false off x86-64.
     pub unsafe fn tile(_: &[bf16], _: usize, _: usize, _: &[bf16], _: &mut [f32]) {
         unreachable!("AVX512_BF16 off x86-64")
     }
@@ -229,5 +353,22 @@ mod tests {
             }
         }
         assert!(matmul(&vals(3 * 5, 1), &vals(5 * 2, 2), 3, 5, 2).is_none(), "odd k declines");
+    }
+
+    #[test]
+    fn narrow_rounds_to_nearest_even() {
+        // ties both ways, every tail length, signs, zeros, infinities, NaN, the largest finite
+        let mut src: Vec<f32> = (0..37).map(|i| f32::from_bits(0x3f80_8000 + (i << 16) + (i & 1)) * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        src.extend([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 3.1e38, 1e-30]);
+        for len in 0..src.len() {
+            let mut got = vec![bf16::ZERO; len];
+            narrow(&src[..len], &mut got);
+            for (g, &x) in got.iter().zip(&src) {
+                assert_eq!(g.to_bits(), bf16::from_f32(x).to_bits(), "{x:e}");
+            }
+        }
+        let mut nan = [bf16::ZERO];
+        narrow(&[f32::NAN], &mut nan);
+        assert!(nan[0].is_nan());
     }
 }

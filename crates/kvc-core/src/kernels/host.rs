@@ -11,6 +11,11 @@
 //! see more than [`KEY_TILE`] keys use the online softmax over key tiles, and decode splits the
 //! keys over tasks ([`decode_split`]).
 //!
+//! Keys and values may be f32, f16 or bf16, read where they are. bf16 on a CPU with AVX512_BF16
+//! multiplies in bf16 (`vdpbf16ps`, [`super::bf16::Packed`]: keys and values packed once per call
+//! and head; f32 sums; the probabilities rounded to bf16 for `P V`, as torch's CPU attention in
+//! bf16 does); f16, and bf16 elsewhere, are widened to f32 once per call and head.
+//!
 //! Why: burn-flex 0.21's fused attention runs every head on one thread and calls scalar `expf`
 //! (41% of a 2048-token prefill in `perf`, issue 10).
 
@@ -25,11 +30,14 @@ pub const QUERY_BLOCK: usize = 32;
 ///
 /// Query `i` of the chunk sits at cache slot `len - chunk + i` and sees slots `0..=len - chunk + i`
 /// (cached keys all visible, the chunk causal; decode is `chunk = 1`). Keys and values are `T`:
-/// f32 for [`attention`], f32/f16/bf16 for [`decode_attention`].
+/// f32, f16 or bf16 ([`HostFloat`]).
 #[derive(Clone, Copy, Debug)]
 pub struct HostAttention<'a, T = f32> {
-    /// Queries `[batch, q_heads, chunk, head_dim]`.
+    /// Queries `[batch, q_heads, chunk, head_dim]`, or `[batch, chunk, q_heads, head_dim]` (the
+    /// projections' layout) when `q_token_major`.
     pub q: &'a [f32],
+    /// `q` is laid out `[batch, chunk, q_heads, head_dim]`.
+    pub q_token_major: bool,
     /// Keys `[batch, kv_heads, len, head_dim]`, (batch, KV head) rows `kv_stride` apart.
     pub k: &'a [T],
     /// Values, laid out as `k`.
@@ -93,7 +101,7 @@ struct Block {
 ///
 /// Tasks are (batch, KV head, block of [`QUERY_BLOCK`] queries): the `g` query heads of a GQA
 /// group are stacked into one `g * rows`-row GEMM, so each task packs its keys and values once.
-pub fn attention(a: &HostAttention<'_>) -> HostOutput {
+pub fn attention<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
     let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
     assert!(hkv > 0 && hq % hkv == 0 && c <= len && a.q.len() == b * hq * c * d, "host attention: inconsistent shapes");
     let kv_extent = (b * hkv - 1) * a.kv_stride + len * d;
@@ -114,6 +122,14 @@ pub trait HostFloat: Copy + Send + Sync + 'static {
     fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
     /// `src` rounded into `dst` (same lengths).
     fn narrow(src: &[f32], dst: &mut [Self]);
+    /// `src` itself when `Self` is f32.
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// `src` itself when `Self` is bf16 (products in bf16 where the CPU has them).
+    fn as_bf16(_src: &[Self]) -> Option<&[half::bf16]> {
+        None
+    }
 }
 
 impl HostFloat for f32 {
@@ -123,6 +139,10 @@ impl HostFloat for f32 {
 
     fn narrow(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+
+    fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
     }
 }
 
@@ -152,9 +172,11 @@ impl HostFloat for half::bf16 {
     }
 
     fn narrow(src: &[f32], dst: &mut [Self]) {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = half::bf16::from_f32(x);
-        }
+        super::bf16::narrow(src, dst);
+    }
+
+    fn as_bf16(src: &[Self]) -> Option<&[half::bf16]> {
+        Some(src)
     }
 }
 
@@ -204,9 +226,74 @@ pub fn decode_attention<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
     decode_split(a)
 }
 
+/// One (batch, KV head) row of keys and values in the form [`attention`]'s products read.
+enum KvRow<'a> {
+    /// f32 values: the cache's own, or f16 / bf16 widened (no AVX512_BF16).
+    F32 { k: std::borrow::Cow<'a, [f32]>, v: std::borrow::Cow<'a, [f32]> },
+    /// bf16 packed for `vdpbf16ps` products ([`super::bf16::Packed`]).
+    Bf16(super::bf16::Packed),
+}
+
+impl<'a> KvRow<'a> {
+    /// The first `len` keys and values of a row (`len * d` values each).
+    fn new<T: HostFloat>(k: &'a [T], v: &'a [T], len: usize, d: usize) -> Self {
+        let (k, v) = (&k[..len * d], &v[..len * d]);
+        if let (Some(k), Some(v)) = (T::as_f32(k), T::as_f32(v)) {
+            return Self::F32 { k: k.into(), v: v.into() };
+        }
+        if let Some(p) = T::as_bf16(k).zip(T::as_bf16(v)).and_then(|(k, v)| super::bf16::Packed::new(k, v, len, d)) {
+            return Self::Bf16(p);
+        }
+        let (mut kb, mut vb) = (Vec::new(), Vec::new());
+        T::widen(k, &mut kb);
+        T::widen(v, &mut vb);
+        Self::F32 { k: kb.into(), v: vb.into() }
+    }
+
+    /// `s [m, tn] = scale * Q K[t0..t0 + tn]^T`; `q [m, d]` f32, `qb` the same rows in bf16
+    /// (used by [`KvRow::Bf16`]; empty otherwise); `t0` a multiple of 32.
+    #[allow(clippy::too_many_arguments)]
+    fn scores(&self, q: &[f32], qb: &[half::bf16], m: usize, d: usize, t0: usize, tn: usize, scale: f32, s: &mut [f32]) {
+        match self {
+            Self::F32 { k, .. } => {
+                // lhs Q [m, d] row-major, rhs K^T [d, tn] (K row-major), dst [m, tn]
+                // SAFETY: every pointer is valid for the given extents and strides.
+                unsafe {
+                    gemm::gemm(
+                        m, tn, d, s.as_mut_ptr(), 1, tn as isize, false, q.as_ptr(), 1, d as isize, k[t0 * d..].as_ptr(), d as isize, 1, 0.0, scale,
+                        false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            }
+            Self::Bf16(p) => p.scores(qb, m, t0, tn, scale, s),
+        }
+    }
+
+    /// `out [m, d] (+)= P V[t0..t0 + tn]`, `p [m, tn]`; `accumulate` adds to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn weighted(&self, p: &[f32], m: usize, d: usize, t0: usize, tn: usize, out: &mut [f32], accumulate: bool, buf: &mut Vec<half::bf16>) {
+        match self {
+            Self::F32 { v, .. } => {
+                // lhs P [m, tn], rhs V [tn, d], dst [m, d]
+                // SAFETY: as in `scores`.
+                unsafe {
+                    gemm::gemm(
+                        m, d, tn, out.as_mut_ptr(), 1, d as isize, accumulate, p.as_ptr(), 1, tn as isize, v[t0 * d..].as_ptr(), 1, d as isize,
+                        if accumulate { 1.0 } else { 0.0 }, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            }
+            Self::Bf16(packed) => packed.weighted(p, m, t0, tn, out, accumulate, buf),
+        }
+    }
+}
+
 /// [`attention`]'s tasks: (batch, KV head, block of queries).
-fn blocks(a: &HostAttention<'_>, g: usize, past: usize) -> HostOutput {
+fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize) -> HostOutput {
     let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
+    // every row's keys and values once (in place for f32; packed or widened for f16 / bf16)
+    let kv_rows: Vec<KvRow<'_>> =
+        (0..b * hkv).into_par_iter().map(|row| KvRow::new(&a.k[row * a.kv_stride..], &a.v[row * a.kv_stride..], len, d)).collect();
     let mut tasks = Vec::new();
     for bi in 0..b {
         for kv in 0..hkv {
@@ -222,27 +309,30 @@ fn blocks(a: &HostAttention<'_>, g: usize, past: usize) -> HostOutput {
             let m = g * rows;
             // the group's queries, head-major: row gi * rows + i = head kv * g + gi, query r0 + i
             let mut q = Vec::with_capacity(m * d);
-            for gi in 0..g {
-                q.extend_from_slice(&a.q[((bi * hq + kv * g + gi) * c + r0) * d..][..rows * d]);
+            for h in kv * g..(kv + 1) * g {
+                if a.q_token_major {
+                    for i in r0..r0 + rows {
+                        q.extend_from_slice(&a.q[((bi * c + i) * hq + h) * d..][..d]);
+                    }
+                } else {
+                    q.extend_from_slice(&a.q[((bi * hq + h) * c + r0) * d..][..rows * d]);
+                }
             }
             let row = bi * hkv + kv;
-            let k = &a.k[row * a.kv_stride..][..n * d];
-            let v = &a.v[row * a.kv_stride..][..n * d];
+            let kv_row = &kv_rows[row];
+            let qb: Vec<half::bf16> = match kv_row {
+                KvRow::Bf16(_) => q.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+                KvRow::F32 { .. } => Vec::new(),
+            };
             let valid = a.valid.map(|mask| &mask[row * len..row * len + n]);
             if a.reduce.is_none() && !a.probs && n > KEY_TILE {
                 // only the output is wanted: key tiles with an online softmax keep the scores in cache
-                let out = online_block(&q, k, v, valid, Geometry { rows, m, n, d, first_visible: past + r0 + 1, scale: a.scale });
+                let out = online_block(&q, &qb, kv_row, valid, Geometry { rows, m, n, d, first_visible: past + r0 + 1, scale: a.scale });
                 return Block { b: bi, kv, r0, rows, n, out, probs: Vec::new(), reduced: None };
             }
             let mut s = vec![0f32; m * n];
-            // S = scale * Q K^T: lhs [m, d] row-major, rhs K^T [d, n] (K row-major), dst [m, n]
-            // SAFETY: every pointer is valid for the given extents and strides (slices above).
-            unsafe {
-                gemm::gemm(
-                    m, n, d, s.as_mut_ptr(), 1, n as isize, false, q.as_ptr(), 1, d as isize, k.as_ptr(), d as isize, 1, 0.0, a.scale,
-                    false, false, false, gemm::Parallelism::None,
-                );
-            }
+            // S = scale * Q K^T over the n keys the block sees
+            kv_row.scores(&q, &qb, m, d, 0, n, a.scale, &mut s);
             let mut reduced = a.reduce.map(|_| vec![0f32; g * n]);
             let mut inv_sums = vec![0f32; m];
             for (r, row) in s.chunks_exact_mut(n).enumerate() {
@@ -254,14 +344,8 @@ fn blocks(a: &HostAttention<'_>, g: usize, past: usize) -> HostOutput {
                 }
             }
             let mut out = vec![0f32; m * d];
-            // O = P V with P unnormalized (rows scaled after): lhs [m, n], rhs V [n, d], dst [m, d]
-            // SAFETY: as above.
-            unsafe {
-                gemm::gemm(
-                    m, d, n, out.as_mut_ptr(), 1, d as isize, false, s.as_ptr(), 1, n as isize, v.as_ptr(), 1, d as isize, 0.0, 1.0,
-                    false, false, false, gemm::Parallelism::None,
-                );
-            }
+            // O = P V with P unnormalized (rows scaled after)
+            kv_row.weighted(&s, m, d, 0, n, &mut out, false, &mut Vec::new());
             for (row, &inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
                 simd::scale(row, inv);
             }
@@ -324,22 +408,17 @@ struct Geometry {
 /// One task's output `[m, d]` with the online softmax (FlashAttention's recurrence: per row a
 /// running max `mx` and sum `l`; when a tile raises the max, the accumulated output and sum are
 /// scaled by `exp(old - new)`), one key tile at a time.
-fn online_block(q: &[f32], k: &[f32], v: &[f32], valid: Option<&[bool]>, g: Geometry) -> Vec<f32> {
+fn online_block(q: &[f32], qb: &[half::bf16], kv: &KvRow<'_>, valid: Option<&[bool]>, g: Geometry) -> Vec<f32> {
     let Geometry { rows, m, n, d, first_visible, scale } = g;
     let mut acc = vec![0f32; m * d];
     let mut mx = vec![f32::NEG_INFINITY; m];
     let mut l = vec![0f32; m];
     let mut s = vec![0f32; m * KEY_TILE];
+    let mut buf = Vec::new();
     for t0 in (0..n).step_by(KEY_TILE) {
         let tn = KEY_TILE.min(n - t0);
         let s = &mut s[..m * tn];
-        // SAFETY: every pointer is valid for the given extents and strides.
-        unsafe {
-            gemm::gemm(
-                m, tn, d, s.as_mut_ptr(), 1, tn as isize, false, q.as_ptr(), 1, d as isize, k[t0 * d..].as_ptr(), d as isize, 1, 0.0, scale,
-                false, false, false, gemm::Parallelism::None,
-            );
-        }
+        kv.scores(q, qb, m, d, t0, tn, scale, s);
         for (r, row) in s.chunks_exact_mut(tn).enumerate() {
             let lim = (first_visible + r % rows).saturating_sub(t0).min(tn);
             let (tile_max, inv) = softmax_row(row, lim, valid.map(|m| &m[t0..t0 + tn]));
@@ -360,13 +439,7 @@ fn online_block(q: &[f32], k: &[f32], v: &[f32], valid: Option<&[bool]>, g: Geom
             }
         }
         // acc += P V_tile
-        // SAFETY: as above.
-        unsafe {
-            gemm::gemm(
-                m, d, tn, acc.as_mut_ptr(), 1, d as isize, true, s.as_ptr(), 1, tn as isize, v[t0 * d..].as_ptr(), 1, d as isize, 1.0, 1.0,
-                false, false, false, gemm::Parallelism::None,
-            );
-        }
+        kv.weighted(s, m, d, t0, tn, &mut acc, true, &mut buf);
     }
     for (row, &sum) in acc.chunks_exact_mut(d).zip(&l) {
         simd::scale(row, if sum > 0.0 { 1.0 / sum } else { 0.0 });
@@ -389,6 +462,7 @@ fn decode_split<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
             let t0 = t * KEY_TILE;
             let tn = KEY_TILE.min(len - t0);
             let row = bi * hkv + kv;
+            // one query per head: both query layouts are [batch, q_heads, head_dim]
             let q = &a.q[(bi * hq + kv * g) * d..][..g * d];
             let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
             let k = T::widen(&a.k[row * a.kv_stride + t0 * d..][..tn * d], &mut kbuf);
@@ -768,22 +842,7 @@ mod tests {
             let k = vals(b * hkv * len * d, 2);
             let v = vals(b * hkv * len * d, 3);
             let mask: Vec<bool> = (0..b * hkv * len).map(|i| !masked || i % 5 != 3).collect();
-            let a = HostAttention {
-                q: &q,
-                k: &k,
-                v: &v,
-                kv_stride: len * d,
-                valid: masked.then_some(&mask[..]),
-                batch: b,
-                q_heads: hq,
-                kv_heads: hkv,
-                chunk: c,
-                len,
-                head_dim: d,
-                scale: 1.0 / (d as f32).sqrt(),
-                reduce: Some(QueryReduce::Max),
-                probs: true,
-            };
+            let a = args(&q, &k, &v, len * d, masked.then_some(&mask[..]), [b, hq, hkv, c, len, d]);
             let (want_out, want_p) = naive(&a);
             let got = attention(&a);
             let err = |x: &[f32], y: &[f64]| x.iter().zip(y).map(|(&a, &b)| (a as f64 - b).abs()).fold(0f64, f64::max);
@@ -812,12 +871,80 @@ mod tests {
             let (kp, vp) = (pad(&k), pad(&v));
             let strided = attention(&HostAttention { k: &kp, v: &vp, kv_stride: (len + 3) * d, ..a });
             assert_eq!(strided.out, got.out, "strided rows");
+            // the same queries token-major ([b, c, hq, d], the projections' layout)
+            let mut qt = vec![0f32; q.len()];
+            for bi in 0..b {
+                for h in 0..hq {
+                    for i in 0..c {
+                        qt[((bi * c + i) * hq + h) * d..][..d].copy_from_slice(&q[((bi * hq + h) * c + i) * d..][..d]);
+                    }
+                }
+            }
+            let tm = attention(&HostAttention { q: &qt, q_token_major: true, ..a });
+            assert_eq!((&tm.out, tm.reduced.as_ref(), tm.probs.as_ref()), (&got.out, Some(&red), Some(&p)), "token-major queries");
         }
     }
 
+    /// Prefill / scoring attention on f16 / bf16 caches read in place: f16 (and bf16 on a CPU
+    /// without AVX512_BF16) widened = the f32 kernel on the widened values, bit for bit; bf16 with
+    /// `vdpbf16ps`: the same scores and probabilities (exact products, f32 sums in another
+    /// order), the output within the rounding of the probabilities to bf16 before `P V`.
+    #[test]
+    fn prefill_reads_half_precision_keys_and_values() {
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5) * 3.0).collect()
+        };
+        let bf = |x: &[f32]| -> Vec<half::bf16> { x.iter().map(|&x| half::bf16::from_f32(x)).collect() };
+        let fh = |x: &[f32]| -> Vec<half::f16> { x.iter().map(|&x| half::f16::from_f32(x)).collect() };
+        let max_diff = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // (batch, q_heads, kv_heads, chunk, len, head_dim, masked): one block and several, an odd
+        // number of visible keys, partial panels, the online path (len > KEY_TILE), an odd head_dim
+        for (b, hq, hkv, c, len, d, masked) in
+            [(1, 4, 2, 3, 9, 8, false), (1, 6, 2, 40, 71, 64, true), (2, 3, 3, 33, 33, 4, false), (1, 6, 2, 40, 1300, 64, true), (1, 2, 1, 7, 20, 5, false)]
+        {
+            // queries as a bf16 model makes them (bf16 values), keys/values with 3 spare slots per row
+            let q: Vec<f32> = bf(&vals(b * hq * c * d, 1)).iter().map(|x| x.to_f32()).collect();
+            let stride = (len + 3) * d;
+            let (k32, v32) = (vals(b * hkv * stride, 2), vals(b * hkv * stride, 3));
+            let mask: Vec<bool> = (0..b * hkv * len).map(|i| !masked || i % 5 != 3).collect();
+            let base = args(&q, &k32, &v32, stride, masked.then_some(&mask[..]), [b, hq, hkv, c, len, d]);
+            let (kb, vb, kh, vh) = (bf(&k32), bf(&v32), fh(&k32), fh(&v32));
+            let widened = |k: Vec<f32>, v: Vec<f32>| (k, v);
+            let (kbw, vbw) = widened(kb.iter().map(|x| x.to_f32()).collect(), vb.iter().map(|x| x.to_f32()).collect());
+            let (khw, vhw) = widened(kh.iter().map(|x| x.to_f32()).collect(), vh.iter().map(|x| x.to_f32()).collect());
+            for reduce in [Some(QueryReduce::Max), None] {
+                let a = HostAttention { reduce, probs: reduce.is_some(), ..base };
+                let f16 = attention(&with_kv(&a, &kh, &vh));
+                let want = attention(&HostAttention { k: &khw, v: &vhw, ..a });
+                assert_eq!((f16.out, f16.reduced, f16.probs), (want.out, want.reduced, want.probs), "f16 {:?}", (c, len, d));
+                let got = attention(&with_kv(&a, &kb, &vb));
+                let want = attention(&HostAttention { k: &kbw, v: &vbw, ..a });
+                if !super::super::bf16::available() || d % 2 == 1 {
+                    assert_eq!((got.out, got.reduced, got.probs), (want.out, want.reduced, want.probs), "bf16 widened {:?}", (c, len, d));
+                    continue;
+                }
+                // |v| <= 1.5: the output moves by at most 1.5 x 2^-8 (probabilities rounded once)
+                let out_err = max_diff(&got.out, &want.out);
+                assert!(out_err <= 1.5 / 256.0, "bf16 out {:?}: {out_err}", (c, len, d));
+                assert!(out_err > 0.0 || len < 3, "bf16 products were not used {:?}", (c, len, d));
+                if let (Some(x), Some(y)) = (&got.reduced, &want.reduced) {
+                    assert!(max_diff(x, y) < 1e-5, "bf16 reduced {:?}", (c, len, d));
+                    assert!(max_diff(got.probs.as_ref().unwrap(), want.probs.as_ref().unwrap()) < 1e-5, "bf16 probs");
+                }
+            }
+        }
+    }
+
+    /// Attention arguments with every output (probabilities reduced by max, and whole),
+    /// heads-first queries, scale `1/sqrt(d)`.
+    fn args<'a, T>(q: &'a [f32], k: &'a [T], v: &'a [T], kv_stride: usize, valid: Option<&'a [bool]>, [b, hq, hkv, c, len, d]: [usize; 6]) -> HostAttention<'a, T> {
+        let scale = 1.0 / (d as f32).sqrt();
+        HostAttention { q, q_token_major: false, k, v, kv_stride, valid, batch: b, q_heads: hq, kv_heads: hkv, chunk: c, len, head_dim: d, scale, reduce: Some(QueryReduce::Max), probs: true }
+    }
+
     fn with_kv<'a, T>(a: &HostAttention<'a>, k: &'a [T], v: &'a [T]) -> HostAttention<'a, T> {
-        let HostAttention { q, kv_stride, valid, batch, q_heads, kv_heads, chunk, len, head_dim, scale, reduce, probs, .. } = *a;
-        HostAttention { q, k, v, kv_stride, valid, batch, q_heads, kv_heads, chunk, len, head_dim, scale, reduce, probs }
+        let HostAttention { q, q_token_major, kv_stride, valid, batch, q_heads, kv_heads, chunk, len, head_dim, scale, reduce, probs, .. } = *a;
+        HostAttention { q, q_token_major, k, v, kv_stride, valid, batch, q_heads, kv_heads, chunk, len, head_dim, scale, reduce, probs }
     }
 
     #[test]
@@ -832,22 +959,7 @@ mod tests {
             let mask: Vec<bool> = (0..b * hkv * len).map(|i| !masked || i % 5 != 3).collect();
             let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (k32.iter().map(|&x| half::bf16::from_f32(x)).collect(), v32.iter().map(|&x| half::bf16::from_f32(x)).collect());
             let (kh, vh): (Vec<half::f16>, Vec<half::f16>) = (k32.iter().map(|&x| half::f16::from_f32(x)).collect(), v32.iter().map(|&x| half::f16::from_f32(x)).collect());
-            let a = HostAttention {
-                q: &q,
-                k: &k32,
-                v: &v32,
-                kv_stride: len * d,
-                valid: masked.then_some(&mask[..]),
-                batch: b,
-                q_heads: hq,
-                kv_heads: hkv,
-                chunk: 1,
-                len,
-                head_dim: d,
-                scale: 1.0 / (d as f32).sqrt(),
-                reduce: None,
-                probs: false,
-            };
+            let a = HostAttention { reduce: None, probs: false, ..args(&q, &k32, &v32, len * d, masked.then_some(&mask[..]), [b, hq, hkv, 1, len, d]) };
             // the f32 kernel on the rounded values (widening is exact)
             let widened = |x: &[f32], f: fn(f32) -> f32| -> Vec<f32> { x.iter().map(|&y| f(y)).collect() };
             for (name, got, k, v) in [

@@ -10,18 +10,19 @@ impl KvcBackend for burn::backend::Flex {
     /// contiguous (the cache's are).
     fn kvc_attention(a: AttentionArgs<'_, Self>) -> AttentionOutput<Self> {
         use burn::tensor::DType;
-        let req = super::HostRequest::of(&a);
+        let mut req = super::HostRequest::of(&a);
         match a.queries.dtype() {
             DType::F32 => {}
-            dtype @ (DType::F16 | DType::BF16) if req.is_decode() && a.keys.dtype() == dtype && a.values.dtype() == dtype => {
-                return flex_half_decode(a, req, dtype);
+            dtype @ (DType::F16 | DType::BF16) if a.keys.dtype() == dtype && a.values.dtype() == dtype => {
+                return flex_half(a, req, dtype);
             }
             DType::F16 | DType::BF16 => return super::in_f32(a, Self::kvc_attention),
             _ => return super::generic_attention(a),
         }
         let [_, _, len, d] = req.kv;
-        let q = flex_contiguous::<f32, _>(a.queries);
-        // contiguous with offset 0 after `to_contiguous`: `as_slice` is the whole tensor
+        let q;
+        (q, req.q_token_major) = flex_queries::<f32>(a.queries);
+        // contiguous from offset 0: `as_slice` is the whole tensor
         let qs = q.as_slice::<f32>().unwrap_or(&[]);
         let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
         // keys and values laid out differently: both made contiguous (one row stride for both)
@@ -41,11 +42,14 @@ impl KvcBackend for burn::backend::Flex {
         }
         let mut buf = buffer.into_primitive().tensor();
         let src = slots.into_primitive().tensor();
-        let src = if src.is_contiguous() { src } else { src.to_contiguous() };
+        // rows of `d` values read where they are (the decoder's keys and values are heads-first
+        // views of its projections); other layouts made contiguous first
+        let strides = src.layout().strides();
+        let src = if strides[3] == 1 && strides.iter().all(|&x| x >= 0) { src } else { src.to_contiguous() };
         let done = match dtype {
-            DType::F16 => write_rows::<half::f16>(&mut buf, &src, [b * h, cap, c, d], start),
-            DType::BF16 => write_rows::<half::bf16>(&mut buf, &src, [b * h, cap, c, d], start),
-            _ => write_rows::<f32>(&mut buf, &src, [b * h, cap, c, d], start),
+            DType::F16 => write_rows::<half::f16>(&mut buf, &src, [b, h, cap, c, d], start),
+            DType::BF16 => write_rows::<half::bf16>(&mut buf, &src, [b, h, cap, c, d], start),
+            _ => write_rows::<f32>(&mut buf, &src, [b, h, cap, c, d], start),
         };
         if done {
             return Tensor::from_primitive(TensorPrimitive::Float(buf));
@@ -120,47 +124,71 @@ impl KvcBackend for burn::backend::Flex {
     }
 }
 
-/// A decode step on a half-precision cache: [`super::host::decode_attention`] reads flex's f16 /
-/// bf16 buffers of keys and values in place (a cast of the whole cache to f32 per step was most
-/// of a bf16 decode step); the query is widened and the output rounded back to `dtype`.
+/// Attention on a half-precision cache: flex's f16 / bf16 buffers of keys and values read in
+/// place, by [`super::host::decode_attention`] for a decode step (a cast of the whole cache to f32
+/// per step was most of a bf16 decode step) and by [`super::host::attention`] otherwise (bf16 with
+/// `vdpbf16ps` products where the CPU has AVX512_BF16; f16, or bf16 without it, widened once per
+/// call). The queries are widened and the output rounded back to `dtype`.
 #[cfg(feature = "flex")]
-fn flex_half_decode(
-    a: super::AttentionArgs<'_, burn::backend::Flex>,
-    req: super::HostRequest<'_>,
-    dtype: burn::tensor::DType,
-) -> super::AttentionOutput<burn::backend::Flex> {
+fn flex_half(a: super::AttentionArgs<'_, burn::backend::Flex>, mut req: super::HostRequest<'_>, dtype: burn::tensor::DType) -> super::AttentionOutput<burn::backend::Flex> {
+    use super::host::HostFloat;
     use burn::tensor::DType;
     let [_, _, len, d] = req.kv;
-    let q = flex_contiguous::<f32, _>(a.queries.cast(DType::F32));
-    let qs = q.as_slice::<f32>().unwrap_or(&[]);
+    let (q, token_major) = if dtype == DType::F16 { flex_queries::<half::f16>(a.queries) } else { flex_queries::<half::bf16>(a.queries) };
+    req.q_token_major = token_major;
+    let mut qbuf = Vec::new();
+    let qs: &[f32] = if dtype == DType::F16 {
+        half::f16::widen(q.as_slice::<half::f16>().unwrap_or(&[]), &mut qbuf)
+    } else {
+        half::bf16::widen(q.as_slice::<half::bf16>().unwrap_or(&[]), &mut qbuf)
+    };
     let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
     let ((k, k_off), (v, v_off), kv_stride) =
         if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
-    let make = flex_tensor::<f32, 4>;
+    fn run<T: super::host::HostFloat + burn::tensor::Element + bytemuck::Pod>(
+        req: &super::HostRequest<'_>,
+        q: &[f32],
+        (k, k_off): (&burn::backend::flex::FlexTensor, usize),
+        (v, v_off): (&burn::backend::flex::FlexTensor, usize),
+        kv_stride: usize,
+    ) -> super::AttentionOutput<burn::backend::Flex> {
+        let (k, v) = (&k.storage::<T>()[k_off..], &v.storage::<T>()[v_off..]);
+        if req.is_decode() { req.run_decode(q, k, v, kv_stride, flex_tensor::<f32, 4>) } else { req.run(q, k, v, kv_stride, flex_tensor::<f32, 4>) }
+    }
     let out = if dtype == DType::F16 {
-        req.run_decode(qs, &k.storage::<half::f16>()[k_off..], &v.storage::<half::f16>()[v_off..], kv_stride, make)
+        run::<half::f16>(&req, qs, (&k, k_off), (&v, v_off), kv_stride)
     } else {
-        req.run_decode(qs, &k.storage::<half::bf16>()[k_off..], &v.storage::<half::bf16>()[v_off..], kv_stride, make)
+        run::<half::bf16>(&req, qs, (&k, k_off), (&v, v_off), kv_stride)
     };
-    super::AttentionOutput { output: out.output.cast(dtype), ..out }
+    // the output is a [b, hq, c, d] view of a contiguous [b, c, hq, d] tensor: rounded in that
+    // layout (one contiguous pass), then viewed again
+    super::AttentionOutput { output: out.output.swap_dims(1, 2).cast(dtype).swap_dims(1, 2), ..out }
 }
 
-/// Copies `src`'s `rows x c x d` values into rows of `c` slots at slot `start` of `buf`'s `rows x
-/// cap x d` storage when `buf` is contiguous from the start of its storage and not shared; `false`
-/// (nothing written) otherwise.
+/// Copies `src`'s `[b, h, c, d]` values (any non-negative strides, rows of `d` contiguous) into
+/// rows of `c` slots at slot `start` of `buf`'s `[b, h, cap, d]` storage when `buf` is contiguous
+/// from the start of its storage and not shared; `false` (nothing written) otherwise.
 #[cfg(feature = "flex")]
 fn write_rows<E: burn::tensor::Element + bytemuck::Pod>(
     buf: &mut burn::backend::flex::FlexTensor,
     src: &burn::backend::flex::FlexTensor,
-    [rows, cap, c, d]: [usize; 4],
+    [b, h, cap, c, d]: [usize; 5],
     start: usize,
 ) -> bool {
     // the view must cover the storage from element 0: `try_storage_mut` is the whole storage
-    let whole = buf.layout().start_offset() == 0 && buf.as_slice::<E>().is_some_and(|s| s.len() == rows * cap * d);
-    let Some(s) = src.as_slice::<E>().filter(|_| whole) else { return false };
+    let whole = buf.layout().start_offset() == 0 && buf.as_slice::<E>().is_some_and(|s| s.len() == b * h * cap * d);
+    if !whole {
+        return false;
+    }
+    let (off, st) = (src.layout().start_offset(), src.layout().strides());
+    let st = [0, 1, 2].map(|i| st[i] as usize);
+    let s = src.storage::<E>();
     let Some(dst) = buf.try_storage_mut::<E>() else { return false };
-    for row in 0..rows {
-        dst[(row * cap + start) * d..][..c * d].copy_from_slice(&s[row * c * d..][..c * d]);
+    for (bi, hi) in (0..b).flat_map(|bi| (0..h).map(move |hi| (bi, hi))) {
+        let row = &mut dst[((bi * h + hi) * cap + start) * d..][..c * d];
+        for (i, slot) in row.chunks_exact_mut(d).enumerate() {
+            slot.copy_from_slice(&s[off + bi * st[0] + hi * st[1] + i * st[2]..][..d]);
+        }
     }
     true
 }
@@ -173,6 +201,19 @@ fn flex_contiguous<E: burn::tensor::Element + bytemuck::Pod, const D: usize>(t: 
         p
     } else {
         p.to_contiguous()
+    }
+}
+
+/// The queries' values (`[b, hq, c, d]`) and whether they are laid out token-major (`[b, c, hq,
+/// d]`): the decoder's queries are a heads-first view of its projections, read in place; any
+/// other layout is made contiguous heads-first.
+#[cfg(feature = "flex")]
+fn flex_queries<E: burn::tensor::Element + bytemuck::Pod>(q: burn::tensor::Tensor<burn::backend::Flex, 4>) -> (burn::backend::flex::FlexTensor, bool) {
+    let token_major = q.clone().swap_dims(1, 2).into_primitive().tensor();
+    if token_major.as_slice::<E>().is_some() {
+        (token_major, true)
+    } else {
+        (flex_contiguous::<E, 4>(q), false)
     }
 }
 
@@ -287,7 +328,17 @@ mod tests {
         let big = t((0..3 * 3 * 5 * 2).map(|i| i as f32).collect(), [3, 3, 5, 2]);
         let view = big.narrow(0, 1, 2);
         let want = host(super::super::write_slots(view.clone(), 2, slots.clone()));
-        assert_eq!(host(Flex::kvc_write_slots(view, 2, slots)), want, "offset view");
+        assert_eq!(host(Flex::kvc_write_slots(view, 2, slots.clone())), want, "offset view");
+        // slots that are a heads-first view of token-major values (the decoder's keys), and a
+        // narrowed one (offset and gaps), read in place
+        let buf = t((0..60).map(|i| i as f32).collect(), [2, 3, 5, 2]);
+        let token_major = t((0..2 * 2 * 3 * 2).map(|i| -(i as f32) - 1.0).collect(), [2, 2, 3, 2]).swap_dims(1, 2);
+        let want = host(super::super::write_slots(buf.clone(), 1, token_major.clone()));
+        assert_eq!(host(Flex::kvc_write_slots(buf, 1, token_major)), want, "strided slots");
+        let buf = t((0..60).map(|i| i as f32).collect(), [2, 3, 5, 2]);
+        let wide = t((0..2 * 3 * 4 * 3).map(|i| -(i as f32) - 1.0).collect(), [2, 3, 4, 3]).narrow(2, 1, 3).narrow(3, 1, 2);
+        let want = host(super::super::write_slots(buf.clone(), 2, wide.clone()));
+        assert_eq!(host(Flex::kvc_write_slots(buf, 2, wide)), want, "narrowed slots");
     }
 
     /// Attention reads the cache's strided views of its buffer without copying them first and

@@ -281,16 +281,19 @@ struct HostRequest<'a> {
     q: [usize; 4],
     /// `[batch, kv_heads, len, head_dim]`.
     kv: [usize; 4],
+    /// The query values handed over are `[batch, chunk, q_heads, head_dim]`
+    /// ([`host::HostAttention::q_token_major`]).
+    q_token_major: bool,
 }
 
 impl<'a> HostRequest<'a> {
     fn of<B: Backend>(a: &AttentionArgs<'a, B>) -> Self {
-        Self { valid: a.valid, reduce: a.reduce, probs: a.probs, q: a.queries.dims(), kv: a.keys.dims() }
+        Self { valid: a.valid, reduce: a.reduce, probs: a.probs, q: a.queries.dims(), kv: a.keys.dims(), q_token_major: false }
     }
 
     /// Runs [`host::attention`] on host slices (`kv_stride`: [`host::HostAttention::kv_stride`])
     /// and wraps the result as tensors built by `make`.
-    fn run<B: Backend>(&self, q: &[f32], k: &[f32], v: &[f32], kv_stride: usize, make: impl Fn(Vec<f32>, [usize; 4]) -> Tensor<B, 4>) -> AttentionOutput<B> {
+    fn run<B: Backend, T: host::HostFloat>(&self, q: &[f32], k: &[T], v: &[T], kv_stride: usize, make: impl Fn(Vec<f32>, [usize; 4]) -> Tensor<B, 4>) -> AttentionOutput<B> {
         let out = host::attention(&self.host(q, k, v, kv_stride));
         host_output(out, self.q, self.kv[2], make)
     }
@@ -320,6 +323,7 @@ impl<'a> HostRequest<'a> {
         let ([b, hq, c, d], [_, hkv, len, _]) = (self.q, self.kv);
         host::HostAttention {
             q,
+            q_token_major: self.q_token_major,
             k,
             v,
             kv_stride,
