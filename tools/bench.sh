@@ -2,7 +2,8 @@
 # One benchmark run (machines are noisy: compare figures from the same run only, on a quiet machine).
 # kvc prefill/decode speed vs transformers (torch CPU, 2 threads) at 1k-8k tokens; KVCompose
 # compression time vs plain prefill, kvc and kvpress; peak RSS of plain prefill vs KVCompose at 2k
-# and 4k tokens; time against context length (kvc-bench scaling: table + docs/scaling.{svg,png}).
+# and 4k tokens; time against context length (kvc-bench scaling: table + docs/scaling.{svg,png});
+# bf16 rows (kvc --dtype bf16 vs transformers / kvpress with the model in torch.bfloat16).
 # Needs: cargo, python3 with tools/requirements.txt and kvpress==0.5.5 (only for the Python rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ python3 tools/bench_transformers.py --text $TEXT --tokens 1024,2048,4096 --decod
 echo "== KVCompose compression time vs plain prefill (ratio 0.5)"
 for n in 1024 2048; do $B compress --text $TEXT --tokens $n --backend flex; done
 python3 tools/make_kvcompose_fixtures.py --timing-only
+echo "== the same in bf16 (kvc bf16 vs kvpress with the model in torch.bfloat16)"
+for n in 1024 2048; do $B compress --text $TEXT --tokens $n --backend flex --dtype bf16; done
+python3 tools/make_kvcompose_fixtures.py --timing-only --timing-dtype bf16
 echo "== peak RSS: plain prefill vs prefill + KVCompose (flex, separate processes)"
 for n in 2048 4096; do
   $B compress --text $TEXT --tokens $n --press none --repeat 1

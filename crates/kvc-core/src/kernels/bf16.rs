@@ -30,11 +30,15 @@ pub const MATVEC_ROWS: usize = 4;
 /// Columns of `B` per rayon task of the matrix-vector path.
 const MATVEC_COLS: usize = 512;
 
-/// Whether this CPU runs [`matmul`] (AVX512_BF16, checked once per call; cached by std).
+/// Whether this CPU runs [`matmul`] (AVX512_BF16 with AVX-512F/BW/VL, as every CPU with
+/// AVX512_BF16 has; checked once per call, cached by std).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -258,8 +262,8 @@ mod avx512 {
     /// `dst[i] = src[i]` rounded to bf16 (`vcvtneps2bf16`, 16 at a time; a masked tail).
     ///
     /// # Safety
-    /// AVX512_BF16 and AVX-512F; `src.len() == dst.len()`.
-    #[target_feature(enable = "avx512bf16,avx512f")]
+    /// AVX512_BF16, AVX-512F/BW/VL; `src.len() == dst.len()`.
+    #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
     pub unsafe fn narrow(src: &[f32], dst: &mut [bf16]) {
         let n = src.len();
         let mut i = 0;
