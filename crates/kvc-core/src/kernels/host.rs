@@ -651,30 +651,17 @@ pub(crate) mod simd {
     /// `n = k.len() / d` rows of `k` (row-major), each key row read once.
     #[inline(always)]
     fn scores_body(q: &[f32], k: &[f32], d: usize, scale: f32, s: &mut [f32]) {
-        let (g, n) = (q.len() / d, k.len() / d);
-        for (j, kj) in k.chunks_exact(d).enumerate() {
-            for r in 0..g {
-                let qr = &q[r * d..(r + 1) * d];
-                let mut acc = [0f32; LANES];
-                let mut qc = qr.chunks_exact(LANES);
-                let mut kc = kj.chunks_exact(LANES);
-                for (a, b) in (&mut qc).zip(&mut kc) {
-                    for l in 0..LANES {
-                        acc[l] += a[l] * b[l];
-                    }
-                }
-                let mut dot: f32 = acc.iter().sum();
-                for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
-                    dot += a * b;
-                }
-                s[r * n + j] = scale * dot;
-            }
-        }
+        scores_of(q, k, d, scale, s, |x| x);
     }
 
     /// [`scores_body`] on bf16 keys, widened in registers (a shift of the bits: exact).
     #[inline(always)]
     fn scores_bf16_body(q: &[f32], k: &[half::bf16], d: usize, scale: f32, s: &mut [f32]) {
+        scores_of(q, k, d, scale, s, bf16_to_f32);
+    }
+
+    #[inline(always)]
+    fn scores_of<K: Copy>(q: &[f32], k: &[K], d: usize, scale: f32, s: &mut [f32], wide: impl Fn(K) -> f32) {
         let (g, n) = (q.len() / d, k.len() / d);
         for (j, kj) in k.chunks_exact(d).enumerate() {
             for r in 0..g {
@@ -684,26 +671,38 @@ pub(crate) mod simd {
                 let mut kc = kj.chunks_exact(LANES);
                 for (a, b) in (&mut qc).zip(&mut kc) {
                     for l in 0..LANES {
-                        acc[l] += a[l] * bf16_to_f32(b[l]);
+                        acc[l] += a[l] * wide(b[l]);
                     }
                 }
                 let mut dot: f32 = acc.iter().sum();
                 for (a, &b) in qc.remainder().iter().zip(kc.remainder()) {
-                    dot += a * bf16_to_f32(b);
+                    dot += a * wide(b);
                 }
                 s[r * n + j] = scale * dot;
             }
         }
     }
 
+    /// `out[r] = sum_j p[r * n + j] * v_j` for `g = out.len() / d` rows, `n = v.len() / d` value
+    /// rows (row-major), each value row read once.
+    #[inline(always)]
+    fn weighted_rows_body(p: &[f32], v: &[f32], d: usize, out: &mut [f32]) {
+        weighted_rows_of(p, v, d, out, |x| x);
+    }
+
     /// [`weighted_rows_body`] on bf16 values, widened in registers.
     #[inline(always)]
     fn weighted_rows_bf16_body(p: &[f32], v: &[half::bf16], d: usize, out: &mut [f32]) {
+        weighted_rows_of(p, v, d, out, bf16_to_f32);
+    }
+
+    #[inline(always)]
+    fn weighted_rows_of<V: Copy>(p: &[f32], v: &[V], d: usize, out: &mut [f32], wide: impl Fn(V) -> f32) {
         let n = v.len() / d;
         for (j, vj) in v.chunks_exact(d).enumerate() {
             for (r, o) in out.chunks_exact_mut(d).enumerate() {
                 let w = p[r * n + j];
-                o.iter_mut().zip(vj).for_each(|(x, &y)| *x += w * bf16_to_f32(y));
+                o.iter_mut().zip(vj).for_each(|(x, &y)| *x += w * wide(y));
             }
         }
     }
@@ -712,19 +711,6 @@ pub(crate) mod simd {
     #[inline(always)]
     fn bf16_to_f32(x: half::bf16) -> f32 {
         f32::from_bits(u32::from(x.to_bits()) << 16)
-    }
-
-    /// `out[r] = sum_j p[r * n + j] * v_j` for `g = out.len() / d` rows, `n = v.len() / d` value
-    /// rows (row-major), each value row read once.
-    #[inline(always)]
-    fn weighted_rows_body(p: &[f32], v: &[f32], d: usize, out: &mut [f32]) {
-        let n = v.len() / d;
-        for (j, vj) in v.chunks_exact(d).enumerate() {
-            for (r, o) in out.chunks_exact_mut(d).enumerate() {
-                let w = p[r * n + j];
-                o.iter_mut().zip(vj).for_each(|(x, &y)| *x += w * y);
-            }
-        }
     }
 
     /// `acc[j] = max(acc[j], x[j] * s)`.
