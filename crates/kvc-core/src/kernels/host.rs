@@ -290,6 +290,13 @@ impl<'a> KvRow<'a> {
     }
 }
 
+thread_local! {
+    /// Per-thread buffers of [`blocks`]' tasks: scores `[m, n]` (when the probabilities are not
+    /// returned) and the bf16 probabilities of [`KvRow::weighted`]; they grow to the largest task
+    /// the thread has run (6 MB for a 16k-key scoring pass) and are reused.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<half::bf16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// [`attention`]'s tasks: (batch, KV head, block of queries).
 fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize) -> HostOutput {
     let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
@@ -332,31 +339,46 @@ fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize) -> Host
                 let out = online_block(&q, &qb, kv_row, valid, Geometry { rows, m, n, d, first_visible: past + r0 + 1, scale: a.scale });
                 return Block { b: bi, kv, r0, rows, n, out, probs: Vec::new(), reduced: None };
             }
-            let mut s = vec![0f32; m * n];
-            // S = scale * Q K^T over the n keys the block sees
-            kv_row.scores(&q, &qb, m, d, 0, n, a.scale, &mut s);
-            let mut reduced = a.reduce.map(|_| vec![0f32; g * n]);
-            let mut inv_sums = vec![0f32; m];
-            for (r, row) in s.chunks_exact_mut(n).enumerate() {
-                let visible = past + r0 + r % rows + 1;
-                let (_, inv) = softmax_row(row, visible, valid);
-                inv_sums[r] = inv;
-                if let (Some(red), Some(op)) = (reduced.as_mut(), a.reduce) {
-                    reduce_into(op, &mut red[(r / rows) * n..][..visible], &row[..visible], inv);
+            // the probabilities returned: their own buffer; otherwise the thread's scratch (a fresh
+            // m x n buffer per task was a memset and page faults: 15% of a bf16 scoring pass)
+            let mut probs = if a.probs { vec![0f32; m * n] } else { Vec::new() };
+            let (out, reduced) = SCRATCH.with(|cell| {
+                let mut scratch = cell.borrow_mut();
+                let (scores, buf) = &mut *scratch;
+                let s: &mut [f32] = if a.probs {
+                    &mut probs
+                } else {
+                    if scores.len() < m * n {
+                        scores.resize(m * n, 0.0);
+                    }
+                    &mut scores[..m * n]
+                };
+                // S = scale * Q K^T over the n keys the block sees (every entry written)
+                kv_row.scores(&q, &qb, m, d, 0, n, a.scale, s);
+                let mut reduced = a.reduce.map(|_| vec![0f32; g * n]);
+                let mut inv_sums = vec![0f32; m];
+                for (r, row) in s.chunks_exact_mut(n).enumerate() {
+                    let visible = past + r0 + r % rows + 1;
+                    let (_, inv) = softmax_row(row, visible, valid);
+                    inv_sums[r] = inv;
+                    if let (Some(red), Some(op)) = (reduced.as_mut(), a.reduce) {
+                        reduce_into(op, &mut red[(r / rows) * n..][..visible], &row[..visible], inv);
+                    }
                 }
-            }
-            let mut out = vec![0f32; m * d];
-            // O = P V with P unnormalized (rows scaled after)
-            kv_row.weighted(&s, m, d, 0, n, &mut out, false, &mut Vec::new());
-            for (row, &inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
-                simd::scale(row, inv);
-            }
-            if a.probs {
-                for (row, &inv) in s.chunks_exact_mut(n).zip(&inv_sums) {
+                let mut out = vec![0f32; m * d];
+                // O = P V with P unnormalized (rows scaled after)
+                kv_row.weighted(s, m, d, 0, n, &mut out, false, buf);
+                for (row, &inv) in out.chunks_exact_mut(d).zip(&inv_sums) {
                     simd::scale(row, inv);
                 }
-            }
-            Block { b: bi, kv, r0, rows, n, out, probs: if a.probs { s } else { Vec::new() }, reduced }
+                if a.probs {
+                    for (row, &inv) in s.chunks_exact_mut(n).zip(&inv_sums) {
+                        simd::scale(row, inv);
+                    }
+                }
+                (out, reduced)
+            });
+            Block { b: bi, kv, r0, rows, n, out, probs, reduced }
         })
         .collect();
     let mut out = vec![0f32; b * c * hq * d];
