@@ -24,6 +24,15 @@ use kvc_models::{generate, GenerationConfig};
 #[path = "../../kvc-cli/src/backend.rs"]
 mod backend;
 
+/// The CPU backends compiled in, flex first: the default of `speed` and `backends` (a build
+/// without one of them must not default to it).
+const CPU_BACKENDS: &[&str] = &[
+    #[cfg(feature = "flex")]
+    "flex",
+    #[cfg(feature = "ndarray")]
+    "ndarray",
+];
+
 #[derive(Parser)]
 #[command(name = "kvc-bench", about = "kvc evaluation and speed harness")]
 struct Cli {
@@ -70,8 +79,9 @@ enum Command {
         /// Tokens to decode after each prefill.
         #[arg(long, default_value_t = 32)]
         decode: usize,
-        /// Backends to measure, among those compiled in (ndarray, flex, wgpu, cuda).
-        #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(backend::COMPILED), default_value = "ndarray,flex")]
+        /// Backends to measure, among those compiled in (ndarray, flex, wgpu, cuda; default: the
+        /// CPU ones compiled in).
+        #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(backend::COMPILED), default_values = CPU_BACKENDS)]
         backends: Vec<String>,
         /// Prefill chunk size.
         #[arg(long, default_value_t = 512)]
@@ -133,8 +143,9 @@ enum Command {
         /// Tokens decoded after the last context token.
         #[arg(long, default_value_t = 16)]
         decode: usize,
-        /// Backends, among those compiled in; the first is the reference.
-        #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(backend::COMPILED), default_value = "flex,ndarray")]
+        /// Backends, among those compiled in; the first is the reference (default: the CPU ones
+        /// compiled in, flex first).
+        #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(backend::COMPILED), default_values = CPU_BACKENDS)]
         backends: Vec<String>,
         /// Float types of weights and KV cache to run each backend in (f32, f16, bf16); the
         /// reference is the first backend in the first type. A type a backend does not support

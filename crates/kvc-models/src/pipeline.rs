@@ -482,7 +482,9 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     ///
     /// # Errors
     /// [`ModelError::CacheFile`] for a missing, corrupt or foreign file,
-    /// [`ModelError::CacheMismatch`] for a cache of another model.
+    /// [`ModelError::CacheMismatch`] for a cache of another model, of another float type than
+    /// the model runs in (the message names the `--dtype` to give), or whose context fills the
+    /// model's window.
     pub fn load_cache(&self, path: &Path) -> Result<(KvCache<B>, CacheHeader)> {
         let (cache, header) = KvCache::<B>::load(path, &self.device)?;
         let c = &self.model.config;

@@ -84,7 +84,7 @@ pub fn matmul(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Option<Ve
 
 /// `src` rounded to bf16 into `dst` (same lengths; round to nearest even): 16 values per
 /// `vcvtneps2bf16` where the CPU has AVX512_BF16 (subnormal values become zeros, as in the
-/// products), `half`'s conversion otherwise.
+/// products), `half`'s conversion otherwise. Panics when the lengths differ (a caller bug).
 pub fn narrow(src: &[f32], dst: &mut [bf16]) {
     assert_eq!(src.len(), dst.len(), "bf16 narrow: lengths differ");
     if available() {
@@ -120,9 +120,8 @@ fn matvec(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
     for (t, part) in parts.iter().enumerate() {
         let (c0, cols) = (t * MATVEC_COLS, MATVEC_COLS.min(n - t * MATVEC_COLS));
         for i in 0..m {
-            for (d, &v) in c[i * n + c0..][..cols].iter_mut().zip(&part[i * cols..][..cols]) {
-                *d = bf16::from_f32(v);
-            }
+            // the same rounding as the micro-tiles' (vcvtneps2bf16 where available)
+            narrow(&part[i * cols..][..cols], &mut c[i * n + c0..][..cols]);
         }
     }
     c
@@ -163,8 +162,9 @@ pub struct Packed {
 }
 
 impl Packed {
-    /// Packs `n` keys and values, row-major `[n, d]`. `None` when the CPU lacks AVX512_BF16 or
-    /// `d` is odd. Panics only when the slices are shorter than `n * d`.
+    /// Packs `n` keys and values, row-major `[n, d]`. `None` when the CPU lacks AVX512_BF16, `d`
+    /// is odd, or `n` or `d` is 0 (the caller widens instead). Panics only when the slices are
+    /// shorter than `n * d`.
     pub fn new(k: &[bf16], v: &[bf16], n: usize, d: usize) -> Option<Self> {
         if !available() || !d.is_multiple_of(2) || n == 0 || d == 0 {
             return None;
@@ -361,14 +361,25 @@ mod tests {
 
     #[test]
     fn narrow_rounds_to_nearest_even() {
-        // ties both ways, every tail length, signs, zeros, infinities, NaN, the largest finite
-        let mut src: Vec<f32> = (0..37).map(|i| f32::from_bits(0x3f80_8000 + (i << 16) + (i & 1)) * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        if !available() {
+            println!("no AVX512_BF16 on this CPU: narrow takes half's conversion (checked against the bit rule below)");
+        }
+        // round to nearest even on the bits (finite values; no subnormals below)
+        let rne = |x: f32| -> u16 {
+            let b = x.to_bits();
+            ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+        };
+        // exact ties with an even and an odd kept bit (i & 1), values just above a tie
+        // ((i >> 1) & 1), every tail length, signs, zeros, infinities, the largest finite
+        let mut src: Vec<f32> = (0..37).map(|i| f32::from_bits(0x3f80_8000 + (i << 16) + ((i >> 1) & 1)) * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        assert_eq!(rne(src[1]), 0x3f82, "a tie with an odd kept bit rounds up");
+        assert_eq!(rne(src[4]), 0x3f84, "a tie with an even kept bit rounds down");
         src.extend([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 3.1e38, 1e-30]);
         for len in 0..src.len() {
             let mut got = vec![bf16::ZERO; len];
             narrow(&src[..len], &mut got);
             for (g, &x) in got.iter().zip(&src) {
-                assert_eq!(g.to_bits(), bf16::from_f32(x).to_bits(), "{x:e}");
+                assert_eq!(g.to_bits(), rne(x), "{x:e}");
             }
         }
         let mut nan = [bf16::ZERO];

@@ -13,8 +13,9 @@
 //!
 //! Keys and values may be f32, f16 or bf16, read where they are. bf16 on a CPU with AVX512_BF16
 //! multiplies in bf16 (`vdpbf16ps`, [`super::bf16::Packed`]: keys and values packed once per call
-//! and head; f32 sums; the probabilities rounded to bf16 for `P V`, as torch's CPU attention in
-//! bf16 does); f16, and bf16 elsewhere, are widened to f32 once per call and head.
+//! and head; f32 sums; the probabilities rounded to bf16 for `P V`, as torch's fused CPU
+//! attention (SDPA's flash kernel) in bf16 does; torch's eager path also rounds the scores); f16,
+//! and bf16 elsewhere, are widened to f32 once per call and head.
 //!
 //! Why: burn-flex 0.21's fused attention runs every head on one thread and calls scalar `expf`
 //! (41% of a 2048-token prefill in `perf`, issue 10).
@@ -30,7 +31,8 @@ pub const QUERY_BLOCK: usize = 32;
 ///
 /// Query `i` of the chunk sits at cache slot `len - chunk + i` and sees slots `0..=len - chunk + i`
 /// (cached keys all visible, the chunk causal; decode is `chunk = 1`). Keys and values are `T`:
-/// f32, f16 or bf16 ([`HostFloat`]).
+/// f32, f16 or bf16 ([`HostFloat`]). With bf16 keys on a CPU with AVX512_BF16 the f32 queries are
+/// rounded to bf16 for the products (exact for a bf16 model, whose queries are bf16 already).
 #[derive(Clone, Copy, Debug)]
 pub struct HostAttention<'a, T = f32> {
     /// Queries `[batch, q_heads, chunk, head_dim]`, or `[batch, chunk, q_heads, head_dim]` (the
@@ -293,9 +295,15 @@ impl<'a> KvRow<'a> {
 thread_local! {
     /// Per-thread buffers of [`blocks`]' tasks: scores `[m, n]` (when the probabilities are not
     /// returned) and the bf16 probabilities of [`KvRow::weighted`]; they grow to the largest task
-    /// the thread has run (6 MB for a 16k-key scoring pass) and are reused.
+    /// the thread has run (6 MB for SmolLM2's 16k-key scoring pass) and are reused, up to
+    /// [`SCRATCH_KEEP`] bytes each: a larger one is freed after its task.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<half::bf16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
+
+/// Bytes of a [`SCRATCH`] buffer kept between tasks (16 MB: a task of 32 queries of 4 grouped
+/// heads over 32k keys); larger buffers (long contexts of wide GQA groups) are freed after use so
+/// that idle threads do not hold them.
+const SCRATCH_KEEP: usize = 16 << 20;
 
 /// [`attention`]'s tasks: (batch, KV head, block of queries).
 fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize) -> HostOutput {
@@ -375,6 +383,12 @@ fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize) -> Host
                     for (row, &inv) in s.chunks_exact_mut(n).zip(&inv_sums) {
                         simd::scale(row, inv);
                     }
+                }
+                if scores.capacity() * 4 > SCRATCH_KEEP {
+                    *scores = Vec::new();
+                }
+                if buf.capacity() * 2 > SCRATCH_KEEP {
+                    *buf = Vec::new();
                 }
                 (out, reduced)
             });
@@ -625,6 +639,9 @@ pub(crate) mod simd {
             }
         };
     }
+
+    /// The quantized row kernels' plain bodies use the same dispatch (`kernels/quant.rs`).
+    pub(crate) use dispatch;
 
     dispatch!(max, max_body, (x: &[f32]) -> f32);
     dispatch!(exp_sub_sum, exp_sub_sum_body, (x: &mut [f32], m: f32) -> f32);
@@ -959,6 +976,36 @@ mod tests {
         }
     }
 
+    /// The per-thread score scratch: a NaN-poisoned buffer from an earlier, larger task does not
+    /// leak into a later one (every entry is written before it is read), and a buffer over
+    /// [`SCRATCH_KEEP`] is freed after its task. One pool thread, so every task meets the poison.
+    #[test]
+    fn scratch_is_rewritten_and_large_buffers_freed() {
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5) * 3.0).collect()
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| {
+            let (b, hq, hkv, c, len, d) = (1, 4, 1, 40, 300, 8);
+            let (q, k, v) = (vals(b * hq * c * d, 1), vals(b * hkv * len * d, 2), vals(b * hkv * len * d, 3));
+            let a = args(&q, &k, &v, len * d, None, [b, hq, hkv, c, len, d]);
+            // with probabilities returned: their own fresh buffer, the reference
+            let want = attention(&a);
+            rayon::broadcast(|_| SCRATCH.with(|cell| cell.borrow_mut().0 = vec![f32::NAN; 1 << 20]));
+            let got = attention(&HostAttention { probs: false, ..a });
+            assert_eq!((&got.out, &got.reduced), (&want.out, &want.reduced), "scores from a poisoned scratch");
+            // a task whose scores exceed SCRATCH_KEEP: 4 heads x 32 queries x 33,000 keys
+            let (c, len) = (32, 33_000);
+            let (q, k, v) = (vals(b * hq * c * d, 4), vals(b * hkv * len * d, 5), vals(b * hkv * len * d, 6));
+            let big = args(&q, &k, &v, len * d, None, [b, hq, hkv, c, len, d]);
+            assert!(hq * c * len * 4 > SCRATCH_KEEP);
+            let out = attention(&HostAttention { probs: false, ..big });
+            assert!(out.out.iter().all(|x| x.is_finite()));
+            let kept = rayon::broadcast(|_| SCRATCH.with(|cell| cell.borrow().0.capacity()));
+            assert!(kept.iter().all(|&cap| cap * 4 <= SCRATCH_KEEP), "{kept:?}");
+        });
+    }
+
     /// Prefill / scoring attention on f16 / bf16 caches read in place: f16 (and bf16 on a CPU
     /// without AVX512_BF16) widened = the f32 kernel on the widened values, bit for bit; bf16 with
     /// `vdpbf16ps`: the same scores and probabilities (exact products, f32 sums in another
@@ -971,6 +1018,9 @@ mod tests {
         let bf = |x: &[f32]| -> Vec<half::bf16> { x.iter().map(|&x| half::bf16::from_f32(x)).collect() };
         let fh = |x: &[f32]| -> Vec<half::f16> { x.iter().map(|&x| half::f16::from_f32(x)).collect() };
         let max_diff = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        if !super::super::bf16::available() {
+            println!("no AVX512_BF16 on this CPU: bf16 checked on the widened path only (the vdpbf16ps path needs such a CPU)");
+        }
         // (batch, q_heads, kv_heads, chunk, len, head_dim, masked): one block and several, an odd
         // number of visible keys, partial panels, the online path (len > KEY_TILE), an odd head_dim
         for (b, hq, hkv, c, len, d, masked) in
@@ -983,9 +1033,10 @@ mod tests {
             let mask: Vec<bool> = (0..b * hkv * len).map(|i| !masked || i % 5 != 3).collect();
             let base = args(&q, &k32, &v32, stride, masked.then_some(&mask[..]), [b, hq, hkv, c, len, d]);
             let (kb, vb, kh, vh) = (bf(&k32), bf(&v32), fh(&k32), fh(&v32));
-            let widened = |k: Vec<f32>, v: Vec<f32>| (k, v);
-            let (kbw, vbw) = widened(kb.iter().map(|x| x.to_f32()).collect(), vb.iter().map(|x| x.to_f32()).collect());
-            let (khw, vhw) = widened(kh.iter().map(|x| x.to_f32()).collect(), vh.iter().map(|x| x.to_f32()).collect());
+            let widen = |x: &[half::bf16]| -> Vec<f32> { x.iter().map(|x| x.to_f32()).collect() };
+            let widen_h = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|x| x.to_f32()).collect() };
+            let (kbw, vbw) = (widen(&kb), widen(&vb));
+            let (khw, vhw) = (widen_h(&kh), widen_h(&vh));
             for reduce in [Some(QueryReduce::Max), None] {
                 let a = HostAttention { reduce, probs: reduce.is_some(), ..base };
                 let f16 = attention(&with_kv(&a, &kh, &vh));

@@ -19,15 +19,11 @@ impl KvcBackend for burn::backend::Flex {
             DType::F16 | DType::BF16 => return super::in_f32(a, Self::kvc_attention),
             _ => return super::generic_attention(a),
         }
-        let [_, _, len, d] = req.kv;
         let q;
         (q, req.q_token_major) = flex_queries::<f32>(a.queries);
         // contiguous from offset 0: `as_slice` is the whole tensor
         let qs = q.as_slice::<f32>().unwrap_or(&[]);
-        let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
-        // keys and values laid out differently: both made contiguous (one row stride for both)
-        let ((k, k_off), (v, v_off), kv_stride) =
-            if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
+        let ((k, k_off), (v, v_off), kv_stride) = flex_kv(a.keys, a.values);
         req.run(qs, &k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], kv_stride, flex_tensor::<f32, 4>)
     }
 
@@ -133,7 +129,6 @@ impl KvcBackend for burn::backend::Flex {
 fn flex_half(a: super::AttentionArgs<'_, burn::backend::Flex>, mut req: super::HostRequest<'_>, dtype: burn::tensor::DType) -> super::AttentionOutput<burn::backend::Flex> {
     use super::host::HostFloat;
     use burn::tensor::DType;
-    let [_, _, len, d] = req.kv;
     let (q, token_major) = if dtype == DType::F16 { flex_queries::<half::f16>(a.queries) } else { flex_queries::<half::bf16>(a.queries) };
     req.q_token_major = token_major;
     let mut qbuf = Vec::new();
@@ -142,9 +137,7 @@ fn flex_half(a: super::AttentionArgs<'_, burn::backend::Flex>, mut req: super::H
     } else {
         half::bf16::widen(q.as_slice::<half::bf16>().unwrap_or(&[]), &mut qbuf)
     };
-    let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(a.keys), flex_rows(a.values));
-    let ((k, k_off), (v, v_off), kv_stride) =
-        if k_stride == v_stride { ((k, k_off), (v, v_off), k_stride) } else { ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d) };
+    let ((k, k_off), (v, v_off), kv_stride) = flex_kv(a.keys, a.values);
     fn run<T: super::host::HostFloat + burn::tensor::Element + bytemuck::Pod>(
         req: &super::HostRequest<'_>,
         q: &[f32],
@@ -264,6 +257,23 @@ fn flex_rows(t: burn::tensor::Tensor<burn::backend::Flex, 4>) -> (burn::backend:
     } else {
         let p = p.to_contiguous();
         (p, 0, len * d)
+    }
+}
+
+/// Keys and values (`[batch, kv_heads, len, head_dim]`) as [`flex_rows`] with one row stride for
+/// both: (keys, offset), (values, offset), stride; both made contiguous when their strides differ.
+#[cfg(feature = "flex")]
+#[allow(clippy::type_complexity)]
+fn flex_kv(
+    keys: burn::tensor::Tensor<burn::backend::Flex, 4>,
+    values: burn::tensor::Tensor<burn::backend::Flex, 4>,
+) -> ((burn::backend::flex::FlexTensor, usize), (burn::backend::flex::FlexTensor, usize), usize) {
+    let [_, _, len, d] = keys.dims();
+    let ((k, k_off, k_stride), (v, v_off, v_stride)) = (flex_rows(keys), flex_rows(values));
+    if k_stride == v_stride {
+        ((k, k_off), (v, v_off), k_stride)
+    } else {
+        ((k.to_contiguous(), 0), (v.to_contiguous(), 0), len * d)
     }
 }
 
