@@ -1,0 +1,118 @@
+//! `kvc-bench speed`: prefill and decode tokens/s of a model on the backends compiled in, on a
+//! prompt cut from a text file to an exact token count (decode also on the dense weights when the
+//! model decodes with quantized ones). One JSON line per backend and prompt length.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::builder::PossibleValuesParser;
+use kvc_core::KvcBackend;
+use kvc_models::{generate, GenerationConfig};
+
+use super::{backend, context_ids, CPU_BACKENDS};
+
+/// The arguments of `kvc-bench speed`.
+#[derive(clap::Args)]
+pub struct SpeedArgs {
+    /// Model path or known name (default: the default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Text to cut the prompt from (repeated if shorter than --tokens).
+    #[arg(long)]
+    text: PathBuf,
+    /// Prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048")]
+    tokens: Vec<usize>,
+    /// Tokens to decode after each prefill.
+    #[arg(long, default_value_t = 32)]
+    decode: usize,
+    /// Backends to measure, among those compiled in (ndarray, flex, wgpu, cuda; default: the
+    /// CPU ones compiled in).
+    #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(backend::COMPILED), default_values = CPU_BACKENDS)]
+    backends: Vec<String>,
+    /// Prefill chunk size.
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
+    #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
+    dtype: String,
+}
+
+/// Runs `kvc-bench speed`.
+///
+/// # Errors
+/// Resolving the model, reading --text; a backend's errors (loading, tokenizing, running).
+pub fn run(args: SpeedArgs) -> Result<()> {
+    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype } = args;
+    let model = kvc_models::default_model::resolve(model.as_deref())?;
+    let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+    for b in backends {
+        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)) };
+        backend::run(&b, job)?;
+    }
+    Ok(())
+}
+
+struct SpeedJob<'a> {
+    name: &'a str,
+    model: &'a std::path::Path,
+    text: &'a str,
+    lens: &'a [usize],
+    n_decode: usize,
+    chunk: usize,
+    /// The name and burn dtype of `--dtype`.
+    dtype: (&'a str, burn::tensor::DType),
+}
+
+impl backend::BackendJob for SpeedJob<'_> {
+    type Output = ();
+
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
+        if !B::supports_dtype(&device, self.dtype.1) {
+            // as `kvc-bench backends`: the other backends of the list still run
+            eprintln!("not run: {} {}: {:?} is not supported by this backend", self.name, self.dtype.0, self.dtype.1);
+            return Ok(());
+        }
+        let mut loaded = kvc_models::load_as::<B>(self.model, &device, Some(self.dtype.1))?;
+        if !B::kvc_has_quant_linear() {
+            loaded.model.drop_quantized();
+        }
+        let ids = context_ids(&loaded.tokenizer, self.text, self.lens.iter().copied().max().unwrap_or(1))?;
+        for &n in self.lens {
+            let prompt = &ids[..n];
+            // warm-up on a short prompt (first-call allocations, autotune)
+            let mut cache = loaded.model.new_cache();
+            let l = loaded.model.prefill(&prompt[..16.min(n)], &mut cache, None, self.chunk)?;
+            let _ = l.into_data();
+            let mut cache = loaded.model.new_cache();
+            let t = Instant::now();
+            let logits = loaded.model.prefill(prompt, &mut cache, None, self.chunk)?;
+            let logits = burn::tensor::Tensor::<B, 3>::from_data(logits.into_data(), &device);
+            let prefill = t.elapsed().as_secs_f64();
+            let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
+            let d = generate::decode(&loaded.model, &mut cache, logits.clone(), &cfg, &[], |_| true, &device)?;
+            let decode_tps = (d.tokens.len().saturating_sub(1)) as f64 / d.elapsed.as_secs_f64();
+            let kv_bytes = cache.bytes();
+            // the same steps on the dense weights (the lever measured in the same run)
+            let dense_tps = if loaded.model.quantized_decode() {
+                cache.truncate(n);
+                cache.set_next_position(n);
+                loaded.model.set_quantized_decode(false);
+                let dense = generate::decode(&loaded.model, &mut cache, logits, &cfg, &[], |_| true, &device);
+                loaded.model.set_quantized_decode(true);
+                let dense = dense?;
+                Some((dense.tokens.len().saturating_sub(1)) as f64 / dense.elapsed.as_secs_f64())
+            } else {
+                None
+            };
+            println!(
+                "{}",
+                serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "prompt_tokens": n, "prefill_s": prefill,
+                    "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
+                    "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes})
+            );
+        }
+        Ok(())
+    }
+}
