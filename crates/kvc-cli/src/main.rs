@@ -62,6 +62,99 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve an OpenAI-compatible HTTP API that keeps documents as compressed KV caches
+    /// (docs/serving.md).
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (loopback by default: give 0.0.0.0 to serve other machines).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Press of documents that name none (`kvc presses`), or `none` to keep them whole.
+    #[arg(long, default_value = "kvcompose")]
+    press: String,
+    /// Compression ratio of the default press, in [0, 1) (default 0.5 unless --budget).
+    #[arg(long, conflicts_with = "budget", allow_negative_numbers = true)]
+    ratio: Option<f64>,
+    /// Token budget of the default press: kept context tokens per layer.
+    #[arg(long)]
+    budget: Option<usize>,
+    /// A default press option, key=value (repeatable).
+    #[arg(long = "press-option", value_name = "KEY=VALUE")]
+    press_options: Vec<String>,
+    /// Most bytes of document KV caches kept in RAM (e.g. 2G, 512MiB); beyond it the least
+    /// recently used stay on --cache-dir only (without --cache-dir new documents are refused).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_memory: Option<usize>,
+    /// Folder where every document's compressed cache is written (found again on restart).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Answers advanced together per decode step.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_batch: u64,
+    /// Answers that may wait for a place in the batch; beyond, 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health and the page.
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Largest request body (413 beyond).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32MiB")]
+    max_body: usize,
+    /// Float type of weights, activations and KV caches (see `generate --help`).
+    #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
+    dtype: String,
+    /// Decode with the dense weights instead of a GGUF's quantized blocks.
+    #[arg(long)]
+    dense_weights: bool,
+}
+
+/// `kvc serve`: checks the flags, then runs the server on the chosen backend.
+fn serve(a: &ServeArgs) -> Result<()> {
+    let press = if a.press == "none" {
+        if a.ratio.is_some() || a.budget.is_some() || !a.press_options.is_empty() {
+            bail!("--press none takes no --ratio, --budget or --press-option");
+        }
+        None
+    } else {
+        let ratio = a.ratio.or(if a.budget.is_none() { Some(0.5) } else { None });
+        Some(named_press(&a.press, ratio, a.budget, &a.press_options)?)
+    };
+    let model_name = a.model.model.as_ref().map_or_else(|| "smollm2-135m-instruct".to_string(), |m| m.display().to_string());
+    let config = kvc_server::ServeConfig {
+        model: a.model.model.clone(),
+        model_name,
+        host: a.host,
+        port: a.port,
+        press,
+        cache_memory: a.cache_memory,
+        cache_dir: a.cache_dir.clone(),
+        max_batch: a.max_batch as usize,
+        max_queue: a.max_queue,
+        api_key: a.api_key.clone(),
+        body_limit: a.max_body,
+        dtype: backend::dtype(&a.dtype),
+        backend: a.model.backend.clone(),
+        dense_weights: a.dense_weights,
+    };
+    backend::run(&a.model.backend, ServeJob(config))
+}
+
+struct ServeJob(kvc_server::ServeConfig);
+
+impl backend::BackendJob for ServeJob {
+    type Output = ();
+
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<()> {
+        Ok(kvc_server::serve::<B>(self.0, device)?)
+    }
 }
 
 #[derive(clap::Args)]
@@ -152,22 +245,28 @@ fn press_spec(a: &GenerateArgs) -> Result<Option<PressSpec>> {
         }
         return Ok(None);
     };
-    if !spec::names().contains(&name.as_str()) {
-        return Err(CoreError::UnknownPress { name: name.clone(), known: spec::names().join(", ") }.into());
+    named_press(name, a.ratio, a.budget, &a.press_options).map(Some)
+}
+
+/// A press by name with `--ratio` or `--budget` and `--press-option`s, checked before any model
+/// is loaded.
+fn named_press(name: &str, ratio: Option<f64>, budget: Option<usize>, options: &[String]) -> Result<PressSpec> {
+    if !spec::names().contains(&name) {
+        return Err(CoreError::UnknownPress { name: name.to_string(), known: spec::names().join(", ") }.into());
     }
-    let budget = match (a.ratio, a.budget) {
+    let budget = match (ratio, budget) {
         (Some(r), None) => Budget::Ratio(r),
         (None, Some(0)) => bail!("--budget 0: the token budget must be at least 1 token per layer"),
         (None, Some(n)) => Budget::Tokens(n),
         _ => bail!("--press {name} needs --ratio R (in [0, 1)) or --budget N (tokens per layer)"),
     };
     let mut spec = PressSpec::new(name, budget);
-    for o in &a.press_options {
+    for o in options {
         let (k, v) = press::parse_option(name, o)?;
         spec = spec.with_option(&k, v);
     }
     spec.check()?;
-    Ok(Some(spec))
+    Ok(spec)
 }
 
 struct GenerateJob {
@@ -540,6 +639,7 @@ fn real_main() -> Result<()> {
         }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Presses { json } => presses(json),
+        Command::Serve(a) => serve(&a),
     }
 }
 

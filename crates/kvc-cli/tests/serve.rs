@@ -1,0 +1,362 @@
+//! `kvc serve` end to end: the real binary started on 127.0.0.1 with a free port, spoken to over
+//! plain HTTP/1.1 (a small client on `std::net::TcpStream` below: no HTTP dependency for the
+//! tests), on the default model. Answers are compared with `kvc generate --json` on the same
+//! document, token for token. Every wait is bounded; a server is killed when its guard drops
+//! (also when a test fails).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Servers of different tests would share the 2 cores of CI: one at a time.
+static ONE_SERVER: Mutex<()> = Mutex::new(());
+
+const KEY: &str = "test-key-123";
+const Q1: &str = "Who has taken Netherfield Park?";
+const Q2: &str = "What does Mrs. Bennet want?";
+const MAX_TOKENS: usize = 12;
+
+/// A `kvc serve` process; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    key: Option<&'static str>,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of the server's stderr so far (for failure messages).
+fn log_of(s: &Server) -> String {
+    std::fs::read_to_string(&s.log).unwrap_or_default()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `kvc serve` with `args` on a free loopback port and waits (at most 3 minutes) for
+/// `/health` to answer 200.
+fn start(args: &[&str], key: Option<&'static str>, log_dir: &Path) -> Server {
+    let port = free_port();
+    let log = log_dir.join(format!("serve-{port}.log"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvc"));
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()]).args(args);
+    if let Some(k) = key {
+        cmd.args(["--api-key", k]);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("start kvc serve");
+    let mut server = Server { child, port, key, log };
+    let start = Instant::now();
+    for _ in 0..1800 {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("kvc serve exited with {status}: {}", log_of(&server));
+        }
+        match try_http(port, "GET", "/health", &[], None) {
+            Ok((200, _, _)) => return server,
+            Ok((503, _, body)) => {
+                assert!(String::from_utf8_lossy(&body).contains("\"error\""), "503 in OpenAI's shape");
+            }
+            _ => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "kvc serve not healthy after 3 minutes: {}", log_of(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("kvc serve not healthy: {}", log_of(&server));
+}
+
+/// One HTTP/1.1 exchange on a new connection (`Connection: close`): status, headers (lowercase
+/// names), body (chunked transfer decoded).
+fn try_http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(req.as_bytes())?;
+    // a server may answer (413) before reading the whole body and close: keep what it sent
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    let bad = |m: &str| std::io::Error::other(m.to_string());
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).ok_or_else(|| bad("no status"))?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let mut body = raw[end + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+        let (mut out, mut rest) = (Vec::new(), body.as_slice());
+        for _ in 0..1_000_000 {
+            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).map_err(|_| bad("chunk size"))?;
+            if size == 0 {
+                break;
+            }
+            let start = nl + 2;
+            out.extend_from_slice(rest.get(start..start + size).ok_or_else(|| bad("short chunk"))?);
+            rest = rest.get(start + size + 2..).unwrap_or_default();
+        }
+        body = out;
+    }
+    Ok((status, headers, body))
+}
+
+fn auth(s: &Server) -> Vec<(&'static str, String)> {
+    s.key.map(|k| vec![("Authorization", format!("Bearer {k}"))]).unwrap_or_default()
+}
+
+/// A request with the server's key; status, headers and the body as JSON (`Value::Null` when it
+/// is not JSON).
+fn call(s: &Server, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<(String, String)>, Value, Vec<u8>) {
+    let a = auth(s);
+    let headers: Vec<(&str, &str)> = a.iter().map(|(k, v)| (*k, v.as_str())).chain([("Content-Type", "application/json")]).collect();
+    let (status, h, raw) = try_http(s.port, method, path, &headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}; log: {}", log_of(s)));
+    (status, h, serde_json::from_slice(&raw).unwrap_or(Value::Null), raw)
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, v, _) = call(s, "POST", path, Some(body.to_string().as_bytes()));
+    (status, v)
+}
+
+fn get(s: &Server, path: &str) -> (u16, Value) {
+    let (status, _, v, _) = call(s, "GET", path, None);
+    (status, v)
+}
+
+fn create_document(s: &Server, text: &str) -> Value {
+    let (status, doc) = post(s, "/v1/documents", &json!({ "text": text }));
+    assert_eq!(status, 201, "{doc}; log: {}", log_of(s));
+    assert_eq!(doc["status"], "ready", "{doc}");
+    assert_eq!(doc["id"].as_str().map(str::len), Some(32), "{doc}");
+    doc
+}
+
+fn ask_body(doc: &str, question: &str, stream: bool) -> Value {
+    json!({ "model": "kvc", "document": doc, "messages": [{ "role": "user", "content": question }], "max_tokens": MAX_TOKENS, "stream": stream })
+}
+
+/// (completion ids, text) of a non-streamed answer.
+fn ask(s: &Server, doc: &str, question: &str) -> (Vec<u64>, String, Value) {
+    let (status, v) = post(s, "/v1/chat/completions", &ask_body(doc, question, false));
+    assert_eq!(status, 200, "{v}; log: {}", log_of(s));
+    let ids = v["kvc"]["completion_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    (ids, v["choices"][0]["message"]["content"].as_str().unwrap().to_string(), v)
+}
+
+/// The text of a streamed answer, checking the events' shape: chunks, a finish reason, `[DONE]`
+/// last.
+fn ask_streamed(s: &Server, doc: &str, question: &str) -> String {
+    let (status, headers, _, raw) = call(s, "POST", "/v1/chat/completions", Some(ask_body(doc, question, true).to_string().as_bytes()));
+    let text = String::from_utf8_lossy(&raw).to_string();
+    assert_eq!(status, 200, "{text}");
+    assert!(headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")), "{headers:?}");
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let mut answer = String::new();
+    let mut finish = None;
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}"));
+        assert_eq!(chunk["object"], "chat.completion.chunk", "{d}");
+        if let Some(c) = chunk["choices"][0]["delta"]["content"].as_str() {
+            answer.push_str(c);
+        }
+        if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert!(finish.is_some(), "no finish_reason: {text}");
+    answer
+}
+
+/// `kvc generate --json` on `text` with the questions, the server's default press and --chat:
+/// context tokens, compressed bytes, kept tokens per layer, and (ids, text) per question.
+fn reference(text_file: &Path, questions: &[&str]) -> (Value, Vec<(Vec<u64>, String)>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvc"));
+    cmd.args(["generate", "--prompt-file"]).arg(text_file);
+    for q in questions {
+        cmd.args(["--question", q]);
+    }
+    cmd.args(["--press", "kvcompose", "--ratio", "0.5", "--chat", "--max-new-tokens", &MAX_TOKENS.to_string(), "--json"]);
+    let out = cmd.output().expect("run kvc generate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let answers = v["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect(), a["text"].as_str().unwrap().to_string()))
+        .collect();
+    (v, answers)
+}
+
+/// Two short documents (~500 tokens each) cut from the asset at line ends.
+fn documents() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/pride_and_prejudice_ch1-2.txt")).unwrap();
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        current.push_str(line);
+        current.push('\n');
+        if current.len() > 1800 {
+            docs.push(std::mem::take(&mut current));
+        }
+    }
+    docs
+}
+
+fn assert_error(status: u16, expected: u16, v: &Value, what: &str) {
+    assert_eq!(status, expected, "{what}: {v}");
+    assert!(v["error"]["message"].is_string() && v["error"]["type"].is_string(), "{what}: not an OpenAI error: {v}");
+}
+
+#[test]
+fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
+    let _one = ONE_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents();
+    let mut refs = Vec::new();
+    for (i, d) in docs[..2].iter().enumerate() {
+        let f = dir.path().join(format!("doc{i}.txt"));
+        std::fs::write(&f, d).unwrap();
+        refs.push(reference(&f, &[Q1, Q2]));
+    }
+    let s = start(&["--max-body", "1MiB", "--max-batch", "4"], Some(KEY), dir.path());
+
+    // documents: compressed once, as kvc generate compresses them
+    let mut ids = Vec::new();
+    for (d, (r, _)) in docs.iter().zip(&refs) {
+        let doc = create_document(&s, d);
+        assert_eq!(doc["tokens"], r["context_tokens"], "{doc}");
+        assert_eq!(doc["kv_bytes"], r["kv_cache_bytes_compressed"], "{doc}");
+        assert_eq!(doc["kv_bytes_uncompressed"], r["kv_cache_bytes_context"], "{doc}");
+        assert_eq!(doc["kept_per_layer"], r["press"]["kept_per_layer"], "{doc}");
+        assert_eq!(doc["press"]["name"], "kvcompose", "{doc}");
+        ids.push(doc["id"].as_str().unwrap().to_string());
+    }
+    let (status, list) = get(&s, "/v1/documents");
+    assert_eq!(status, 200);
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(2), "{list}");
+    let (status, one) = get(&s, &format!("/v1/documents/{}", ids[0]));
+    assert_eq!((status, &one["status"]), (200, &json!("ready")), "{one}");
+
+    // answers: token for token kvc generate's, streamed or not
+    let (answer_ids, text, v) = ask(&s, &ids[0], Q1);
+    assert_eq!((answer_ids, text.clone()), refs[0].1[0], "{v}");
+    let usage = &v["usage"];
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], refs[0].0["context_tokens"], "{v}");
+    assert_eq!(usage["prompt_tokens"], refs[0].0["prompt_tokens"], "{v}");
+    assert_eq!(usage["completion_tokens"].as_u64(), Some(refs[0].1[0].0.len() as u64), "{v}");
+    assert_eq!(ask_streamed(&s, &ids[0], Q1), text);
+    // a prompt that begins with a stored document's text reads that document's cache
+    let (status, v) = post(&s, "/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": format!("{}{Q1}", docs[0]) }], "max_tokens": MAX_TOKENS }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], json!(text), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], refs[0].0["context_tokens"], "{v}");
+    // plain chat: no cached tokens
+    let (status, v) = post(&s, "/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": "What is the capital of France?" }], "max_tokens": 4 }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 5, "{v}");
+
+    // 4 concurrent clients x 2 questions over 2 documents: each answer equals its sequential one
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|c| {
+                let (s, ids, refs) = (&s, &ids, &refs);
+                scope.spawn(move || {
+                    let d = c % 2;
+                    for (q, question) in [Q1, Q2].iter().enumerate() {
+                        if c < 2 {
+                            let (got, text, _) = ask(s, &ids[d], question);
+                            assert_eq!((got, text), refs[d].1[q], "client {c}, question {q}");
+                        } else {
+                            assert_eq!(ask_streamed(s, &ids[d], question), refs[d].1[q].1, "client {c}, question {q}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("a client failed");
+        }
+    });
+
+    // bad input: the right status, an OpenAI error, and the server answers after
+    let chat = |body: &[u8]| {
+        let (status, _, v, _) = call(&s, "POST", "/v1/chat/completions", Some(body));
+        (status, v)
+    };
+    let (st, v) = chat(b"{\"messages\": [");
+    assert_error(st, 400, &v, "malformed JSON");
+    let (st, v) = chat(br#"{"messages": "hello"}"#);
+    assert_error(st, 400, &v, "wrong type");
+    let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}"#);
+    assert_error(st, 400, &v, "wrong type of max_tokens");
+    let (st, v) = chat(br#"{"messages": []}"#);
+    assert_error(st, 400, &v, "empty messages");
+    let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}"#);
+    assert_error(st, 400, &v, "max_tokens 0");
+    let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000}"#);
+    assert_error(st, 400, &v, "max_tokens above the window");
+    let (st, v) = chat(br#"{"document": "00000000000000000000000000000000", "messages": [{"role": "user", "content": "hi"}]}"#);
+    assert_error(st, 404, &v, "unknown document");
+    let (st, v) = chat(br#"{"document": "../../../../etc/passwd", "messages": [{"role": "user", "content": "hi"}]}"#);
+    assert_error(st, 400, &v, "document id with ../");
+    let (st, _, v, _) = call(&s, "GET", "/v1/documents/..%2F..%2F..%2Fetc%2Fpasswd", None);
+    assert_error(st, 400, &v, "document id with ../ in the path");
+    let (st, _, v, _) = call(&s, "DELETE", "/v1/documents/ffffffffffffffffffffffffffffffff", None);
+    assert_error(st, 404, &v, "deleting an unknown document");
+    let (st, v) = post(&s, "/v1/documents", &json!({ "text": 42 }));
+    assert_error(st, 400, &v, "document of the wrong type");
+    let (st, v) = post(&s, "/v1/documents", &json!({ "text": "some text", "press": "nopress", "ratio": 0.5 }));
+    assert_error(st, 400, &v, "unknown press");
+    let big = vec![b'a'; 2 << 20];
+    let (st, _, v, _) = call(&s, "POST", "/v1/documents", Some(&big));
+    assert_error(st, 413, &v, "oversized body");
+    let (st, _, raw) = try_http(s.port, "GET", "/v1/models", &[], None).unwrap();
+    assert_error(st, 401, &serde_json::from_slice(&raw).unwrap(), "missing API key");
+    let (st, _, raw) = try_http(s.port, "GET", "/v1/documents", &[("Authorization", "Bearer wrong")], None).unwrap();
+    assert_error(st, 401, &serde_json::from_slice(&raw).unwrap(), "wrong API key");
+    let (st, v) = get(&s, "/v1/models");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"][0]["object"], "model", "{v}");
+
+    // delete
+    let (st, _, v, _) = call(&s, "DELETE", &format!("/v1/documents/{}", ids[1]), None);
+    assert_eq!((st, &v["deleted"]), (200, &json!(true)), "{v}");
+    assert_eq!(get(&s, &format!("/v1/documents/{}", ids[1])).0, 404);
+    let (st, v) = post(&s, "/v1/chat/completions", &ask_body(&ids[1], Q1, false));
+    assert_error(st, 404, &v, "a deleted document");
+
+    // still healthy, still answering the same; the metrics saw it all
+    assert_eq!(try_http(s.port, "GET", "/health", &[], None).unwrap().0, 200);
+    assert_eq!(ask(&s, &ids[0], Q1).1, text);
+    let (st, _, _, raw) = call(&s, "GET", "/metrics", None);
+    let metrics = String::from_utf8_lossy(&raw);
+    assert_eq!(st, 200);
+    for needle in ["kvc_requests_total{route=\"/v1/chat/completions\",status=\"200\"}", "kvc_requests_total{route=\"/v1/documents\",status=\"413\"}", "kvc_cache_hits_total ", "kvc_time_to_first_token_seconds_count", "kvc_documents{tier=\"memory\"} 1"] {
+        assert!(metrics.contains(needle), "{needle} missing in\n{metrics}");
+    }
+    let (st, _, _, raw) = call(&s, "GET", "/", None);
+    assert!(st == 200 && String::from_utf8_lossy(&raw).contains("<html"), "the page");
+}
