@@ -3,6 +3,7 @@
 //! so a press can compress the cache between them. [`stream`] turns generated ids into text as
 //! they arrive.
 
+pub mod batch;
 pub mod sampling;
 pub mod stream;
 
@@ -13,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use kvc_core::{KvCache, KvcBackend};
-use rand::SeedableRng;
 
 use crate::error::{ModelError, Result};
-use crate::model::{Decoder, Logits};
+use crate::model::Decoder;
 
 /// Decoding settings.
 #[derive(Clone, Debug)]
@@ -76,6 +76,8 @@ pub enum StopReason {
     Context,
     /// The token callback asked to stop.
     Callback,
+    /// Taken out of a batch before it finished ([`batch::Batch::cancel`]).
+    Cancelled,
 }
 
 /// Output of [`decode`].
@@ -111,7 +113,8 @@ pub fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2,
 
 /// Decodes after a prefill: picks a token from `logits` (`[1, 1, vocab]`), feeds it, and repeats
 /// until EOS, `max_new_tokens`, the model's context, or `on_token` returning false. Each token is
-/// fed at `cache.next_position()` (the original position, also after compression).
+/// fed at `cache.next_position()` (the original position, also after compression). A
+/// [`batch::Batch`] of one sequence: the same steps as any sequence of a batch.
 ///
 /// # Errors
 /// [`ModelError::Generation`] for invalid settings, errors of the forward pass.
@@ -122,37 +125,19 @@ pub fn decode<B: KvcBackend>(
     config: &GenerationConfig,
     eos_ids: &[u32],
     mut on_token: impl FnMut(u32) -> bool,
-    device: &B::Device,
+    _device: &B::Device,
 ) -> Result<Decoded> {
     config.validate()?;
-    cache.reserve(config.max_new_tokens);
     let start = Instant::now();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let mut tokens = Vec::new();
-    let mut logits = logits;
-    let context = model.config().max_position_embeddings;
-    let stop = loop {
-        if tokens.len() >= config.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        let host = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| ModelError::Generation(format!("{e:?}")))?;
-        let next = sample(&host, config, &mut rng);
-        tokens.push(next);
-        if !on_token(next) {
-            break StopReason::Callback;
-        }
-        if config.stop_at_eos && eos_ids.contains(&next) {
-            break StopReason::Eos;
-        }
-        if tokens.len() >= config.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        if cache.next_position() >= context {
-            break StopReason::Context;
-        }
-        logits = model.forward(token_tensor::<B>(&[next], device), cache, None, Logits::Last)?;
-    };
-    Ok(Decoded { tokens, stop, elapsed: start.elapsed() })
+    let mut batch = batch::Batch::new();
+    // the cache joins the batch and comes back with the finished sequence
+    batch.add_prefilled(std::mem::replace(cache, model.new_cache()), logits, config.clone(), eos_ids)?;
+    while !batch.is_empty() {
+        batch.step_with(model, |_, token| on_token(token))?;
+    }
+    let done = batch.take_finished().pop().ok_or_else(|| ModelError::Generation("the decoded sequence was lost".into()))?;
+    *cache = done.cache;
+    Ok(Decoded { tokens: done.tokens, stop: done.stop, elapsed: start.elapsed() })
 }
 
 /// A prompt split for compression: the context (prefilled, then compressed) and the question

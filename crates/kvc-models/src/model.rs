@@ -132,8 +132,14 @@ impl QuantizedWeights {
 /// gate/up product) when `x` has at most [`QUANTIZED_MAX_ROWS`] rows, every layer has codes and
 /// the backend has the kernel; otherwise through the dense weights.
 fn project<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
+    project_rows(lins, x, QUANTIZED_MAX_ROWS)
+}
+
+/// As [`project`], reading the codes for up to `max_rows` rows (a batched decode step: every row
+/// is one sequence's token, and the codes are read once for all of them).
+fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, max_rows: usize) -> [Tensor<B, 3>; N] {
     let [b, c, i] = x.dims();
-    if b * c <= QUANTIZED_MAX_ROWS {
+    if b * c <= max_rows {
         if let Some(ws) = lins.iter().map(|(_, w)| *w).collect::<Option<Vec<_>>>() {
             if let Some(y) = B::kvc_quant_linear(x.clone().reshape([b * c, i]), &ws) {
                 let mut start = 0;
@@ -472,6 +478,53 @@ impl<B: KvcBackend> Decoder<B> {
         Ok(logits)
     }
 
+    /// One decode step of `tokens.len()` sequences, each on its own KV cache: `tokens[i]` is fed
+    /// at `caches[i].next_position()` and appended to `caches[i]` (its own length, per-layer
+    /// lengths, per-head masks and positions), and the logits of each are returned, `[n, vocab]`
+    /// (row `i` for sequence `i`).
+    ///
+    /// Every linear layer and the LM head run once for the `n` rows (`[n, hidden]` products; on a
+    /// GGUF model the quantized blocks are read once per step for all rows: [`QuantMatrix`]);
+    /// RoPE at each sequence's own position; attention per sequence over its own cache. A row's
+    /// logits do not depend on the others: with quantized decode they are bit for bit those of
+    /// [`Decoder::forward`] on that sequence alone (the products keep each row's order of sums);
+    /// on dense weights they differ by the GEMM's rounding only.
+    ///
+    /// # Errors
+    /// [`ModelError::Generation`] when `tokens` is empty or its length differs from `caches`',
+    /// cache errors (a cache of another model's shape).
+    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Tensor<B, 2>> {
+        let n = tokens.len();
+        if n == 0 || n != caches.len() {
+            return Err(ModelError::Generation(format!("a batched step needs one token per cache ({n} tokens, {} caches)", caches.len())));
+        }
+        let device = self.embed_tokens.weight.device();
+        let c = &self.config;
+        let dtype = self.embed_tokens.weight.val().dtype();
+        let positions: Vec<usize> = caches.iter().map(|cache| cache.next_position()).collect();
+        let rope_q = rope::tables_at::<B>(&self.inv_freq, positions.iter().copied(), c.num_heads, &device, dtype);
+        let rope_k = rope::tables_at::<B>(&self.inv_freq, positions.iter().copied(), c.num_kv_heads, &device, dtype);
+        // the n tokens as one chunk of a batch of 1: `[1, n, hidden]` rows for the products
+        let mut x = self.embed_tokens.forward(crate::generate::token_tensor::<B>(tokens, &device));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = norm(&layer.input_layernorm, x.clone());
+            let quant = [0, 1, 2, 3].map(|j| self.quant(i, j));
+            let a = layer.self_attn.forward_batch(h, i, &rope_q, &rope_k, caches, quant)?;
+            let x1 = x + a;
+            let h = norm(&layer.post_attention_layernorm, x1.clone());
+            let m = &layer.mlp;
+            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, usize::MAX);
+            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), usize::MAX);
+            x = x1 + ff;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let head = self.quantized.as_deref().filter(|_| self.quantized_decode()).and_then(|q| q.lm_head.as_ref());
+        let [logits] = project_rows([(&self.lm_head, head)], norm(&self.norm, x), usize::MAX);
+        Ok(logits.reshape([n, c.vocab_size]))
+    }
+
     /// As [`forward`](Self::forward), but returns the last layer's hidden states
     /// `[batch, chunk, hidden]` (before the final norm) and computes no logits. (Prefill chunks
     /// and presses' scoring passes go through [`Decoder::feed`], which also skips the last
@@ -586,6 +639,46 @@ impl<B: KvcBackend> Attention<B> {
         }
         let [out] = project([(&self.o_proj, quant[3])], out);
         Ok(Some(out))
+    }
+}
+
+impl<B: KvcBackend> Attention<B> {
+    /// A batched decode step's attention ([`Decoder::forward_batch`]): `x` `[1, n, hidden]` (row
+    /// `s` = sequence `s`'s token), RoPE tables `[1, n, heads, head_dim]` at each sequence's
+    /// position; row `s`'s key and value go to `caches[s]` and its query attends over that cache
+    /// alone. Returns `[1, n, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_batch(
+        &self,
+        x: Tensor<B, 3>,
+        layer: usize,
+        rope_q: &(Tensor<B, 4>, Tensor<B, 4>),
+        rope_k: &(Tensor<B, 4>, Tensor<B, 4>),
+        caches: &mut [&mut KvCache<B>],
+        quant: [Option<&QuantMatrix>; 4],
+    ) -> Result<Tensor<B, 3>> {
+        let [_, n, _] = x.dims();
+        let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, usize::MAX);
+        let (mut q, mut k, v) = (q.reshape([1, n, hq, d]), k.reshape([1, n, hkv, d]), v.reshape([1, n, hkv, d]));
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = norm(qn, q);
+            k = norm(kn, k);
+        }
+        let q = rope::apply(q, &rope_q.0, &rope_q.1);
+        let k = rope::apply(k, &rope_k.0, &rope_k.1);
+        let mut outs = Vec::with_capacity(n);
+        for (s, cache) in caches.iter_mut().enumerate() {
+            // `[1, 1, heads, d]` rows, heads moved to dim 1 as in `forward`
+            let row = |t: &Tensor<B, 4>| t.clone().narrow(1, s, 1).swap_dims(1, 2);
+            let first = cache.next_position();
+            let (keys, values) = cache.append_with(layer, first, row(&k), row(&v), B::kvc_write_slots)?;
+            let valid = cache.layer(layer)?.and_then(|kv| kv.valid.as_deref());
+            let out = B::kvc_attention(kvc_core::kernels::AttentionArgs { queries: row(&q), keys, values, valid, reduce: None, probs: false }).output;
+            outs.push(out.swap_dims(1, 2).reshape([1, 1, hq * d]));
+        }
+        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), usize::MAX);
+        Ok(out)
     }
 }
 

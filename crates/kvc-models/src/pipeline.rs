@@ -356,6 +356,45 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         })
     }
 
+    /// Answers several questions, each on a copy of its own cache, decoded together in one
+    /// [`generate::batch::Batch`] (one pass over the weights per step for all of them): the
+    /// answers of [`Pipeline::answer`] on each, token for token, in the order of `jobs`. Each
+    /// answer's `seconds` is its question step plus its time in the batch (`decode_seconds`),
+    /// which it shares with the others.
+    ///
+    /// # Errors
+    /// As [`Pipeline::answer`], for any of the jobs (checked before any decoding).
+    pub fn answer_batch(&self, jobs: &[(&KvCache<B>, &[u32])], cfg: &GenerationConfig) -> Result<Vec<Answer>> {
+        let m = self.model;
+        let mut batch = generate::batch::Batch::new();
+        let mut joined = Vec::with_capacity(jobs.len());
+        for (cache, question) in jobs {
+            let start = Instant::now();
+            let id = batch.add(&m.model, (*cache).clone(), question, cfg.clone(), m.tokenizer.eos_ids())?;
+            joined.push((id, question.len(), start.elapsed().as_secs_f64()));
+        }
+        while !batch.is_empty() {
+            batch.step(&m.model)?;
+        }
+        let mut finished: std::collections::HashMap<_, _> = batch.take_finished().into_iter().map(|f| (f.id, f)).collect();
+        joined
+            .into_iter()
+            .map(|(id, question_tokens, question_seconds)| {
+                let f = finished.remove(&id).ok_or_else(|| ModelError::Generation("a batched answer was lost".into()))?;
+                let decode_seconds = f.elapsed.as_secs_f64();
+                Ok(Answer {
+                    text: m.tokenizer.decode(&f.tokens, true)?,
+                    ids: f.tokens,
+                    stop: f.stop,
+                    question_tokens,
+                    seconds: question_seconds + decode_seconds,
+                    decode_seconds,
+                    kv_bytes_final: f.cache.bytes(),
+                })
+            })
+            .collect()
+    }
+
     /// The whole pipeline: tokenize, check sizes, prefill, (answer uncompressed,) compress,
     /// answer every question.
     ///

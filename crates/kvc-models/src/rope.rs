@@ -49,11 +49,24 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
 /// element (no broadcast). Angles are f32 products as in HF, then cos/sin are evaluated exactly and
 /// rounded to f32 (then to `dtype`, the activations' float type).
 pub fn tables<B: Backend>(inv_freq: &[f32], first: usize, len: usize, heads: usize, device: &B::Device, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    tables_at(inv_freq, first..first + len, heads, device, dtype)
+}
+
+/// As [`tables`] for any positions, one per row of the output `[1, positions, heads, head_dim]`
+/// (a batched decode step: each sequence's next position).
+pub fn tables_at<B: Backend>(
+    inv_freq: &[f32],
+    positions: impl ExactSizeIterator<Item = usize>,
+    heads: usize,
+    device: &B::Device,
+    dtype: DType,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let half = inv_freq.len();
     let d = 2 * half;
+    let len = positions.len();
     let mut cos = Vec::with_capacity(len * heads * d);
     let mut sin = Vec::with_capacity(len * heads * d);
-    for p in first..first + len {
+    for p in positions {
         let angles: Vec<f64> = inv_freq.iter().map(|&f| ((p as f32) * f) as f64).collect();
         let c: Vec<f32> = angles.iter().chain(&angles).map(|a| a.cos() as f32).collect();
         let s: Vec<f32> = angles.iter().chain(&angles).map(|a| a.sin() as f32).collect();

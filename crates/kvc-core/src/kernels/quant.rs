@@ -174,7 +174,21 @@ fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, o
         let q = &w.quants[r * blocks * per_block..][..blocks * per_block];
         let s = &w.scale[r * blocks..][..blocks];
         let m = if w.has_min { &w.min[r * blocks..][..blocks] } else { &[][..] };
-        for (k, o) in o.iter_mut().enumerate() {
+        // rows of `x` four at a time: each block's codes widened once for the four (a batched
+        // decode step); every row's sums in the order of the one-row kernel, so a row's product
+        // does not depend on the rows beside it
+        let mut k = 0;
+        while k + ROWS_AT_ONCE <= o.len() {
+            let xr: [&[f32]; ROWS_AT_ONCE] = std::array::from_fn(|j| &x[(k + j) * w.cols..][..w.cols]);
+            let xs: [&[f32]; ROWS_AT_ONCE] = std::array::from_fn(|j| &xsum[(k + j) * blocks..][..blocks]);
+            let dots = match w.codes {
+                QuantCodes::Nibbles => simd::dot_nibbles_rows(q, s, m, xs, xr),
+                QuantCodes::Bytes => simd::dot_bytes_rows(q, s, m, xs, xr),
+            };
+            o[k..k + ROWS_AT_ONCE].copy_from_slice(&dots);
+            k += ROWS_AT_ONCE;
+        }
+        for (k, o) in o.iter_mut().enumerate().skip(k) {
             let (xr, xs) = (&x[k * w.cols..][..w.cols], &xsum[k * blocks..][..blocks]);
             *o = match w.codes {
                 QuantCodes::Nibbles => simd::dot_nibbles(q, s, m, xs, xr),
@@ -183,6 +197,9 @@ fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, o
         }
     }
 }
+
+/// Rows of `x` multiplied together by one weight row ([`simd::dot_nibbles_rows`]).
+const ROWS_AT_ONCE: usize = 4;
 
 mod simd {
     use super::BLOCK;
@@ -221,6 +238,34 @@ mod simd {
             return unsafe { avx512::dot_bytes(q, s, x) } + mins(m, xs);
         }
         plain_bytes(q, s, x) + mins(m, xs)
+    }
+
+    /// [`dot_nibbles`] of one weight row with `R` rows of `x` (`xs`: their block sums): each
+    /// block's codes are widened once for all `R`; each result is the one-row kernel's, bit for
+    /// bit (the same operations in the same order per row).
+    pub fn dot_nibbles_rows<const R: usize>(q: &[u8], s: &[f32], m: &[f32], xs: [&[f32]; R], x: [&[f32]; R]) -> [f32; R] {
+        let n = s.len();
+        assert!(q.len() >= n * 16 && x.iter().all(|x| x.len() >= n * 32) && xs.iter().all(|xs| xs.len() >= n), "nibble row lengths");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the lengths are checked above.
+            let dots = unsafe { avx512::dot_nibbles_rows(q, s, x) };
+            return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
+        }
+        std::array::from_fn(|r| plain_nibbles(q, s, x[r]) + mins(m, xs[r]))
+    }
+
+    /// [`dot_nibbles_rows`] for `i8` codes.
+    pub fn dot_bytes_rows<const R: usize>(q: &[u8], s: &[f32], m: &[f32], xs: [&[f32]; R], x: [&[f32]; R]) -> [f32; R] {
+        let n = s.len();
+        assert!(q.len() >= n * 32 && x.iter().all(|x| x.len() >= n * 32) && xs.iter().all(|xs| xs.len() >= n), "byte row lengths");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: as above.
+            let dots = unsafe { avx512::dot_bytes_rows(q, s, x) };
+            return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
+        }
+        std::array::from_fn(|r| plain_bytes(q, s, x[r]) + mins(m, xs[r]))
     }
 
     /// [`dot_bytes`] without the mins and explicit SIMD.
@@ -318,6 +363,71 @@ mod simd {
             };
             scaled_sum(s, block)
         }
+
+        /// [`scaled_sum`] for `R` rows of `x` at once: `widen(b)` gives block `b`'s codes as
+        /// floats (low and high 16), read once for every row; per row the operations and their
+        /// order are [`scaled_sum`]'s.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn scaled_sum_rows<const R: usize>(s: &[f32], x: [&[f32]; R], widen: impl Fn(usize) -> (__m512, __m512)) -> [f32; R] {
+            let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+            let n = s.len();
+            let block = |lo: __m512, hi: __m512, x: &[f32], b: usize| {
+                // SAFETY: b < s.len() and x.len() >= 32 s.len() (the callers' contract).
+                unsafe { _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.as_ptr().add(32 * b + 16)), _mm512_mul_ps(lo, _mm512_loadu_ps(x.as_ptr().add(32 * b)))) }
+            };
+            let mut b = 0;
+            while b + 1 < n {
+                let ((lo0, hi0), (lo1, hi1)) = (widen(b), widen(b + 1));
+                let (s0, s1) = (_mm512_set1_ps(s[b]), _mm512_set1_ps(s[b + 1]));
+                for r in 0..R {
+                    a0[r] = _mm512_fmadd_ps(s0, block(lo0, hi0, x[r], b), a0[r]);
+                    a1[r] = _mm512_fmadd_ps(s1, block(lo1, hi1, x[r], b + 1), a1[r]);
+                }
+                b += 2;
+            }
+            if b < n {
+                let (lo, hi) = widen(b);
+                let s0 = _mm512_set1_ps(s[b]);
+                for r in 0..R {
+                    a0[r] = _mm512_fmadd_ps(s0, block(lo, hi, x[r], b), a0[r]);
+                }
+            }
+            std::array::from_fn(|r| _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])))
+        }
+
+        /// [`dot_nibbles`] for `R` rows of `x`.
+        ///
+        /// # Safety
+        /// AVX-512F; `q.len() >= 16 s.len()`, every `x[r].len() >= 32 s.len()`.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn dot_nibbles_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+            let mask = _mm512_set1_epi32(15);
+            let qp = q.as_ptr();
+            scaled_sum_rows(s, x, |b| {
+                // SAFETY: b < s.len(), so 16 bytes at 16 b are in bounds.
+                let w = unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * b) as *const __m128i)) };
+                (_mm512_cvtepi32_ps(_mm512_and_si512(w, mask)), _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(w)))
+            })
+        }
+
+        /// [`dot_bytes`] for `R` rows of `x`.
+        ///
+        /// # Safety
+        /// AVX-512F; `q.len() >= 32 s.len()`, every `x[r].len() >= 32 s.len()`.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn dot_bytes_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+            let qp = q.as_ptr();
+            scaled_sum_rows(s, x, |b| {
+                // SAFETY: b < s.len(), so 32 bytes at 32 b are in bounds.
+                unsafe {
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(32 * b) as *const __m128i))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(32 * b + 16) as *const __m128i))),
+                    )
+                }
+            })
+        }
     }
 
     /// The 16 lanes summed as a tree (vector adds; a sequential sum would be 15 dependent adds).
@@ -361,7 +471,7 @@ mod tests {
         for (i, (&d, &code)) in dense.iter().zip(&c).enumerate() {
             assert_eq!(d, code as f32 * scale[i / BLOCK] + min[i / BLOCK]);
         }
-        for n in [1, 2, 3] {
+        for n in [1, 2, 3, 4, 7] {
             let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0).collect();
             let y = matvec(&x, n, &[&w]);
             assert_eq!(y.len(), n * rows);
@@ -399,6 +509,29 @@ mod tests {
             assert!(close(n, gn), "{blocks} blocks: nibbles {n} vs {gn}");
             let (b, gb) = (simd::dot_bytes(&q, &s, &[], &s, &x), simd::generic_bytes(&q, &s, &x));
             assert!(close(b, gb), "{blocks} blocks: bytes {b} vs {gb}");
+        }
+    }
+
+    /// A row of `x` multiplied with others (a batched decode step) gives the bits it gives alone.
+    #[test]
+    fn rows_of_a_batch_match_a_row_alone() {
+        for (lo, hi) in [(0, 15), (-128, 127)] {
+            for blocks in [1, 2, 3, 18] {
+                let (rows, cols) = (3, blocks * BLOCK);
+                let c = codes(rows * cols, lo, hi, blocks as u32);
+                let scale: Vec<f32> = (0..rows * blocks).map(|b| 0.01 + (b % 7) as f32 * 0.003).collect();
+                let min: Vec<f32> = (0..rows * blocks).map(|b| if lo == 0 { -0.05 + (b % 5) as f32 * 0.01 } else { 0.0 }).collect();
+                let w = QuantMatrix::from_codes(rows, cols, &c, scale, min).unwrap();
+                for n in [5, 9] {
+                    let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.61).sin() * 3.0).collect();
+                    let batch = matvec(&x, n, &[&w]);
+                    for k in 0..n {
+                        let alone = matvec(&x[k * cols..(k + 1) * cols], 1, &[&w]);
+                        let ours: Vec<u32> = batch[k * rows..(k + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(ours, alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "codes {lo}..{hi}, {blocks} blocks, row {k} of {n}");
+                    }
+                }
+            }
         }
     }
 
