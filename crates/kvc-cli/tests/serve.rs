@@ -360,3 +360,133 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     let (st, _, _, raw) = call(&s, "GET", "/", None);
     assert!(st == 200 && String::from_utf8_lossy(&raw).contains("<html"), "the page");
 }
+
+/// The ids of the documents a server lists, with their `in_memory` flags.
+fn listed(s: &Server) -> Vec<(String, bool)> {
+    let (status, list) = get(s, "/v1/documents");
+    assert_eq!(status, 200, "{list}");
+    list["data"].as_array().unwrap().iter().map(|d| (d["id"].as_str().unwrap().to_string(), d["in_memory"] == json!(true))).collect()
+}
+
+fn in_memory(s: &Server, id: &str) -> bool {
+    listed(s).iter().find(|(i, _)| i == id).unwrap_or_else(|| panic!("{id} not listed")).1
+}
+
+/// The value of a metric line `name value`.
+fn metric(s: &Server, name: &str) -> f64 {
+    let (_, _, _, raw) = call(s, "GET", "/metrics", None);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn serve_keeps_documents_on_disk_across_eviction_restart_and_kill() {
+    let _one = ONE_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let cache = cache_dir.to_str().unwrap();
+    let docs = documents();
+    // two compressed documents (~12 MiB each) fit, three do not
+    let limit = 28usize << 20;
+    let s = start(&["--cache-dir", cache, "--cache-memory", "28MiB", "--max-batch", "1", "--max-queue", "0"], None, dir.path());
+    let mut ids = Vec::new();
+    let mut answers = Vec::new();
+    for d in &docs[..3] {
+        let doc = create_document(&s, d);
+        let id = doc["id"].as_str().unwrap().to_string();
+        let bytes = doc["kv_bytes"].as_u64().unwrap() as usize;
+        assert!(bytes > limit / 3 && bytes <= limit / 2, "the test needs documents of a third to half of --cache-memory: {doc}");
+        answers.push(ask(&s, &id, Q1).1);
+        ids.push(id);
+    }
+    // the third evicted the least recently used, the first: on disk only
+    assert!(!in_memory(&s, &ids[0]) && in_memory(&s, &ids[1]) && in_memory(&s, &ids[2]), "{:?}", listed(&s));
+    assert_eq!(metric(&s, "kvc_cache_evictions_total"), 1.0);
+    assert_eq!(ask(&s, &ids[0], Q1).1, answers[0], "read back from disk");
+    assert_eq!(metric(&s, "kvc_cache_disk_loads_total"), 1.0);
+    assert!(in_memory(&s, &ids[0]) && !in_memory(&s, &ids[1]), "{:?}", listed(&s));
+
+    // --max-batch 1 --max-queue 0: a second answer while one streams gets 429; the streaming
+    // client going away cancels its answer and frees the place
+    let long = json!({ "messages": [{ "role": "user", "content": "Count from 1 to 500, separated by commas." }], "max_tokens": 400, "stream": true });
+    let mut streaming = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    streaming.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = long.to_string();
+    write!(streaming, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    for _ in 0..1000 {
+        let n = streaming.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&seen).matches("data: ").count() >= 3 {
+            break;
+        }
+    }
+    let (status, headers, v, _) = call(&s, "POST", "/v1/chat/completions", Some(ask_body(&ids[1], Q1, false).to_string().as_bytes()));
+    assert_error(status, 429, &v, "a full queue");
+    assert!(headers.iter().any(|(k, _)| k == "retry-after"), "{headers:?}");
+    drop(streaming);
+    let start_wait = Instant::now();
+    while metric(&s, "kvc_cancelled_total") < 1.0 {
+        assert!(start_wait.elapsed() < Duration::from_secs(60), "the answer of a client that went away was not cancelled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ask(&s, &ids[1], Q1).1, answers[1], "the place is free again");
+    drop(s);
+
+    // a document whose cache was cut short, and a leftover of an interrupted write: never listed
+    let damaged = "0123456789abcdef0123456789abcdef";
+    let kvc = std::fs::read(cache_dir.join(format!("{}.kvc", ids[0]))).unwrap();
+    std::fs::write(cache_dir.join(format!("{damaged}.kvc")), &kvc[..kvc.len() / 2]).unwrap();
+    let meta = std::fs::read_to_string(cache_dir.join(format!("{}.json", ids[0]))).unwrap().replace(&ids[0], damaged);
+    std::fs::write(cache_dir.join(format!("{damaged}.json")), meta).unwrap();
+    std::fs::write(cache_dir.join(format!("{}.kvc.partial", "fedcba9876543210fedcba9876543210")), &kvc[..100]).unwrap();
+
+    // restart: every document found, answered the same
+    let s = start(&["--cache-dir", cache], None, dir.path());
+    let mut found: Vec<String> = listed(&s).into_iter().map(|(id, _)| id).collect();
+    found.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(found, expected, "{}", log_of(&s));
+    for (id, answer) in ids.iter().zip(&answers) {
+        assert_eq!(&ask(&s, id, Q1).1, answer);
+    }
+    assert!(!cache_dir.join(format!("{damaged}.kvc")).exists(), "the damaged document's files are removed");
+
+    // kill -9 while a new document is being written: after a restart it is whole or absent
+    let before: Vec<String> = std::fs::read_dir(&cache_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let port = s.port;
+    let text = format!("{}{}", docs[3], docs[1]);
+    let poster = std::thread::spawn(move || try_http(port, "POST", "/v1/documents", &[], Some(json!({ "text": text }).to_string().as_bytes())));
+    let waited = Instant::now();
+    loop {
+        let now: Vec<String> = std::fs::read_dir(&cache_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        if now.iter().any(|n| !before.contains(n)) || waited.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut s = s;
+    s.child.kill().unwrap(); // SIGKILL
+    let _ = s.child.wait();
+    let _ = poster.join();
+    drop(s);
+    let s = start(&["--cache-dir", cache], None, dir.path());
+    let now = listed(&s);
+    for id in &ids {
+        assert!(now.iter().any(|(i, _)| i == id), "{id} lost");
+    }
+    for (id, _) in now.iter().filter(|(i, _)| !ids.contains(i)) {
+        let (status, v) = post(&s, "/v1/chat/completions", &ask_body(id, Q1, false));
+        assert_eq!(status, 200, "a document saved before the kill must be whole: {v}");
+    }
+    for entry in std::fs::read_dir(&cache_dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(!name.ends_with(".partial"), "{name} left over");
+        if let Some(id) = name.strip_suffix(".kvc") {
+            assert!(cache_dir.join(format!("{id}.json")).exists(), "{name} without its description");
+        }
+    }
+}

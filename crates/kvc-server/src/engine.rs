@@ -117,6 +117,16 @@ pub struct AnswerJob {
     pub slot: InFlight,
 }
 
+impl AnswerJob {
+    /// Frees the job's place in the queue, then sends its last event (a client that asks again
+    /// as soon as it has its answer finds the place free).
+    fn end(self, last: AnswerEvent) {
+        let AnswerJob { events, slot, .. } = self;
+        drop(slot);
+        let _ = events.send(last);
+    }
+}
+
 /// What an answer sends back.
 #[derive(Debug)]
 pub enum AnswerEvent {
@@ -450,6 +460,7 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
         while self.active.len() < self.shared.config.max_batch.max(1) {
             let Some(job) = self.waiting.pop_front() else { return };
             if job.events.is_closed() {
+                drop(job);
                 self.shared.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -460,9 +471,7 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
                     let stream = TextStream::new(&self.model.tokenizer);
                     self.active.push(Active { job, cache, logits: Some(logits), rng, stream, ids: Vec::new(), out: Output::default(), last_token: Instant::now() });
                 }
-                Err(e) => {
-                    let _ = job.events.send(AnswerEvent::Failed(e));
-                }
+                Err(e) => job.end(AnswerEvent::Failed(e)),
             }
         }
     }
@@ -543,11 +552,10 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
                 Ok(Outcome::Next(_)) => kept.push(a),
                 Ok(Outcome::Finished(finish)) => finish_answer(a, finish),
                 Ok(Outcome::Cancelled) => {
+                    drop(a);
                     self.shared.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    let _ = a.job.events.send(AnswerEvent::Failed(e));
-                }
+                Err(e) => a.job.end(AnswerEvent::Failed(e)),
             }
         }
         self.active = kept;
@@ -637,11 +645,8 @@ fn finish_answer<B: KvcBackend>(a: Active<'_, B>, mut finish: &'static str) {
                     finish = "stop";
                 }
             }
-            Err(e) => {
-                let _ = job.events.send(AnswerEvent::Failed(model_error(e)));
-                return;
-            }
+            Err(e) => return job.end(AnswerEvent::Failed(model_error(e))),
         }
     }
-    let _ = job.events.send(AnswerEvent::Done { finish, ids, text: out.text });
+    job.end(AnswerEvent::Done { finish, ids, text: out.text });
 }
