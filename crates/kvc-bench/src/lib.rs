@@ -5,5 +5,6 @@
 //! against context length. The `kvc-bench` binary adds the speed measurements and the command line. Generic over `B: Backend`; backends are named only in the
 //! binary (feature-gated).
 
+pub mod batch;
 pub mod eval;
 pub mod scaling;

@@ -2,7 +2,7 @@
 //! subcommand, its arguments and its body, is a module of [`cmd`]: `eval` (accuracy vs compression
 //! ratio), `needle` (needle-in-a-haystack rows for `eval`), `speed` (prefill and decode tokens/s),
 //! `compress` (prefill and compression time, peak RSS), `backends` (backends side by side),
-//! `scaling` (time against context length).
+//! `scaling` (time against context length), `batch` (batched decoding speed).
 //!
 //! ```text
 //! cargo run --release -p kvc-bench -- speed --text assets/<book>.txt --tokens 1024 --decode 32
@@ -47,6 +47,9 @@ enum Command {
     /// Prefill, compression and decode time against context length: a table (stdout), a JSON
     /// line per length, and `scaling.{svg,png}` in --out.
     Scaling(cmd::scaling::ScalingArgs),
+    /// Batched decoding: aggregate decode tokens/s and step latency for several batch sizes,
+    /// every sequence on its own copy of one context's (compressed) KV cache.
+    Batch(cmd::batch::BatchArgs),
 }
 
 fn main() {
@@ -67,5 +70,6 @@ fn real_main() -> Result<()> {
         Command::Compress(a) => cmd::compress::run(a),
         Command::Backends(a) => cmd::backends::run(a),
         Command::Scaling(a) => cmd::scaling::run(a),
+        Command::Batch(a) => cmd::batch::run(a),
     }
 }

@@ -208,3 +208,20 @@ fn bad_sequences_are_refused() {
     }
     assert_eq!(batch.take_finished()[0].tokens.len(), 2);
 }
+
+/// `Pipeline::answer_batch` (what `kvc-bench eval` and the server run) gives each job the answer
+/// `Pipeline::answer` gives it alone: ids, text, stop reason, final cache bytes.
+#[test]
+fn answer_batch_equals_answer() {
+    let m = load::<Flex>(None);
+    let pipeline = Pipeline::new(&m);
+    let cases: Vec<_> = cases(&m, 12).into_iter().step_by(4).take(6).collect();
+    let config = GenerationConfig { max_new_tokens: 12, ..Default::default() };
+    let jobs: Vec<_> = cases.iter().map(|c| (&c.cache, c.question.as_slice())).collect();
+    let batched = pipeline.answer_batch(&jobs, &config).unwrap();
+    assert_eq!(batched.len(), jobs.len());
+    for ((cache, question), b) in jobs.iter().zip(&batched) {
+        let alone = pipeline.answer(cache, question, &config, &mut |_| {}).unwrap();
+        assert_eq!((&b.ids, &b.text, b.stop, b.question_tokens, b.kv_bytes_final), (&alone.ids, &alone.text, alone.stop, alone.question_tokens, alone.kv_bytes_final));
+    }
+}

@@ -7,6 +7,7 @@ use kvc_core::KvcBackend;
 use kvc_models::{generate, GenerationConfig};
 
 pub mod backends;
+pub mod batch;
 pub mod compress;
 pub mod eval;
 pub mod needle;
@@ -25,12 +26,7 @@ const CPU_BACKENDS: &[&str] = &[
     "ndarray",
 ];
 
-/// Peak resident set size of this process (VmHWM), bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
-}
+pub(crate) use kvc_bench::batch::peak_rss;
 
 /// The first `n` tokens of `text` (repeated as often as it takes).
 ///

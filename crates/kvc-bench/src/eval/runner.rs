@@ -49,6 +49,9 @@ pub enum Progress {
     Done(Box<Prediction>),
 }
 
+/// Answers of a row decoded together at most (each holds its own compressed cache).
+const BATCH: usize = 16;
+
 /// The (row, press, ratio) key of a prediction.
 fn key(row: usize, press: &str, ratio: f64) -> (usize, String, String) {
     (row, press.to_string(), ratio_key(ratio))
@@ -177,7 +180,6 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
         let prefilled = pipeline.prefill(&tokens.context, needs, cfg.prefill_chunk, &mut |_| {})?;
         let gen = GenerationConfig { max_new_tokens: row.max_new_tokens, prefill_chunk: cfg.prefill_chunk, ..Default::default() };
         let question = &tokens.questions[0];
-        let answer = |cache: &kvc_core::KvCache<B>| pipeline.answer(cache, question, &gen, &mut |_| {});
         let scored = |mut p: Prediction, text: String, seconds: f64, row: &Row| {
             p.score = metrics::score(&row.task, &text, &row.answer);
             p.prediction = text;
@@ -186,16 +188,24 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
             p.context_tokens = tokens.context.len();
             p
         };
+        // the row's answers (uncompressed, then every press x ratio) decoded together, at most
+        // BATCH at a time: one pass over the weights per step for all of them
+        let mut jobs: Vec<(Prediction, kvc_core::KvCache<B>, f64)> = Vec::new();
         if none_todo {
-            let a = answer(&prefilled.cache)?;
-            let p = Prediction { kv_bytes: prefilled.cache.bytes(), ..blank(NONE, 0.0) };
-            write(scored(p, a.text, a.seconds, row), &mut done)?;
+            jobs.push((Prediction { kv_bytes: prefilled.cache.bytes(), ..blank(NONE, 0.0) }, prefilled.cache.clone(), 0.0));
         }
-        for (spec, ratio) in todo {
-            let c = pipeline.compress(&prefilled, spec, &mut |_, _| {})?;
-            let a = answer(&c.cache)?;
-            let p = Prediction { kv_bytes: c.report.bytes_after, kept_per_layer: c.report.kept_per_layer(), ..blank(&spec.name, *ratio) };
-            write(scored(p, a.text, c.seconds + a.seconds, row), &mut done)?;
+        let mut specs = todo.into_iter().peekable();
+        while !jobs.is_empty() || specs.peek().is_some() {
+            while jobs.len() < BATCH {
+                let Some((spec, ratio)) = specs.next() else { break };
+                let c = pipeline.compress(&prefilled, spec, &mut |_, _| {})?;
+                let p = Prediction { kv_bytes: c.report.bytes_after, kept_per_layer: c.report.kept_per_layer(), ..blank(&spec.name, *ratio) };
+                jobs.push((p, c.cache, c.seconds));
+            }
+            let answers = pipeline.answer_batch(&jobs.iter().map(|(_, c, _)| (c, question.as_slice())).collect::<Vec<_>>(), &gen)?;
+            for ((p, _, compress_seconds), a) in jobs.drain(..).zip(answers) {
+                write(scored(p, a.text, compress_seconds + a.seconds, row), &mut done)?;
+            }
         }
     }
     drop(file);

@@ -28,7 +28,8 @@ pub struct Prediction {
     pub answer: Vec<String>,
     /// Context tokens.
     pub context_tokens: usize,
-    /// Wall seconds of this prediction (compression + answer; the shared prefill is in
+    /// Wall seconds of this prediction (compression + answer, the answer decoded in one batch
+    /// with the row's other answers, so its decode time is shared; the shared prefill is in
     /// `prefill_seconds`).
     pub seconds: f64,
     /// Wall seconds of the row's prefill (shared by every press and ratio of the row).
