@@ -242,9 +242,20 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            self.admit();
-            self.step();
-            self.advance_document();
+            // a panic in the model or a press must not stop the server: the work of this turn
+            // fails (its clients get an error), the engine goes on
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.admit();
+                self.step();
+                self.advance_document();
+            }));
+            if turn.is_err() {
+                eprintln!("kvc serve: the engine recovered from a panic; {} answer(s) and the document in work dropped", self.active.len());
+                self.active.clear();
+                if let Some(work) = self.documents.pop_front() {
+                    self.fail_document(work.id, &work.events, "internal error while processing".into());
+                }
+            }
             let m = &self.shared.metrics;
             m.queue_depth.store(self.waiting.len(), Ordering::Relaxed);
         }
@@ -518,10 +529,9 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
     }
 
     /// One decode step of every active answer: each picks its next token from its logits (sends
-    /// its text, checks its stop rules), then every answer that goes on is fed its token.
-    ///
-    /// The second half (one forward pass per answer, batch 1) is what a batched step replaces:
-    /// `generate::batch::Batch::step` with the tokens of all answers that go on at once.
+    /// its text, checks its stop rules), then every answer that goes on is fed its token, all of
+    /// them in one batched forward pass ([`kvc_models::Decoder::forward_batch`]: the weights are
+    /// read once for the whole batch; each answer's logits are those it would get alone).
     fn step(&mut self) {
         if self.active.is_empty() {
             return;
@@ -531,18 +541,33 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
         for a in &mut self.active {
             outcomes.push(pick(a, self.model, &self.shared));
         }
-        // the forward pass of every answer that goes on: here, one batch-1 step each
         let window = self.model.config.max_position_embeddings;
-        for (a, outcome) in self.active.iter_mut().zip(outcomes.iter_mut()) {
+        let mut rows = Vec::with_capacity(self.active.len());
+        for (i, (a, outcome)) in self.active.iter().zip(outcomes.iter_mut()).enumerate() {
             if let Ok(Outcome::Next(token)) = outcome {
-                let token = *token;
                 if a.cache.next_position() >= window {
                     *outcome = Ok(Outcome::Finished("length"));
-                    continue;
+                } else {
+                    rows.push((i, *token));
                 }
-                match self.model.model.forward(generate::token_tensor::<B>(&[token], &self.device), &mut a.cache, None, Logits::Last) {
-                    Ok(l) => a.logits = Some(l),
-                    Err(e) => *outcome = Err(model_error(e)),
+            }
+        }
+        if !rows.is_empty() {
+            let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
+            let going: std::collections::HashSet<usize> = rows.iter().map(|r| r.0).collect();
+            let mut caches: Vec<&mut KvCache<B>> = self.active.iter_mut().enumerate().filter(|(i, _)| going.contains(i)).map(|(_, a)| &mut a.cache).collect();
+            match self.model.model.forward_batch(&tokens, &mut caches) {
+                Ok(logits) => {
+                    let vocab = logits.dims()[1];
+                    for (row, &(i, _)) in rows.iter().enumerate() {
+                        self.active[i].logits = Some(logits.clone().narrow(0, row, 1).reshape([1, 1, vocab]));
+                    }
+                }
+                Err(e) => {
+                    let e = model_error(e);
+                    for &(i, _) in &rows {
+                        outcomes[i] = Err(e.clone());
+                    }
                 }
             }
         }
