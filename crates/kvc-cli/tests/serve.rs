@@ -75,9 +75,12 @@ fn start(args: &[&str], key: Option<&'static str>, log_dir: &Path) -> Server {
     panic!("kvc serve not healthy: {}", log_of(&server));
 }
 
+/// Status, headers (lowercase names), body.
+type Reply = (u16, Vec<(String, String)>, Vec<u8>);
+
 /// One HTTP/1.1 exchange on a new connection (`Connection: close`): status, headers (lowercase
 /// names), body (chunked transfer decoded).
-fn try_http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+fn try_http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> std::io::Result<Reply> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
@@ -94,7 +97,7 @@ fn try_http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+fn parse_response(raw: &[u8]) -> std::io::Result<Reply> {
     let bad = |m: &str| std::io::Error::other(m.to_string());
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
     let head = String::from_utf8_lossy(&raw[..end]).to_string();

@@ -443,7 +443,9 @@ mod tests {
         let (id, rest) = r.prefix_match("Once upon a time there was").unwrap();
         assert_eq!(r.get(&id).unwrap().text, "Once upon a time");
         assert_eq!(rest, " there was");
-        assert!(r.prefix_match("Once upon a time").is_none(), "no question left");
+        let (id, rest) = r.prefix_match("Once upon a time").unwrap();
+        assert_eq!((r.get(&id).unwrap().text.as_str(), rest.as_str()), ("Once upon", " a time"), "a document equal to the prompt leaves no question");
+        assert!(r.prefix_match("Once upon").is_none(), "no question left");
         assert!(r.prefix_match("Twice").is_none());
     }
 }
