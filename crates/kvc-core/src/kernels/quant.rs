@@ -199,7 +199,7 @@ fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, o
 }
 
 /// Rows of `x` multiplied together by one weight row ([`simd::dot_nibbles_rows`]).
-const ROWS_AT_ONCE: usize = 4;
+const ROWS_AT_ONCE: usize = 8;
 
 mod simd {
     use super::BLOCK;
@@ -522,7 +522,7 @@ mod tests {
                 let scale: Vec<f32> = (0..rows * blocks).map(|b| 0.01 + (b % 7) as f32 * 0.003).collect();
                 let min: Vec<f32> = (0..rows * blocks).map(|b| if lo == 0 { -0.05 + (b % 5) as f32 * 0.01 } else { 0.0 }).collect();
                 let w = QuantMatrix::from_codes(rows, cols, &c, scale, min).unwrap();
-                for n in [5, 9] {
+                for n in [5, 9, 13] {
                     let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.61).sin() * 3.0).collect();
                     let batch = matvec(&x, n, &[&w]);
                     for k in 0..n {
