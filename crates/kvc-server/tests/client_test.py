@@ -63,6 +63,22 @@ def wait_healthy(server, port, seconds=180):
     raise SystemExit(f"kvc serve not healthy after {seconds} s")
 
 
+def start_server(work):
+    """`kvc serve` with the API key on a free loopback port, healthy: (process, port, log file)."""
+    port = free_port()
+    log = open(os.path.join(work, "serve.log"), "w")
+    server = subprocess.Popen([KVC, "serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY],
+                              stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_healthy(server, port)
+    except BaseException:
+        server.kill()
+        server.wait(timeout=60)
+        log.close()
+        raise
+    return server, port, log
+
+
 def document_text():
     """About 500 tokens of the asset, cut at a line end (as the Rust test's first document)."""
     with open(os.path.join(ROOT, "assets", "pride_and_prejudice_ch1-2.txt"), encoding="utf-8") as f:
@@ -99,12 +115,8 @@ def main():
     with open(doc_file, "w", encoding="utf-8") as f:
         f.write(text)
     ref = reference(doc_file)
-    port = free_port()
-    log = open(os.path.join(work, "serve.log"), "w")
-    server = subprocess.Popen([KVC, "serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY],
-                              stdout=subprocess.DEVNULL, stderr=log)
+    server, port, log = start_server(work)
     try:
-        wait_healthy(server, port)
         status, doc = http(port, "POST", "/v1/documents", {"text": text})
         assert status == 201 and doc["status"] == "ready", doc
         assert doc["tokens"] == ref["context_tokens"], (doc, ref["context_tokens"])
