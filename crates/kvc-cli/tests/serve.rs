@@ -19,6 +19,10 @@ static ONE_SERVER: Mutex<()> = Mutex::new(());
 const KEY: &str = "test-key-123";
 const Q1: &str = "Who has taken Netherfield Park?";
 const Q2: &str = "What does Mrs. Bennet want?";
+const Q3: &str = "How many daughters do the Bennets have?";
+const Q4: &str = "Who is Mr. Bennet?";
+/// The questions of the concurrent clients, on every document.
+const QUESTIONS: [&str; 4] = [Q1, Q2, Q3, Q4];
 const MAX_TOKENS: usize = 12;
 
 /// A `kvc serve` process; killed on drop.
@@ -238,12 +242,12 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let docs = documents();
     let mut refs = Vec::new();
-    for (i, d) in docs[..2].iter().enumerate() {
+    for (i, d) in docs[..3].iter().enumerate() {
         let f = dir.path().join(format!("doc{i}.txt"));
         std::fs::write(&f, d).unwrap();
-        refs.push(reference(&f, &[Q1, Q2]));
+        refs.push(reference(&f, &QUESTIONS));
     }
-    let s = start(&["--max-body", "1MiB", "--max-batch", "4"], Some(KEY), dir.path());
+    let s = start(&["--max-body", "1MiB", "--max-batch", "8"], Some(KEY), dir.path());
 
     // documents: compressed once, as kvc generate compresses them
     let mut ids = Vec::new();
@@ -258,7 +262,7 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     }
     let (status, list) = get(&s, "/v1/documents");
     assert_eq!(status, 200);
-    assert_eq!(list["data"].as_array().map(Vec::len), Some(2), "{list}");
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(3), "{list}");
     let (status, one) = get(&s, &format!("/v1/documents/{}", ids[0]));
     assert_eq!((status, &one["status"]), (200, &json!("ready")), "{one}");
 
@@ -281,19 +285,22 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{v}");
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 5, "{v}");
 
-    // 4 concurrent clients x 2 questions over 2 documents: each answer equals its sequential one
+    // 8 concurrent clients x 4 questions over 3 documents (every client starts at another
+    // question; half of them stream): each answer equals its sequential one, and the engine fed
+    // more than one answer in one batched step
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..4)
+        let handles: Vec<_> = (0..8)
             .map(|c| {
                 let (s, ids, refs) = (&s, &ids, &refs);
                 scope.spawn(move || {
-                    let d = c % 2;
-                    for (q, question) in [Q1, Q2].iter().enumerate() {
-                        if c < 2 {
-                            let (got, text, _) = ask(s, &ids[d], question);
-                            assert_eq!((got, text), refs[d].1[q], "client {c}, question {q}");
+                    let d = c % 3;
+                    for i in 0..QUESTIONS.len() {
+                        let q = (i + c) % QUESTIONS.len();
+                        if c % 2 == 0 {
+                            let (got, text, _) = ask(s, &ids[d], QUESTIONS[q]);
+                            assert_eq!((got, text), refs[d].1[q], "client {c}, document {d}, question {q}");
                         } else {
-                            assert_eq!(ask_streamed(s, &ids[d], question), refs[d].1[q].1, "client {c}, question {q}");
+                            assert_eq!(ask_streamed(s, &ids[d], QUESTIONS[q]), refs[d].1[q].1, "client {c}, document {d}, question {q}");
                         }
                     }
                 })
@@ -303,6 +310,10 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
             h.join().expect("a client failed");
         }
     });
+    let (st, _, _, raw) = call(&s, "GET", "/metrics", None);
+    let metrics = String::from_utf8_lossy(&raw).to_string();
+    let batch_max: usize = metrics.lines().find_map(|l| l.strip_prefix("kvc_batch_size_max ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    assert!(st == 200 && (2..=8).contains(&batch_max), "kvc_batch_size_max {batch_max}: answers not batched (--max-batch 8)\n{metrics}");
 
     // bad input: the right status, an OpenAI error, and the server answers after
     let chat = |body: &[u8]| {
@@ -357,7 +368,7 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     let (st, _, _, raw) = call(&s, "GET", "/metrics", None);
     let metrics = String::from_utf8_lossy(&raw);
     assert_eq!(st, 200);
-    for needle in ["kvc_requests_total{route=\"/v1/chat/completions\",status=\"200\"}", "kvc_requests_total{route=\"/v1/documents\",status=\"413\"}", "kvc_cache_hits_total ", "kvc_time_to_first_token_seconds_count", "kvc_documents{tier=\"memory\"} 1"] {
+    for needle in ["kvc_requests_total{route=\"/v1/chat/completions\",status=\"200\"}", "kvc_requests_total{route=\"/v1/documents\",status=\"413\"}", "kvc_cache_hits_total ", "kvc_time_to_first_token_seconds_count", "kvc_documents{tier=\"memory\"} 2"] {
         assert!(metrics.contains(needle), "{needle} missing in\n{metrics}");
     }
     let (st, _, _, raw) = call(&s, "GET", "/", None);

@@ -553,6 +553,7 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
             }
         }
         if !rows.is_empty() {
+            self.shared.metrics.batch_size_max.fetch_max(rows.len(), Ordering::Relaxed);
             let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
             let going: std::collections::HashSet<usize> = rows.iter().map(|r| r.0).collect();
             let mut caches: Vec<&mut KvCache<B>> = self.active.iter_mut().enumerate().filter(|(i, _)| going.contains(i)).map(|(_, a)| &mut a.cache).collect();

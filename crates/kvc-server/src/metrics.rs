@@ -63,6 +63,8 @@ pub struct Metrics {
     pub queue_depth: AtomicUsize,
     /// Answers advancing together in the last step.
     pub batch_size: AtomicUsize,
+    /// The most answers fed together in one batched forward pass since the server started.
+    pub batch_size_max: AtomicUsize,
     /// Seconds from a request's arrival to its first generated token.
     pub time_to_first_token: Histogram,
     /// Seconds per generated token after the first (one step of the whole batch).
@@ -104,6 +106,7 @@ impl Metrics {
         for (name, help, v) in [
             ("kvc_queue_depth", "Answers waiting for a place in the batch.", &self.queue_depth),
             ("kvc_batch_size", "Answers advanced together in the last step.", &self.batch_size),
+            ("kvc_batch_size_max", "Most answers fed together in one batched forward pass since start.", &self.batch_size_max),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
         }
@@ -123,11 +126,14 @@ mod tests {
         m.time_to_first_token.observe(0.007);
         m.time_to_first_token.observe(3.0);
         m.request("/v1/models", 200);
+        m.batch_size_max.fetch_max(3, Ordering::Relaxed);
+        m.batch_size_max.fetch_max(2, Ordering::Relaxed);
         let text = m.render(((1, 10), (2, 20)));
         assert!(text.contains("kvc_time_to_first_token_seconds_bucket{le=\"0.01\"} 1\n"), "{text}");
         assert!(text.contains("kvc_time_to_first_token_seconds_bucket{le=\"5\"} 2\n"), "{text}");
         assert!(text.contains("kvc_time_to_first_token_seconds_count 2\n"), "{text}");
         assert!(text.contains("kvc_requests_total{route=\"/v1/models\",status=\"200\"} 1\n"), "{text}");
         assert!(text.contains("kvc_document_bytes{tier=\"disk\"} 20\n"), "{text}");
+        assert!(text.contains("# TYPE kvc_batch_size_max gauge\nkvc_batch_size_max 3\n"), "{text}");
     }
 }
