@@ -504,3 +504,123 @@ fn serve_keeps_documents_on_disk_across_eviction_restart_and_kill() {
         }
     }
 }
+
+/// A small deterministic generator (no dependency): xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A mutation of `seed` (a JSON body): a field set to a value of another type, or bytes flipped,
+/// deleted, inserted, duplicated or cut.
+fn mutate(rng: &mut Rng, seed: &Value) -> Vec<u8> {
+    let odd = [
+        json!(null),
+        json!(-1),
+        json!(1e308),
+        json!(18446744073709551615u64),
+        json!("x"),
+        json!([]),
+        json!({}),
+        json!(true),
+        json!("\u{0}\u{ffff}../../etc/passwd"),
+        serde_json::from_str(&format!("{}1{}", "[".repeat(40), "]".repeat(40))).unwrap(),
+        json!([{ "role": 7, "content": [{ "type": "image_url" }] }]),
+        json!("a".repeat(3000)),
+    ];
+    if rng.below(2) == 0 {
+        let mut v = seed.clone();
+        let keys: Vec<String> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        let key = keys[rng.below(keys.len())].clone();
+        let value = odd[rng.below(odd.len())].clone();
+        match rng.below(3) {
+            0 => v[key.as_str()] = value,
+            1 => {
+                v.as_object_mut().map(|o| o.remove(&key));
+            }
+            _ => v[format!("extra{}", rng.below(9)).as_str()] = value,
+        }
+        if !v.get("max_tokens").is_some_and(Value::is_u64) && seed.get("max_tokens").is_some() {
+            v["max_tokens"] = json!(2); // a valid request stays short
+        }
+        return v.to_string().into_bytes();
+    }
+    let mut b = seed.to_string().into_bytes();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(b.len());
+        match rng.below(5) {
+            0 => b[at] ^= 1 << rng.below(8),
+            1 => {
+                let end = (at + 1 + rng.below(8)).min(b.len());
+                b.drain(at..end);
+            }
+            2 => b.insert(at, [b'{', b'}', b'[', b'"', b'\\', b',', b':', 0xff, b'0'][rng.below(9)]),
+            3 => b.truncate(at),
+            _ => {
+                let piece = b[at..(at + 8).min(b.len())].to_vec();
+                b.splice(at..at, piece);
+            }
+        }
+        if b.is_empty() {
+            break;
+        }
+    }
+    b
+}
+
+/// Mutated request bodies (and ids) on every route that reads one, sent one after another for at
+/// most 400 requests or 60 seconds: every reply is a status the API documents, every error is in
+/// OpenAI's shape, the server never stops answering, and a plain request still works after.
+#[test]
+fn serve_survives_mutated_requests() {
+    let _one = ONE_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&["--max-queue", "4"], None, dir.path());
+    let doc = create_document(&server, "Mr. Bennet had five daughters. Netherfield Park is let at last.");
+    let id = doc["id"].as_str().unwrap().to_string();
+    let seeds = [
+        ("/v1/chat/completions", json!({ "model": "kvc", "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 2 })),
+        ("/v1/chat/completions", json!({ "model": "kvc", "document": id, "messages": [{ "role": "user", "content": "Who?" }], "max_tokens": 2, "stream": true })),
+        ("/v1/documents", json!({ "text": "A short text.", "ratio": 0.5 })),
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let begin = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..400 {
+        if begin.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        let (path, seed) = &seeds[i % seeds.len()];
+        let body = mutate(&mut rng, seed);
+        let (status, _, raw) = try_http(server.port, "POST", path, &[("Content-Type", "application/json")], Some(&body))
+            .unwrap_or_else(|e| panic!("request {i} ({}): {e}; log: {}", String::from_utf8_lossy(&body), log_of(&server)));
+        *statuses.entry(status).or_insert(0) += 1;
+        assert!([200, 201, 400, 404, 413, 415, 422, 429].contains(&status), "request {i}: status {status} for {}", String::from_utf8_lossy(&body));
+        if status >= 400 {
+            let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+            assert!(v["error"]["message"].is_string(), "request {i}: error not in OpenAI's shape: {}", String::from_utf8_lossy(&raw));
+        }
+        // a mutated document id on the routes that take one
+        let mut bad = id.clone().into_bytes();
+        let at = rng.below(bad.len());
+        bad[at] = [b'.', b'/', b'%', b'g', b'Z', b'0'][rng.below(6)];
+        let path = format!("/v1/documents/{}", String::from_utf8_lossy(&bad));
+        let (status, _, _) = try_http(server.port, "GET", &path, &[], None).unwrap();
+        assert!([200, 400, 404].contains(&status), "GET {path}: {status}");
+    }
+    assert!(statuses.keys().any(|&s| s >= 400) && statuses.keys().any(|&s| s < 300), "both errors and successes: {statuses:?}");
+    eprintln!("mutated requests: {statuses:?} in {:.0} s", begin.elapsed().as_secs_f64());
+    assert_eq!(get(&server, "/health").0, 200, "healthy after; log: {}", log_of(&server));
+    let (status, v) = post(&server, "/v1/chat/completions", &json!({ "model": "kvc", "document": id, "messages": [{ "role": "user", "content": "Who?" }], "max_tokens": 4 }));
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+}
