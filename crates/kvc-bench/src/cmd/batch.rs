@@ -87,7 +87,7 @@ impl backend::BackendJob for BatchJob<'_> {
         let mut print = |r: &kvc_bench::batch::BatchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
         let rows = kvc_bench::batch::run(&loaded, context, question[0], self.press, &a.batches, a.steps, &mut print)?;
         let base = rows.first().map_or(1.0, |r| r.tokens_per_second / r.batch as f64);
-        println!("\n| B | step ms | tokens/s | x B=1 per sequence rate | KV MB per sequence | peak RSS MB |\n|---|---|---|---|---|---|");
+        println!("\n| B | step ms | tokens/s | aggregate x B=1 | KV MB per sequence | peak RSS MB |\n|---|---|---|---|---|---|");
         for r in &rows {
             println!(
                 "| {} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
