@@ -31,11 +31,9 @@ pub struct BatchRow {
     pub peak_rss: Option<u64>,
 }
 
-/// Peak resident memory of this process (Linux `VmHWM`).
+/// Peak resident memory of this process (Linux `VmHWM`): [`kvc_models::peak_rss_bytes`].
 pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    kvc_models::peak_rss_bytes()
 }
 
 /// Prefills `context` once, compresses it with `press` (if any), then for each batch size `b`

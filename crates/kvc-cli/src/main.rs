@@ -111,7 +111,7 @@ struct ServeArgs {
     /// Float type of weights, activations and KV caches (see `generate --help`).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
-    /// Decode with the dense weights instead of a GGUF's quantized blocks.
+    /// Hold dense copies of the weights instead of a GGUF's blocks of codes (see `generate --help`).
     #[arg(long)]
     dense_weights: bool,
 }
@@ -217,9 +217,11 @@ struct GenerateArgs {
     /// and compresses faster than f32 on CPUs with AVX512_BF16).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
-    /// Decode with the dense weights (f32, or --dtype's). By default a GGUF model's decode steps multiply by the
-    /// file's quantized blocks (4- or 8-bit codes, dequantized in registers: the same weights,
-    /// the sums in another order), reading ~4x fewer bytes per token.
+    /// Hold dense copies of the weights (f32, or --dtype's) and multiply by them in prefill and
+    /// decode. By default a GGUF model's quantized matrices are held only as the file's blocks of
+    /// codes (about the file's size in memory): decode steps multiply the codes in registers,
+    /// prefill chunks multiply dequantized tiles of them (the same weights, the sums in another
+    /// order).
     #[arg(long)]
     dense_weights: bool,
     /// Most bytes the KV caches may take (e.g. 2G, 512MiB, 500MB, 1048576); a context that needs more
@@ -291,8 +293,9 @@ impl backend::BackendJob for GenerateJob {
         if !B::supports_dtype(&device, self.dtype) {
             bail!("--dtype {} is not supported by the {} backend", self.names.1, self.names.0);
         }
-        let mut loaded =
-            kvc_models::load_as::<B>(&self.model, &device, Some(self.dtype)).with_context(|| format!("loading model {}", self.model.display()))?;
+        let storage = if self.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+        let mut loaded = kvc_models::load_with::<B>(&self.model, &device, Some(self.dtype), storage)
+            .with_context(|| format!("loading model {}", self.model.display()))?;
         if self.dense_weights || !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }
@@ -300,9 +303,25 @@ impl backend::BackendJob for GenerateJob {
         let pipeline = Pipeline::new(&loaded);
         let bar = (!self.json).then(progress_bar);
         let mut streaming = None;
+        // peak RSS at the end of each phase (VmHWM grows only: its value at a phase's last
+        // event is the peak up to the end of that phase)
+        let peaks = std::cell::RefCell::new(serde_json::Map::new());
+        let mark = |phase: &str| {
+            if let Some(b) = kvc_models::peak_rss_bytes() {
+                peaks.borrow_mut().insert(phase.to_string(), b.into());
+            }
+        };
+        mark("load");
         let mut on_event = |e: Event| match e {
-            Event::Prefill { done, total } => update(&bar, "prefill", done, total),
-            Event::Compress { done, total } => update(&bar, "compress", done, total),
+            Event::Prefill { done, total } => {
+                mark("prefill");
+                update(&bar, "prefill", done, total)
+            }
+            Event::Compress { done, total } => {
+                mark("compress");
+                update(&bar, "compress", done, total)
+            }
+            Event::Text { .. } if self.json => mark("answer"),
             Event::Text { question, baseline: false, delta } if !self.json => {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
@@ -340,8 +359,9 @@ impl backend::BackendJob for GenerateJob {
         if !self.json && streaming.is_some() {
             println!();
         }
+        mark("answer");
         if self.json {
-            print_json(&self, &loaded, &response, load_secs, loaded_header.as_ref())
+            print_json(&self, &loaded, &response, load_secs, loaded_header.as_ref(), peaks.into_inner())
         } else {
             print_summary(&self, &response, loaded_header.as_ref());
             Ok(())
@@ -374,7 +394,14 @@ fn update(bar: &Option<ProgressBar>, phase: &'static str, done: usize, total: us
     }
 }
 
-fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel<B>, r: &Response, load_secs: f64, saved: Option<&CacheHeader>) -> Result<()> {
+fn print_json<B: KvcBackend>(
+    job: &GenerateJob,
+    loaded: &kvc_models::LoadedModel<B>,
+    r: &Response,
+    load_secs: f64,
+    saved: Option<&CacheHeader>,
+    peaks: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
     let first = &r.answers[0];
     let spec = job.request.press.as_ref();
     let press = r.report.as_ref().zip(spec).map(|(rep, p)| {
@@ -409,6 +436,9 @@ fn print_json<B: KvcBackend>(job: &GenerateJob, loaded: &kvc_models::LoadedModel
         "decode_seconds": first.decode_seconds,
         "decode_tokens_per_second": first.decode_tokens_per_second(),
         "quantized_decode": loaded.model.quantized_decode(),
+        "weights": if loaded.model.codes_only() { "codes" } else { "dense" },
+        "weight_bytes": loaded.model.weight_bytes(),
+        "peak_rss_bytes": peaks,
         "backend": job.names.0,
         "dtype": job.names.1,
         "kv_cache_bytes_context": r.kv_bytes.0,

@@ -343,6 +343,21 @@ impl GgufFile {
         self.data.get(info.offset..info.offset.checked_add(info.size)?)
     }
 
+    /// Hands a tensor's pages back to the OS once it has been read (`madvise(MADV_DONTNEED)` on
+    /// its range of the read-only mapping): a later read pages it in again from the file. Keeps
+    /// the load's peak memory at what the model holds rather than that plus the whole file.
+    /// A no-op where unsupported.
+    pub fn release(&self, info: &GgufTensorInfo) {
+        #[cfg(unix)]
+        if info.size > 0 && info.offset.checked_add(info.size).is_some_and(|end| end <= self.data.len()) {
+            // SAFETY: a read-only private mapping of a file kvc does not modify: dropped pages
+            // read back the same bytes on the next access, so no reference ever sees them change.
+            let _ = unsafe { self.data.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, info.offset, info.size) };
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+
     /// Dequantizes a tensor to f32; returns (data, shape in PyTorch order).
     ///
     /// # Errors
@@ -515,6 +530,74 @@ pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, V
         }
     }
     Some((codes, scale, min))
+}
+
+/// A K-quant tensor's integer codes and two-level scales, for
+/// [`kvc_core::QuantMatrix::from_k_quants`]: the weight is `code * (d * sc) - dmin * m`, bit for
+/// bit [`dequantize`]'s value (ggml's `dequantize_row_q4_K` / `_q5_K` / `_q6_K`).
+#[derive(Clone, Debug, Default)]
+pub struct KQuantParts {
+    /// One code per element in [`dequantize`]'s order (`Q4_K`: 0..=15, `Q5_K`: 0..=31, `Q6_K`:
+    /// -32..=31).
+    pub codes: Vec<i8>,
+    /// Elements per scale: 32 (`Q4_K`, `Q5_K`) or 16 (`Q6_K`).
+    pub group: usize,
+    /// Per 256-element super-block.
+    pub d: Vec<f32>,
+    /// Per super-block (empty for `Q6_K`).
+    pub dmin: Vec<f32>,
+    /// Per group: the 6-bit (`Q4_K`, `Q5_K`) or signed 8-bit (`Q6_K`) scale.
+    pub sc: Vec<i8>,
+    /// Per group: the 6-bit min (empty for `Q6_K`).
+    pub m: Vec<i8>,
+}
+
+/// [`KQuantParts`] of a `Q4_K`, `Q5_K` or `Q6_K` tensor; `None` for other types or a buffer that
+/// is not whole super-blocks.
+pub fn k_quant_parts(kind: GgmlType, bytes: &[u8]) -> Option<KQuantParts> {
+    let (per_block, block_bytes) = kind.block()?;
+    if !matches!(kind, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) || bytes.len() % block_bytes != 0 {
+        return None;
+    }
+    let supers = bytes.len() / block_bytes;
+    let group = if kind == GgmlType::Q6K { 16 } else { 32 };
+    let mut p = KQuantParts { codes: Vec::with_capacity(supers * per_block), group, ..Default::default() };
+    for b in bytes.chunks_exact(block_bytes) {
+        if kind == GgmlType::Q6K {
+            let (ql_all, qh_all, sc_all) = (&b[0..128], &b[128..192], &b[192..208]);
+            p.d.push(f16_at(b, 208));
+            for half_i in 0..2 {
+                let (ql, qh, sc) = (&ql_all[64 * half_i..], &qh_all[32 * half_i..], &sc_all[8 * half_i..]);
+                let mut y = [0i8; 128];
+                for l in 0..32 {
+                    y[l] = (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32) as i8;
+                    y[l + 32] = (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32) as i8;
+                    y[l + 64] = (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32) as i8;
+                    y[l + 96] = (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32) as i8;
+                }
+                p.codes.extend_from_slice(&y);
+                // element l of each 32 uses sc[l / 16 + 2 k] for its quarter k: groups of 16 in order
+                for k in 0..4 {
+                    p.sc.extend([sc[2 * k] as i8, sc[2 * k + 1] as i8]);
+                }
+            }
+        } else {
+            let (d, dmin, scales) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);
+            p.d.push(d);
+            p.dmin.push(dmin);
+            let (qh, qs) = if kind == GgmlType::Q5K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+            for (j, q) in qs.chunks_exact(32).enumerate() {
+                for (sub, shift) in [(2 * j, 0), (2 * j + 1, 4)] {
+                    let (sc, m) = scale_min_k4(sub, scales);
+                    let bit = 1u8 << sub;
+                    p.codes.extend(q.iter().enumerate().map(|(l, &x)| (((x >> shift) & 0xF) + if !qh.is_empty() && qh[l] & bit != 0 { 16 } else { 0 }) as i8));
+                    p.sc.push(sc as i8);
+                    p.m.push(m as i8);
+                }
+            }
+        }
+    }
+    Some(p)
 }
 
 /// `x * d + m` (ggml's `_1` types), or just `x * d` without a min (the `_0` types).

@@ -64,7 +64,7 @@ use burn::tensor::{backend::Backend, DType};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{GenerationConfig, StopReason};
-pub use model::{Decoder, Logits};
+pub use model::{Decoder, Logits, WeightStorage};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// Summary of a model file for `kvc inspect`.
@@ -189,23 +189,47 @@ pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B
 /// # Errors
 /// As [`load`].
 pub fn load_as<B: Backend>(path: &Path, device: &B::Device, dtype: Option<DType>) -> Result<LoadedModel<B>> {
-    match open_source(path)? {
+    load_source(path, |config, source| Decoder::from_source_as(config, source, device, dtype))
+}
+
+/// Opens `path` and builds its decoder with `build` (config, weights), with the tokenizer and
+/// file info beside it.
+fn load_source<B: Backend>(path: &Path, build: impl FnOnce(&ModelConfig, &dyn weights::WeightSource) -> Result<Decoder<B>>) -> Result<LoadedModel<B>> {
+    let (config, info, tokenizer, source): (_, _, _, Box<dyn weights::WeightSource>) = match open_source(path)? {
         Source::Gguf(file) => {
             let config = ModelConfig::from_gguf(&file)?;
-            let info = gguf_info(&file);
-            let tokenizer = Tokenizer::from_gguf(&file)?;
+            let (info, tokenizer) = (gguf_info(&file), Tokenizer::from_gguf(&file)?);
             let source = weights::GgufWeights::new(file, config.architecture, config.num_heads, config.num_kv_heads);
-            let model = Decoder::from_source_as(&config, &source, device, dtype)?;
-            Ok(LoadedModel { model, tokenizer, config, info })
+            (config, info, tokenizer, Box::new(source))
         }
         Source::Hf(dir) => {
-            let config = hf_config(&dir)?;
-            let info = safetensors_info(&dir)?;
-            let tokenizer = Tokenizer::from_hf_dir(&dir)?;
-            let model = Decoder::from_source_as(&config, &weights::SafetensorsWeights::open(&dir)?, device, dtype)?;
-            Ok(LoadedModel { model, tokenizer, config, info })
+            let (config, info, tokenizer) = (hf_config(&dir)?, safetensors_info(&dir)?, Tokenizer::from_hf_dir(&dir)?);
+            (config, info, tokenizer, Box::new(weights::SafetensorsWeights::open(&dir)?))
         }
-    }
+    };
+    let model = build(&config, source.as_ref())?;
+    Ok(LoadedModel { model, tokenizer, config, info })
+}
+
+/// As [`load_as`], with the matrices where `storage` puts them ([`model::WeightStorage`]):
+/// [`model::WeightStorage::Codes`] holds a GGUF's quantized matrices only as their codes on a
+/// backend with the kernels (flex, ndarray), so the process holds about the file's bytes and no
+/// dense f32 copy (Qwen2.5-Coder-1.5B `Q4_K_M`: 1.16 GB instead of 8.1 GB); elsewhere, and for
+/// [`model::WeightStorage::Dense`], it loads as [`load_as`] does.
+///
+/// # Errors
+/// As [`load_as`].
+pub fn load_with<B: kvc_core::KvcBackend>(path: &Path, device: &B::Device, dtype: Option<DType>, storage: model::WeightStorage) -> Result<LoadedModel<B>> {
+    load_source(path, |config, source| Decoder::from_source_with(config, source, device, dtype, storage))
+}
+
+/// Peak resident memory of this process so far, in bytes (Linux `VmHWM` from
+/// `/proc/self/status`); `None` where unknown. Reported by `kvc generate --json` per phase and
+/// by the benchmarks.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// Loads only the tokenizer of a `.gguf` file or HF folder (no weights).

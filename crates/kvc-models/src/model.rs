@@ -5,7 +5,7 @@
 //! `modeling_qwen3.py`.
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::{Embedding, RmsNorm};
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 use kvc_core::kernels::observed_attention;
 use kvc_core::{AttentionObserver, KvCache, KvcBackend, QuantMatrix};
@@ -25,17 +25,44 @@ pub enum Logits {
     Last,
 }
 
+/// A linear layer `y = x W^T + b`: the weight dense on the device (burn's `Linear` layout
+/// `[in, out]`), or held only in the file's blocks of codes ([`QuantizedWeights`], a model
+/// loaded with [`WeightStorage::Codes`]).
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    /// `[in, out]`; `None` when only the codes are held.
+    pub weight: Option<Param<Tensor<B, 2>>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+/// Where a model's matrices live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// Dense copies in the model's dtype on the device (every backend); a GGUF's blocks of codes
+    /// kept beside them for decode steps where the backend has the kernel. Prefill chunks
+    /// multiply the dense copies. (`kvc generate --dense-weights`.)
+    Dense,
+    /// A GGUF's blocks of codes only, as the file holds them ([`QuantMatrix`]): no dense copy of
+    /// any quantized matrix (the embedding included: rows are dequantized per token); decode
+    /// reads the codes, prefill chunks multiply dequantized tiles ([`kvc_core::kernels::quant::matmul`]).
+    /// Matrices the file keeps as floats stay dense. Needs a backend with
+    /// [`KvcBackend::kvc_has_quant_linear`] (flex, ndarray); elsewhere the model loads dense.
+    #[default]
+    Codes,
+}
+
 /// Self-attention with grouped KV heads.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// `[hidden, heads*head_dim]` (+ bias for Qwen2).
-    pub q_proj: Linear<B>,
+    pub q_proj: Projection<B>,
     /// `[hidden, kv_heads*head_dim]`.
-    pub k_proj: Linear<B>,
+    pub k_proj: Projection<B>,
     /// `[hidden, kv_heads*head_dim]`.
-    pub v_proj: Linear<B>,
+    pub v_proj: Projection<B>,
     /// `[heads*head_dim, hidden]`.
-    pub o_proj: Linear<B>,
+    pub o_proj: Projection<B>,
     /// Qwen3 per-head query norm over `head_dim`.
     pub q_norm: Option<RmsNorm<B>>,
     /// Qwen3 per-head key norm over `head_dim`.
@@ -49,11 +76,11 @@ pub struct Attention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[hidden, intermediate]`.
-    pub gate_proj: Linear<B>,
+    pub gate_proj: Projection<B>,
     /// `[hidden, intermediate]`.
-    pub up_proj: Linear<B>,
+    pub up_proj: Projection<B>,
     /// `[intermediate, hidden]`.
-    pub down_proj: Linear<B>,
+    pub down_proj: Projection<B>,
 }
 
 /// One pre-norm decoder layer.
@@ -69,18 +96,27 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's matrices in the order of [`QuantizedWeights`]: `q, k, v, o, gate, up, down`.
+    pub fn projections(&self) -> [&Projection<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+}
+
 /// The whole decoder-only model.
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
-    /// Token embedding `[vocab, hidden]`.
-    pub embed_tokens: Embedding<B>,
+    /// Token embedding `[vocab, hidden]` (`None` when only its codes are held:
+    /// [`WeightStorage::Codes`]).
+    pub embed_tokens: Option<Embedding<B>>,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer<B>>,
     /// Final norm.
     pub norm: RmsNorm<B>,
     /// LM head `[hidden, vocab]` (a materialized transpose of the embedding when tied, so the
     /// matmul never works on a strided view).
-    pub lm_head: Linear<B>,
+    pub lm_head: Projection<B>,
     #[module(skip)]
     config: ModelConfig,
     #[module(skip)]
@@ -92,6 +128,9 @@ pub struct Decoder<B: Backend> {
     /// Whether small products use [`Decoder::quantized`] ([`Decoder::set_quantized_decode`]).
     #[module(skip)]
     quantized_decode: bool,
+    /// The float dtype of the activations and the KV cache (the dense weights' dtype).
+    #[module(skip)]
+    dtype: DType,
 }
 
 /// Products of at most this many rows (tokens x batch) read quantized weights when the model has
@@ -112,61 +151,83 @@ pub struct QuantizedWeights {
     /// format without one scale per 32 elements).
     layers: Vec<[Option<QuantMatrix>; 7]>,
     /// The LM head `[vocab, hidden]` (the embedding's codes when tied).
-    lm_head: Option<QuantMatrix>,
+    lm_head: Option<Arc<QuantMatrix>>,
+    /// The embedding `[vocab, hidden]` when held only as codes ([`WeightStorage::Codes`]).
+    embed: Option<Arc<QuantMatrix>>,
 }
 
 impl QuantizedWeights {
     /// Bytes held by the codes, scales and mins.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().flatten().chain([&self.lm_head]).flatten().map(QuantMatrix::bytes).sum()
+        let shared = match (&self.lm_head, &self.embed) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => None,
+            _ => self.embed.as_deref(),
+        };
+        self.layers.iter().flatten().flatten().chain(self.lm_head.as_deref()).chain(shared).map(QuantMatrix::bytes).sum()
     }
 
     /// Matrices held (of `7 x layers + 1`).
     pub fn matrices(&self) -> usize {
-        self.layers.iter().flatten().chain([&self.lm_head]).flatten().count()
+        self.layers.iter().flatten().count() + self.lm_head.is_some() as usize
     }
 }
 
 /// `x W_j` for each linear layer of `lins` (all on the same input `x`, `[batch, tokens, in]`):
 /// through their block codes in one call ([`KvcBackend::kvc_quant_linear`]: a fused Q/K/V or
-/// gate/up product) when `x` has at most [`QUANTIZED_MAX_ROWS`] rows, every layer has codes and
-/// the backend has the kernel; otherwise through the dense weights.
-fn project<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
+/// gate/up product) when `x` has at most [`QUANTIZED_MAX_ROWS`] rows or a layer has no dense
+/// weight, every layer has codes and the backend has the kernel; otherwise layer by layer,
+/// each through its codes or its dense weight.
+fn project<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>) -> Result<[Tensor<B, 3>; N]> {
     project_rows(lins, x, QUANTIZED_MAX_ROWS)
 }
 
 /// As [`project`], reading the codes for up to `max_rows` rows (a batched decode step: every row
 /// is one sequence's token, and the codes are read once for all of them).
-fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Linear<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, max_rows: usize) -> [Tensor<B, 3>; N] {
+fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, max_rows: usize) -> Result<[Tensor<B, 3>; N]> {
     let [b, c, i] = x.dims();
-    if b * c <= max_rows {
-        if let Some(ws) = lins.iter().map(|(_, w)| *w).collect::<Option<Vec<_>>>() {
-            if let Some(y) = B::kvc_quant_linear(x.clone().reshape([b * c, i]), &ws) {
-                let mut start = 0;
-                return lins.map(|(lin, w)| {
-                    let rows = w.map_or(0, QuantMatrix::rows);
-                    let part = if N == 1 { y.clone() } else { y.clone().narrow(1, start, rows) };
-                    start += rows;
-                    let part = part.reshape([b, c, rows]);
-                    match &lin.bias {
-                        Some(bias) => part + bias.val().reshape([1, 1, rows]),
-                        None => part,
-                    }
-                });
-            }
-        }
+    let x = x.reshape([b * c, i]);
+    fn codes<'a, B: Backend>(lin: &Projection<B>, w: Option<&'a QuantMatrix>, rows: usize, max_rows: usize) -> Option<&'a QuantMatrix> {
+        w.filter(|_| rows <= max_rows || lin.weight.is_none())
     }
-    lins.map(|(lin, _)| {
-        let Some(y) = B::kvc_linear(x.clone().reshape([b * c, i]), &lin.weight.val()) else {
-            return lin.forward(x.clone());
-        };
+    let codes = |lin: &Projection<B>, w| codes(lin, w, b * c, max_rows);
+    let finish = |lin: &Projection<B>, y: Tensor<B, 2>| {
         let out = y.dims()[1];
         let y = y.reshape([b, c, out]);
         match &lin.bias {
             Some(bias) => y + bias.val().reshape([1, 1, out]),
             None => y,
         }
-    })
+    };
+    if N > 1 {
+        if let Some(ws) = lins.iter().map(|(lin, w)| codes(lin, *w)).collect::<Option<Vec<_>>>() {
+            if let Some(y) = B::kvc_quant_linear(x.clone(), &ws) {
+                let mut start = 0;
+                return Ok(lins.map(|(lin, w)| {
+                    let rows = w.map_or(0, QuantMatrix::rows);
+                    let part = y.clone().narrow(1, start, rows);
+                    start += rows;
+                    finish(lin, part)
+                }));
+            }
+        }
+    }
+    let mut missing = false;
+    let out = lins.map(|(lin, w)| {
+        let y = codes(lin, w).and_then(|w| B::kvc_quant_linear(x.clone(), &[w]));
+        let y = match (y, &lin.weight) {
+            (Some(y), _) => y,
+            (None, Some(weight)) => B::kvc_linear(x.clone(), &weight.val()).unwrap_or_else(|| x.clone().matmul(weight.val())),
+            (None, None) => {
+                missing = true;
+                x.clone()
+            }
+        };
+        finish(lin, y)
+    });
+    if missing {
+        return Err(ModelError::Config("a matrix held only in its codes on a backend without the quantized kernel".into()));
+    }
+    Ok(out)
 }
 
 /// `norm(x)` through [`KvcBackend::kvc_rms_norm`] (the host kernel on flex).
@@ -179,6 +240,8 @@ struct Loader<'a, B: Backend> {
     device: &'a B::Device,
     /// The weights' float dtype on the device; `None` = the backend's default.
     dtype: Option<DType>,
+    /// Hold the source's codes instead of dense copies where it has them.
+    codes_only: bool,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -207,12 +270,20 @@ impl<B: Backend> Loader<'_, B> {
         Ok(Param::from_tensor(self.tensor(data, [len])))
     }
 
-    /// A linear layer from a PyTorch `[out, in]` weight (transposed to burn's `[in, out]`).
-    fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<Linear<B>> {
-        let w = self.host(&format!("{prefix}.weight"), &[output, input])?;
-        let weight = Param::from_tensor(self.tensor(transpose(&w, output, input), [input, output]));
+    /// A linear layer from a PyTorch `[out, in]` weight (transposed to burn's `[in, out]`), and
+    /// its codes when the source has them: with `codes_only` the layer then holds no dense
+    /// weight.
+    fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<(Projection<B>, Option<QuantMatrix>)> {
+        let name = format!("{prefix}.weight");
+        let codes = self.quantized(&name, input, output);
+        let weight = if self.codes_only && codes.is_some() {
+            None
+        } else {
+            let w = self.host(&name, &[output, input])?;
+            Some(Param::from_tensor(self.tensor(transpose(&w, output, input), [input, output])))
+        };
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), output)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok((Projection { weight, bias }, codes))
     }
 
     /// The source's block codes of `name` when the shape is `[output, input]` (for any dtype: the
@@ -256,25 +327,46 @@ impl<B: Backend> Decoder<B> {
     /// # Errors
     /// As [`Decoder::from_source`].
     pub fn from_source_as(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: Option<DType>) -> Result<Self> {
+        Self::build(config, source, device, dtype, false)
+    }
+
+    fn build(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: Option<DType>, codes_only: bool) -> Result<Self> {
         config.validate()?;
-        let l = Loader::<B> { source, device, dtype };
+        let l = Loader::<B> { source, device, dtype, codes_only };
         let c = config;
         let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
-        let embed = l.host("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head_weight = if c.tie_word_embeddings {
-            transpose(&embed, c.vocab_size, h)
+        let mut quantized = QuantizedWeights::default();
+        let embed_codes = l.quantized("model.embed_tokens.weight", h, c.vocab_size).filter(|_| codes_only).map(Arc::new);
+        let embed_tokens = match &embed_codes {
+            Some(_) => None,
+            None => {
+                let embed = l.host("model.embed_tokens.weight", &[c.vocab_size, h])?;
+                if c.tie_word_embeddings && !codes_only {
+                    quantized.lm_head = l.quantized("model.embed_tokens.weight", h, c.vocab_size).map(Arc::new);
+                }
+                let head = c.tie_word_embeddings.then(|| transpose(&embed, c.vocab_size, h));
+                Some((Embedding { weight: Param::from_tensor(l.tensor(embed, [c.vocab_size, h])) }, head))
+            }
+        };
+        let (embed_tokens, tied_head) = match embed_tokens {
+            Some((e, head)) => (Some(e), head),
+            None => (None, None),
+        };
+        let lm_head = if c.tie_word_embeddings {
+            match (&embed_codes, tied_head) {
+                (Some(codes), _) => {
+                    quantized.lm_head = Some(codes.clone());
+                    Projection { weight: None, bias: None }
+                }
+                (None, Some(head)) => Projection { weight: Some(Param::from_tensor(l.tensor(head, [h, c.vocab_size]))), bias: None },
+                (None, None) => return Err(ModelError::Config("tied embeddings without an embedding".into())),
+            }
         } else {
-            transpose(&l.host("lm_head.weight", &[c.vocab_size, h])?, c.vocab_size, h)
+            let (head, codes) = l.linear("lm_head", h, c.vocab_size, false)?;
+            quantized.lm_head = codes.map(Arc::new);
+            head
         };
-        let embed_tokens = Embedding {
-            weight: Param::from_tensor(l.tensor(embed, [c.vocab_size, h])),
-        };
-        let lm_head = Linear {
-            weight: Param::from_tensor(l.tensor(lm_head_weight, [h, c.vocab_size])),
-            bias: None,
-        };
-        let head_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        let mut quantized = QuantizedWeights { layers: Vec::new(), lm_head: l.quantized(head_name, h, c.vocab_size) };
+        quantized.embed = embed_codes;
         // grows with the tensors found (the config's count is checked against them, not trusted)
         let mut layers = Vec::new();
         for i in 0..c.num_layers {
@@ -285,39 +377,25 @@ impl<B: Backend> Decoder<B> {
             } else {
                 (None, None)
             };
+            let (qd, kvd, im) = (c.num_heads * d, c.num_kv_heads * d, c.intermediate_size);
+            let (q_proj, q) = l.linear(&format!("{a}.q_proj"), h, qd, c.attention_bias)?;
+            let (k_proj, k) = l.linear(&format!("{a}.k_proj"), h, kvd, c.attention_bias)?;
+            let (v_proj, v) = l.linear(&format!("{a}.v_proj"), h, kvd, c.attention_bias)?;
+            let (o_proj, o) = l.linear(&format!("{a}.o_proj"), qd, h, false)?;
+            let (gate_proj, gate) = l.linear(&format!("{p}.mlp.gate_proj"), h, im, false)?;
+            let (up_proj, up) = l.linear(&format!("{p}.mlp.up_proj"), h, im, false)?;
+            let (down_proj, down) = l.linear(&format!("{p}.mlp.down_proj"), im, h, false)?;
             layers.push(DecoderLayer {
                 input_layernorm: l.norm(&format!("{p}.input_layernorm.weight"), h, eps)?,
-                self_attn: Attention {
-                    q_proj: l.linear(&format!("{a}.q_proj"), h, c.num_heads * d, c.attention_bias)?,
-                    k_proj: l.linear(&format!("{a}.k_proj"), h, c.num_kv_heads * d, c.attention_bias)?,
-                    v_proj: l.linear(&format!("{a}.v_proj"), h, c.num_kv_heads * d, c.attention_bias)?,
-                    o_proj: l.linear(&format!("{a}.o_proj"), c.num_heads * d, h, false)?,
-                    q_norm,
-                    k_norm,
-                    num_heads: c.num_heads,
-                    num_kv_heads: c.num_kv_heads,
-                    head_dim: d,
-                },
+                self_attn: Attention { q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: d },
                 post_attention_layernorm: l.norm(&format!("{p}.post_attention_layernorm.weight"), h, eps)?,
-                mlp: Mlp {
-                    gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
-                    up_proj: l.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
-                    down_proj: l.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
-                },
+                mlp: Mlp { gate_proj, up_proj, down_proj },
             });
-            let (qd, kvd, im) = (c.num_heads * d, c.num_kv_heads * d, c.intermediate_size);
-            quantized.layers.push([
-                l.quantized(&format!("{a}.q_proj.weight"), h, qd),
-                l.quantized(&format!("{a}.k_proj.weight"), h, kvd),
-                l.quantized(&format!("{a}.v_proj.weight"), h, kvd),
-                l.quantized(&format!("{a}.o_proj.weight"), qd, h),
-                l.quantized(&format!("{p}.mlp.gate_proj.weight"), h, im),
-                l.quantized(&format!("{p}.mlp.up_proj.weight"), h, im),
-                l.quantized(&format!("{p}.mlp.down_proj.weight"), im, h),
-            ]);
+            quantized.layers.push([q, k, v, o, gate, up, down]);
         }
         let norm = l.norm("model.norm.weight", h, eps)?;
-        let quantized = (quantized.matrices() > 0).then(|| Arc::new(quantized));
+        let dtype = norm.gamma.val().dtype();
+        let quantized = (quantized.matrices() > 0 || quantized.embed.is_some()).then(|| Arc::new(quantized));
         Ok(Self {
             embed_tokens,
             layers,
@@ -327,6 +405,7 @@ impl<B: Backend> Decoder<B> {
             inv_freq: rope::inv_freq(config),
             quantized_decode: quantized.is_some(),
             quantized,
+            dtype,
         })
     }
 
@@ -344,16 +423,32 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Frees the quantized weights (every product then uses the dense ones): for a backend
-    /// without [`KvcBackend::kvc_quant_linear`], or an app that never wants them.
+    /// without [`KvcBackend::kvc_quant_linear`], or an app that never wants them. No effect on a
+    /// model that holds some matrices only as codes ([`WeightStorage::Codes`]: they are its
+    /// weights).
     pub fn drop_quantized(&mut self) {
-        self.quantized = None;
-        self.quantized_decode = false;
+        if !self.codes_only() {
+            self.quantized = None;
+            self.quantized_decode = false;
+        }
+    }
+
+    /// Whether some matrix is held only in its codes ([`WeightStorage::Codes`]).
+    pub fn codes_only(&self) -> bool {
+        self.embed_tokens.is_none() || self.lm_head.weight.is_none() || self.layers.iter().any(|l| l.projections().iter().any(|p| p.weight.is_none()))
+    }
+
+    /// Bytes of the weights held: dense tensors (in their dtype) and codes.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |p: &Projection<B>| p.weight.as_ref().map_or(0, |w| w.val().shape().num_elements() * self.dtype.size());
+        let embed = self.embed_tokens.as_ref().map_or(0, |e| e.weight.val().shape().num_elements() * self.dtype.size());
+        embed + dense(&self.lm_head) + self.layers.iter().flat_map(|l| l.projections()).map(dense).sum::<usize>() + self.quantized().map_or(0, QuantizedWeights::bytes)
     }
 
     /// The float dtype of the weights on the device, which the activations and the KV cache share
     /// (F32 unless loaded with [`Decoder::from_source_as`] in F16 / BF16).
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.weight.val().dtype()
+        self.dtype
     }
 
     /// The model's configuration.
@@ -363,7 +458,7 @@ impl<B: Backend> Decoder<B> {
 
     /// The device holding the weights.
     pub fn device(&self) -> B::Device {
-        self.embed_tokens.weight.device()
+        self.norm.gamma.device()
     }
 
     /// An empty KV cache sized for this model.
@@ -390,12 +485,33 @@ impl<B: Backend> Decoder<B> {
         };
         eat(serde_json::to_string(&self.config).unwrap_or_default().as_bytes());
         let rows = self.config.vocab_size.min(64);
-        eat(self.embed_tokens.weight.val().narrow(0, 0, rows).into_data().as_bytes());
-        let first = self.layers.first().map(|l| &l.self_attn);
-        let last = self.layers.last().map(|l| &l.self_attn);
-        for attn in first.into_iter().chain(last) {
-            for proj in [&attn.k_proj, &attn.v_proj] {
-                eat(proj.weight.val().into_data().as_bytes());
+        // held only as codes: the dequantized values in the dense layout and dtype, the bytes
+        // the dense copy would give
+        let codes_bytes = |values: Vec<f32>| -> Vec<u8> {
+            match self.dtype {
+                DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+                _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+            }
+        };
+        match (&self.embed_tokens, self.quantized.as_ref().and_then(|q| q.embed.as_ref())) {
+            (Some(e), _) => eat(e.weight.val().narrow(0, 0, rows).into_data().as_bytes()),
+            (None, Some(codes)) => {
+                let mut v = vec![0f32; rows * codes.cols()];
+                codes.dequantize_rows_into(0, rows, &mut v);
+                eat(&codes_bytes(v));
+            }
+            (None, None) => {}
+        }
+        let n = self.layers.len();
+        for i in [0, n.saturating_sub(1)].into_iter().filter(|_| n > 0) {
+            let attn = &self.layers[i].self_attn;
+            for (proj, j) in [(&attn.k_proj, 1), (&attn.v_proj, 2)] {
+                match (&proj.weight, self.quantized.as_ref().and_then(|q| q.layers.get(i)?.get(j)?.as_ref())) {
+                    (Some(w), _) => eat(w.val().into_data().as_bytes()),
+                    (None, Some(codes)) => eat(&codes_bytes(transpose(&codes.dequantize(), codes.rows(), codes.cols()))),
+                    (None, None) => {}
+                }
                 if let Some(b) = &proj.bias {
                     eat(b.val().into_data().as_bytes());
                 }
@@ -413,10 +529,57 @@ impl<B: KvcBackend> Decoder<B> {
         self.quantized_decode && B::kvc_has_quant_linear()
     }
 
-    /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use.
+    /// As [`Decoder::from_source_as`], with the matrices where `storage` puts them:
+    /// [`WeightStorage::Codes`] holds a GGUF's quantized matrices only as their codes when this
+    /// backend has the kernel ([`KvcBackend::kvc_has_quant_linear`]), and loads dense
+    /// otherwise.
+    ///
+    /// # Errors
+    /// As [`Decoder::from_source`].
+    pub fn from_source_with(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: Option<DType>, storage: WeightStorage) -> Result<Self> {
+        Self::build(config, source, device, dtype, storage == WeightStorage::Codes && B::kvc_has_quant_linear())
+    }
+
+    /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use
+    /// (always when the layer has no dense copy).
     fn quant(&self, layer: usize, index: usize) -> Option<&QuantMatrix> {
-        let q = self.quantized.as_deref().filter(|_| self.quantized_decode())?;
-        q.layers.get(layer)?.get(index)?.as_ref()
+        let m = self.quantized.as_deref()?.layers.get(layer)?.get(index)?.as_ref()?;
+        let dense = self.layers.get(layer).is_some_and(|l| l.projections()[index].weight.is_some());
+        (self.quantized_decode() || !dense).then_some(m)
+    }
+
+    /// The LM head's codes when in use.
+    fn head_codes(&self) -> Option<&QuantMatrix> {
+        let m = self.quantized.as_deref()?.lm_head.as_deref()?;
+        (self.quantized_decode() || self.lm_head.weight.is_none()).then_some(m)
+    }
+
+    /// The embeddings of `ids` `[1, ids.len(), hidden]` (from the codes when the embedding is
+    /// held only so).
+    ///
+    /// # Errors
+    /// [`ModelError::Generation`] for an id outside the vocabulary.
+    fn embed_ids(&self, ids: &[u32], device: &B::Device) -> Result<Tensor<B, 3>> {
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::Generation(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        self.embed(crate::generate::token_tensor::<B>(ids, device))
+    }
+
+    /// The embeddings of `tokens` `[batch, chunk]` -> `[batch, chunk, hidden]`.
+    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        if let Some(e) = &self.embed_tokens {
+            return Ok(e.forward(tokens));
+        }
+        let codes = self.quantized.as_ref().and_then(|q| q.embed.as_ref()).ok_or_else(|| ModelError::Config("no embedding".into()))?;
+        let [b, c] = tokens.dims();
+        let device = tokens.device();
+        let ids: Vec<usize> = tokens.into_data().convert::<i64>().iter::<i64>().map(|v| usize::try_from(v).unwrap_or(usize::MAX)).collect();
+        let rows = codes
+            .gather_rows(&ids)
+            .ok_or_else(|| ModelError::Generation(format!("a token id outside the vocabulary of {}", codes.rows())))?;
+        Ok(Tensor::from_data(TensorData::new(rows, [b, c, codes.cols()]), (&device, self.dtype)))
     }
 
     /// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing
@@ -426,7 +589,7 @@ impl<B: KvcBackend> Decoder<B> {
     /// # Errors
     /// Errors of the forward pass.
     pub fn feed(&self, ids: &[u32], cache: &mut KvCache<B>, mut observer: Option<&mut dyn AttentionObserver<B>>, chunk: usize) -> Result<()> {
-        let device = self.embed_tokens.weight.device();
+        let device = self.device();
         cache.reserve(ids.len());
         for part in ids.chunks(chunk.max(1)) {
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
@@ -448,7 +611,7 @@ impl<B: KvcBackend> Decoder<B> {
         cache.reserve(ids.len());
         let last = (ids.len() - 1) / chunk * chunk;
         self.feed(&ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk)?;
-        let device = self.embed_tokens.weight.device();
+        let device = self.device();
         self.forward(crate::generate::token_tensor::<B>(&ids[last..], &device), cache, observer, Logits::Last)
     }
 
@@ -473,8 +636,7 @@ impl<B: KvcBackend> Decoder<B> {
             Logits::All => x,
             Logits::Last => x.narrow(1, chunk - 1, 1),
         };
-        let head = self.quantized.as_deref().filter(|_| self.quantized_decode()).and_then(|q| q.lm_head.as_ref());
-        let [logits] = project([(&self.lm_head, head)], norm(&self.norm, x));
+        let [logits] = project([(&self.lm_head, self.head_codes())], norm(&self.norm, x))?;
         Ok(logits)
     }
 
@@ -498,14 +660,14 @@ impl<B: KvcBackend> Decoder<B> {
         if n == 0 || n != caches.len() {
             return Err(ModelError::Generation(format!("a batched step needs one token per cache ({n} tokens, {} caches)", caches.len())));
         }
-        let device = self.embed_tokens.weight.device();
+        let device = self.device();
         let c = &self.config;
-        let dtype = self.embed_tokens.weight.val().dtype();
+        let dtype = self.dtype;
         let positions: Vec<usize> = caches.iter().map(|cache| cache.next_position()).collect();
         let rope_q = rope::tables_at::<B>(&self.inv_freq, positions.iter().copied(), c.num_heads, &device, dtype);
         let rope_k = rope::tables_at::<B>(&self.inv_freq, positions.iter().copied(), c.num_kv_heads, &device, dtype);
         // the n tokens as one chunk of a batch of 1: `[1, n, hidden]` rows for the products
-        let mut x = self.embed_tokens.forward(crate::generate::token_tensor::<B>(tokens, &device));
+        let mut x = self.embed_ids(tokens, &device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = norm(&layer.input_layernorm, x.clone());
             let quant = [0, 1, 2, 3].map(|j| self.quant(i, j));
@@ -513,15 +675,14 @@ impl<B: KvcBackend> Decoder<B> {
             let x1 = x + a;
             let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
-            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, usize::MAX);
-            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), usize::MAX);
+            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, usize::MAX)?;
+            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), usize::MAX)?;
             x = x1 + ff;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let head = self.quantized.as_deref().filter(|_| self.quantized_decode()).and_then(|q| q.lm_head.as_ref());
-        let [logits] = project_rows([(&self.lm_head, head)], norm(&self.norm, x), usize::MAX);
+        let [logits] = project_rows([(&self.lm_head, self.head_codes())], norm(&self.norm, x), usize::MAX)?;
         Ok(logits.reshape([n, c.vocab_size]))
     }
 
@@ -555,10 +716,10 @@ impl<B: KvcBackend> Decoder<B> {
         let first = cache.next_position();
         // RoPE tables laid out like the projections' output `[1, chunk, heads, head_dim]`
         let c = &self.config;
-        let dtype = self.embed_tokens.weight.val().dtype();
+        let dtype = self.dtype;
         let rope_q = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_heads, &device, dtype);
         let rope_k = rope::tables::<B>(&self.inv_freq, first, chunk, c.num_kv_heads, &device, dtype);
-        let mut x = Some(self.embed_tokens.forward(tokens));
+        let mut x = Some(self.embed(tokens)?);
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(xi) = x.take() else { break };
@@ -570,8 +731,8 @@ impl<B: KvcBackend> Decoder<B> {
             let x1 = xi + a;
             let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
-            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h);
-            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up));
+            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h)?;
+            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up))?;
             x = Some(x1 + ff);
         }
         cache.advance(chunk);
@@ -610,7 +771,7 @@ impl<B: KvcBackend> Attention<B> {
         // layout, then heads move to dim 1
         let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, c, heads, d]);
         if part == AttentionPart::KeysValues {
-            let [k, v] = project([(&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x);
+            let [k, v] = project([(&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x)?;
             let mut k = split(k, hkv);
             if let Some(kn) = &self.k_norm {
                 k = norm(kn, k);
@@ -619,7 +780,7 @@ impl<B: KvcBackend> Attention<B> {
             cache.append_with(layer, first, k, split(v, hkv).swap_dims(1, 2), B::kvc_write_slots)?;
             return Ok(None);
         }
-        let [q, k, v] = project([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x);
+        let [q, k, v] = project([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x)?;
         let (mut q, mut k) = (split(q, hq), split(k, hkv));
         let v = split(v, hkv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -637,7 +798,7 @@ impl<B: KvcBackend> Attention<B> {
         if part == AttentionPart::Attention {
             return Ok(None);
         }
-        let [out] = project([(&self.o_proj, quant[3])], out);
+        let [out] = project([(&self.o_proj, quant[3])], out)?;
         Ok(Some(out))
     }
 }
@@ -659,7 +820,7 @@ impl<B: KvcBackend> Attention<B> {
     ) -> Result<Tensor<B, 3>> {
         let [_, n, _] = x.dims();
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, usize::MAX);
+        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, usize::MAX)?;
         let (mut q, mut k, v) = (q.reshape([1, n, hq, d]), k.reshape([1, n, hkv, d]), v.reshape([1, n, hkv, d]));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = norm(qn, q);
@@ -677,7 +838,7 @@ impl<B: KvcBackend> Attention<B> {
             let out = B::kvc_attention(kvc_core::kernels::AttentionArgs { queries: row(&q), keys, values, valid, reduce: None, probs: false }).output;
             outs.push(out.swap_dims(1, 2).reshape([1, 1, hq * d]));
         }
-        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), usize::MAX);
+        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), usize::MAX)?;
         Ok(out)
     }
 }

@@ -602,7 +602,7 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     /// weights' element size.
     fn kv_bytes_per_token(&self) -> usize {
         let c = &self.model.config;
-        c.num_layers * c.num_kv_heads * c.head_dim * 2 * self.model.model.embed_tokens.weight.val().dtype().size()
+        c.num_layers * c.num_kv_heads * c.head_dim * 2 * self.model.model.dtype().size()
     }
 
     fn sync(&self) -> Result<()> {

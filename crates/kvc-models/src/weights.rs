@@ -28,10 +28,10 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<HostTensor>;
     /// Whether `name` exists.
     fn contains(&self, name: &str) -> bool;
-    /// The 2-D weight `name` (`[out, in]`) kept in its file's blocks of integer codes, for the
-    /// decode step's matrix-vector products ([`kvc_core::QuantMatrix`]); `None` (the default)
-    /// when the source holds it as floats or in a block format without one scale per 32
-    /// elements. Its dequantized values are those of [`WeightSource::tensor`].
+    /// The 2-D weight `name` (`[out, in]`) kept in its file's blocks of integer codes
+    /// ([`kvc_core::QuantMatrix`]: ggml's `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` and the
+    /// K-quants `Q4_K`, `Q5_K`, `Q6_K`); `None` (the default) when the source holds it as floats
+    /// or in another format. Its dequantized values are those of [`WeightSource::tensor`].
     fn quantized(&self, name: &str) -> Option<kvc_core::QuantMatrix> {
         let _ = name;
         None
@@ -125,20 +125,57 @@ impl WeightSource for GgufWeights {
     fn quantized(&self, name: &str) -> Option<kvc_core::QuantMatrix> {
         let info = self.file.tensor_info(&gguf_name(name)?)?;
         let [rows, cols] = info.shape[..] else { return None };
-        let (mut codes, mut scale, mut min) = crate::gguf::quant_codes(info.kind, self.file.tensor_bytes(info)?)?;
-        if let Some(heads) = self.permuted_heads(name) {
-            if heads == 0 || rows % (2 * heads) != 0 || cols % 32 != 0 {
-                return None;
-            }
-            codes = unpermute_rows(&codes, rows, cols, heads);
-            scale = unpermute_rows(&scale, rows, cols / 32, heads);
-            min = unpermute_rows(&min, rows, cols / 32, heads);
-        }
-        kvc_core::QuantMatrix::from_codes(rows, cols, &codes, scale, min).ok()
+        let bytes = self.file.tensor_bytes(info)?;
+        let matrix = self.codes_of(name, info, rows, cols, bytes);
+        self.file.release(info);
+        matrix
     }
 
     fn tensor(&self, name: &str) -> Result<HostTensor> {
         let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let out = self.dense(name, &g);
+        if let Some(info) = self.file.tensor_info(&g) {
+            self.file.release(info);
+        }
+        out
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
+    }
+}
+
+impl GgufWeights {
+    /// [`WeightSource::quantized`] of `name` from its bytes.
+    fn codes_of(&self, name: &str, info: &crate::gguf::GgufTensorInfo, rows: usize, cols: usize, bytes: &[u8]) -> Option<kvc_core::QuantMatrix> {
+        let heads = self.permuted_heads(name);
+        if heads.is_some_and(|h| h == 0 || rows % (2 * h) != 0) {
+            return None;
+        }
+        fn unpermute_by<T: Copy + Default>(heads: Option<usize>, v: Vec<T>, rows: usize, per_row: usize) -> Vec<T> {
+            match heads {
+                Some(h) => unpermute_rows(&v, rows, per_row, h),
+                None => v,
+            }
+        }
+        let unpermute_f = |v: Vec<f32>, per_row: usize| unpermute_by(heads, v, rows, per_row);
+        let unpermute = |v: Vec<i8>, per_row: usize| unpermute_by(heads, v, rows, per_row);
+        if let Some(p) = crate::gguf::k_quant_parts(info.kind, bytes) {
+            let (supers, groups) = (cols / kvc_core::kernels::quant::SUPER_BLOCK, cols / p.group.max(1));
+            let codes = unpermute(p.codes, cols);
+            let (d, sc) = (unpermute_f(p.d, supers), unpermute(p.sc, groups));
+            let (dmin, m) = if p.m.is_empty() { (p.dmin, p.m) } else { (unpermute_f(p.dmin, supers), unpermute(p.m, groups)) };
+            return kvc_core::QuantMatrix::from_k_quants(rows, cols, &codes, p.group, d, dmin, sc, m).ok();
+        }
+        let (codes, scale, min) = crate::gguf::quant_codes(info.kind, bytes)?;
+        if cols % 32 != 0 {
+            return None;
+        }
+        kvc_core::QuantMatrix::from_codes(rows, cols, &unpermute(codes, cols), unpermute_f(scale, cols / 32), unpermute_f(min, cols / 32)).ok()
+    }
+
+    /// [`WeightSource::tensor`] of `name` (GGUF name `g`).
+    fn dense(&self, name: &str, g: &str) -> Result<HostTensor> {
         let (data, shape) = self.file.tensor_f32(&g).map_err(|e| match e {
             ModelError::MissingTensor(_) => ModelError::MissingTensor(format!("{name} (GGUF {g})")),
             other => other,
@@ -158,9 +195,6 @@ impl WeightSource for GgufWeights {
         Ok((data, shape))
     }
 
-    fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
-    }
 }
 
 /// Weights from a HF model folder: every `*.safetensors` file in it (sharded or not).

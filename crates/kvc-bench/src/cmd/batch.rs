@@ -78,7 +78,7 @@ impl backend::BackendJob for BatchJob<'_> {
         if !B::supports_dtype(&device, dtype) {
             bail!("{} does not support --dtype {}", a.backend, a.dtype);
         }
-        let mut loaded = kvc_models::load_as::<B>(self.model, &device, Some(dtype))?;
+        let mut loaded = kvc_models::load_with::<B>(self.model, &device, Some(dtype), kvc_models::WeightStorage::Codes)?;
         if !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }

@@ -1,6 +1,8 @@
 //! `kvc-bench speed`: prefill and decode tokens/s of a model on the backends compiled in, on a
-//! prompt cut from a text file to an exact token count (decode also on the dense weights when the
-//! model decodes with quantized ones). One JSON line per backend and prompt length.
+//! prompt cut from a text file to an exact token count, with a GGUF's matrices held as their codes
+//! (the default) or as dense copies (`--dense-weights`: decode also on the codes kept beside them,
+//! measured in the same run). One JSON line per backend and prompt length, with the process's peak
+//! RSS.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,6 +39,10 @@ pub struct SpeedArgs {
     /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
+    /// Load dense copies of the weights (as `kvc generate --dense-weights`) instead of holding a
+    /// GGUF's quantized matrices as their codes.
+    #[arg(long)]
+    dense_weights: bool,
 }
 
 /// Runs `kvc-bench speed`.
@@ -44,11 +50,11 @@ pub struct SpeedArgs {
 /// # Errors
 /// Resolving the model, reading --text; a backend's errors (loading, tokenizing, running).
 pub fn run(args: SpeedArgs) -> Result<()> {
-    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype } = args;
+    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights } = args;
     let model = kvc_models::default_model::resolve(model.as_deref())?;
     let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
     for b in backends {
-        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)) };
+        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights };
         backend::run(&b, job)?;
     }
     Ok(())
@@ -63,6 +69,7 @@ struct SpeedJob<'a> {
     chunk: usize,
     /// The name and burn dtype of `--dtype`.
     dtype: (&'a str, burn::tensor::DType),
+    dense_weights: bool,
 }
 
 impl backend::BackendJob for SpeedJob<'_> {
@@ -74,7 +81,8 @@ impl backend::BackendJob for SpeedJob<'_> {
             eprintln!("not run: {} {}: {:?} is not supported by this backend", self.name, self.dtype.0, self.dtype.1);
             return Ok(());
         }
-        let mut loaded = kvc_models::load_as::<B>(self.model, &device, Some(self.dtype.1))?;
+        let storage = if self.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+        let mut loaded = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
         if !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }
@@ -95,7 +103,7 @@ impl backend::BackendJob for SpeedJob<'_> {
             let decode_tps = (d.tokens.len().saturating_sub(1)) as f64 / d.elapsed.as_secs_f64();
             let kv_bytes = cache.bytes();
             // the same steps on the dense weights (the lever measured in the same run)
-            let dense_tps = if loaded.model.quantized_decode() {
+            let dense_tps = if loaded.model.quantized_decode() && !loaded.model.codes_only() {
                 cache.truncate(n);
                 cache.set_next_position(n);
                 loaded.model.set_quantized_decode(false);
@@ -110,7 +118,9 @@ impl backend::BackendJob for SpeedJob<'_> {
                 "{}",
                 serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "prompt_tokens": n, "prefill_s": prefill,
                     "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
-                    "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes})
+                    "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes,
+                    "weights": if loaded.model.codes_only() { "codes" } else { "dense" }, "weight_bytes": loaded.model.weight_bytes(),
+                    "peak_rss_mb": kvc_bench::batch::peak_rss().map(|b| b as f64 / 1e6)})
             );
         }
         Ok(())

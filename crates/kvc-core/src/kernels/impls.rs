@@ -100,7 +100,7 @@ impl KvcBackend for burn::backend::Flex {
         true
     }
 
-    /// [`super::quant::matvec`] on flex's buffer of `x` (no copy when contiguous and f32; f16 and
+    /// [`super::quant::linear`] (matrix-vector kernels for decode, dequantized tiles + GEMM for prefill chunks) on flex's buffer of `x` (no copy when contiguous and f32; f16 and
     /// bf16 rows are widened to f32 first and the result rounded back to their dtype).
     fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
         use burn::tensor::DType;
@@ -114,7 +114,7 @@ impl KvcBackend for burn::backend::Flex {
             _ => return None,
         }
         let p = flex_contiguous::<f32, _>(x);
-        let y = super::quant::matvec(p.as_slice::<f32>()?, n, ws);
+        let y = super::quant::linear(p.as_slice::<f32>()?, n, ws);
         let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
         Some(flex_tensor(y, [n, rows]))
     }
@@ -294,7 +294,7 @@ impl KvcBackend for burn::backend::NdArray<f32> {
         true
     }
 
-    /// [`super::quant::matvec`] through copies of `x` and `y` (a few KB for a decode step).
+    /// [`super::quant::linear`] through copies of `x` and `y`.
     fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
         super::host_quant_linear_copying(x, ws)
     }

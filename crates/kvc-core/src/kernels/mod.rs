@@ -116,7 +116,7 @@ pub trait KvcBackend: Backend {
     /// compute in f32 and round the result to `x`'s dtype) with block-quantized matrices
     /// `ws` ([`quant::QuantMatrix`], each `[out_i, in]`): `[n, sum of out_i]`, outputs side by
     /// side (a fused Q/K/V or gate/up projection). The decode step's matrix-vector products read
-    /// 4- or 8-bit codes instead of f32 weights ([`quant::matvec`]). `None` (the default): no such
+    /// 4- or 8-bit codes instead of f32 weights ([`quant::matvec`]); longer inputs (prefill chunks) multiply dequantized tiles ([`quant::matmul`]). `None` (the default): no such
     /// kernel on this backend, and the caller multiplies by its dense weights.
     fn kvc_quant_linear(x: Tensor<Self, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<Self, 2>> {
         let _ = (x, ws);
@@ -255,7 +255,7 @@ pub fn host_attention_copying<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionO
     req.run(&q, &k, &v, kv_stride, |data, shape| Tensor::from_data(TensorData::new(data, shape), &device))
 }
 
-/// [`quant::matvec`] on any backend through `into_data` / `from_data` (copies of `x` and `y`,
+/// [`quant::linear`] on any backend through `into_data` / `from_data` (copies of `x` and `y`,
 /// a few KB for a decode step); `None` unless `x` is a float `[n, cols]` for every matrix (f16 and
 /// bf16 rows are widened to f32, the result rounded back to their dtype).
 pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<B, 2>> {
@@ -266,7 +266,7 @@ pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::Quan
     }
     let device = x.device();
     let data = x.into_data().convert::<f32>().to_vec::<f32>().ok()?;
-    let y = quant::matvec(&data, n, ws);
+    let y = quant::linear(&data, n, ws);
     let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
     Some(Tensor::<B, 2>::from_data(TensorData::new(y, [n, rows]), &device).cast(dtype))
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One benchmark run of a GGUF model with its weights held as codes (kvc's default) against a dense f32
+# copy (--dense-weights) and llama.cpp's own llama-bench on the same file: prefill and decode tokens/s,
+# weight bytes held, peak RSS (docs/quantized-weights.md). Machines are noisy: compare figures of one
+# run only, on a quiet machine.
+#
+#   LLAMA_BIN=.../llama.cpp/build/bin bash tools/bench_weights.sh [MODEL] [TOKENS]
+#
+# MODEL: a .gguf (default: the known qwen2.5-coder-1.5b-instruct in kvc's cache folder, fetched by
+# `kvc generate --model qwen2.5-coder-1.5b-instruct ...` on first use); TOKENS: prompt lengths
+# (default 1024,4096). llama.cpp's tools build from the sources inside the llama-cpp-python 0.3.36
+# sdist (docs/batching.md says how); without LLAMA_BIN its rows are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${1:-$HOME/.cache/kvc/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
+TOKENS=${2:-1024,4096}
+TEXT=assets/pride_and_prejudice_ch1-2.txt
+lscpu | grep -E "Model name|^CPU\(s\)|^Model:"
+cargo build --release -q -p kvc-bench -p kvc-cli
+B=./target/release/kvc-bench
+GGUF=$MODEL
+echo "== kvc, weights as codes (default)"
+$B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex
+echo "== kvc, dense f32 copy (--dense-weights)"
+$B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex --dense-weights
+if [ -n "${LLAMA_BIN:-}" ]; then
+  echo "== llama.cpp llama-bench (same GGUF, 2 threads): prefill -p N, decode -n 32 after depth N"
+  for n in ${TOKENS//,/ }; do
+    /usr/bin/time -f "llama-bench -p $n: peak RSS %M KB" "$LLAMA_BIN/llama-bench" -m "$GGUF" -p "$n" -n 0 -t 2 -r 1 2>&1 | grep -E "pp$n|peak RSS"
+    "$LLAMA_BIN/llama-bench" -m "$GGUF" -p 0 -n 32 -d "$n" -t 2 -r 2 2>/dev/null | grep -E "tg32"
+  done
+  "$LLAMA_BIN/llama-bench" -m "$GGUF" -p 0 -n 32 -t 2 -r 3 2>/dev/null | grep -E "tg32"
+fi
