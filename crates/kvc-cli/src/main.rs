@@ -321,7 +321,6 @@ impl backend::BackendJob for GenerateJob {
                 mark("compress");
                 update(&bar, "compress", done, total)
             }
-            Event::Text { .. } if self.json => mark("answer"),
             Event::Text { question, baseline: false, delta } if !self.json => {
                 if let Some(b) = &bar {
                     b.finish_and_clear();

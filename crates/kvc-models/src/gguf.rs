@@ -350,8 +350,10 @@ impl GgufFile {
     pub fn release(&self, info: &GgufTensorInfo) {
         #[cfg(unix)]
         if info.size > 0 && info.offset.checked_add(info.size).is_some_and(|end| end <= self.data.len()) {
-            // SAFETY: a read-only private mapping of a file kvc does not modify: dropped pages
-            // read back the same bytes on the next access, so no reference ever sees them change.
+            // SAFETY: a read-only shared mapping of a file kvc does not modify: dropped pages
+            // (madvise rounds the start down to a page, so a neighbouring tensor's first bytes
+            // may go too) read back the same bytes from the file on the next access, so no
+            // reference ever sees them change.
             let _ = unsafe { self.data.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, info.offset, info.size) };
         }
         #[cfg(not(unix))]
@@ -470,10 +472,9 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
 /// min)` with one code per element (in [`dequantize`]'s order) and one `(scale, min)` per 32
 /// consecutive elements, such that `code * scale + min` is the dequantized weight: bit for bit
 /// (zeros' signs included; types without a min get `-0.0`, which adds nothing)
-/// for `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`; for `Q4_0` (`(q - 8) * d` in ggml) the
-/// codes stay 4-bit with `min = -8 d`, which may round the last bit differently. `None` for
-/// types without one scale per 32 elements (`F32`, `F16`, `BF16`, `Q6_K`, unknown) or a buffer
-/// that is not whole blocks.
+/// for `Q4_0` (codes `q - 8`, so `-8..=7`), `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`.
+/// `None` for types without one scale per 32 elements (`F32`, `F16`, `BF16`, `Q6_K`: see
+/// [`k_quant_parts`], unknown) or a buffer that is not whole blocks.
 pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, Vec<f32>)> {
     let (per_block, block_bytes) = kind.block()?;
     if per_block < 32 || bytes.len() % block_bytes != 0 || matches!(kind, GgmlType::Q6K) {
@@ -485,9 +486,11 @@ pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, V
         match kind {
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
                 let d = f16_at(b, 0);
-                let (m, qs) = if kind == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
-                codes.extend(qs.iter().map(|&q| (q & 0xF) as i8));
-                codes.extend(qs.iter().map(|&q| (q >> 4) as i8));
+                // Q4_0: `(q - 8) * d` as ggml computes it, so the codes are `q - 8` (held as
+                // bytes: the exact value beats the 4-bit storage for this legacy type)
+                let (m, qs, off) = if kind == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20], 0) } else { (-0.0, &b[2..18], 8) };
+                codes.extend(qs.iter().map(|&q| (q & 0xF) as i8 - off));
+                codes.extend(qs.iter().map(|&q| (q >> 4) as i8 - off));
                 scale.push(d);
                 min.push(m);
             }

@@ -133,22 +133,24 @@ pub struct Decoder<B: Backend> {
     dtype: DType,
 }
 
-/// Products of at most this many rows (tokens x batch) read quantized weights when the model has
-/// them: decode steps, and any chunk of at most this many tokens (a short question, the last piece
-/// of a chunked prefill, the prefill's last-token LM head); longer inputs are bound by arithmetic,
-/// where the dense GEMM is faster.
+/// On a model with dense copies ([`WeightStorage::Dense`]), products of at most this many rows
+/// (tokens x batch) read the quantized weights kept beside them: decode steps, and any chunk of
+/// at most this many tokens (a short question, the last piece of a chunked prefill, the
+/// prefill's last-token LM head); longer inputs use the dense GEMM. A matrix held only as codes
+/// ([`WeightStorage::Codes`]) always multiplies its codes.
 pub const QUANTIZED_MAX_ROWS: usize = 4;
 
-/// The weights of a GGUF model kept in their blocks of integer codes ([`QuantMatrix`]) beside the
-/// dense copies: a decode step's matrix-vector products read 4- or 8-bit codes instead of f32
+/// The weights of a GGUF model kept in their blocks of integer codes ([`QuantMatrix`]): the only
+/// copy of a matrix with [`WeightStorage::Codes`], or beside the dense copies for decode steps
+/// with [`WeightStorage::Dense`]. Products on them read 4- to 8-bit codes instead of f32
 /// (SmolLM2-135M `Q4_1`/`Q8_0`: ~115 MB instead of 540 MB per token), in f32 arithmetic whatever
 /// the model's dtype (f16/bf16 activations are widened and the products rounded back). Used on
-/// backends with [`KvcBackend::kvc_quant_linear`] (flex, ndarray; ndarray runs f32 only);
-/// [`Decoder::drop_quantized`] frees them.
+/// backends with [`KvcBackend::kvc_quant_linear`] (flex, ndarray); [`Decoder::drop_quantized`]
+/// frees them when there are dense copies.
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedWeights {
-    /// Per layer: `q, k, v, o, gate, up, down` (`None` where the file keeps floats or a block
-    /// format without one scale per 32 elements).
+    /// Per layer: `q, k, v, o, gate, up, down` (`None` where the file keeps floats or a format
+    /// [`crate::weights::WeightSource::quantized`] does not read).
     layers: Vec<[Option<QuantMatrix>; 7]>,
     /// The LM head `[vocab, hidden]` (the embedding's codes when tied).
     lm_head: Option<Arc<QuantMatrix>>,
@@ -181,8 +183,14 @@ fn project<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantM
     project_rows(lins, x, QUANTIZED_MAX_ROWS)
 }
 
-/// As [`project`], reading the codes for up to `max_rows` rows (a batched decode step: every row
-/// is one sequence's token, and the codes are read once for all of them).
+/// `max_rows` of [`project_rows`] for a batched decode step ([`Decoder::forward_batch`]): the
+/// codes are read for any number of rows, at most [`kvc_core::kernels::quant::MATVEC_MAX_ROWS`]
+/// per call, so that every row's result is the one it gets alone (the matrix-vector kernels keep
+/// each row's order of sums; the prefill GEMM would not).
+const BATCHED: usize = usize::MAX;
+
+/// As [`project`], reading the codes for up to `max_rows` rows (or [`BATCHED`]: a batched
+/// decode step, every row one sequence's token, the codes read once for up to 32 of them).
 fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, max_rows: usize) -> Result<[Tensor<B, 3>; N]> {
     let [b, c, i] = x.dims();
     let x = x.reshape([b * c, i]);
@@ -198,9 +206,18 @@ fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&Q
             None => y,
         }
     };
+    let rows = b * c;
+    let quant = |x: &Tensor<B, 2>, ws: &[&QuantMatrix]| -> Option<Tensor<B, 2>> {
+        let most = kvc_core::kernels::quant::MATVEC_MAX_ROWS;
+        if max_rows != BATCHED || rows <= most {
+            return B::kvc_quant_linear(x.clone(), ws);
+        }
+        let parts = (0..rows).step_by(most).map(|r| B::kvc_quant_linear(x.clone().narrow(0, r, most.min(rows - r)), ws)).collect::<Option<Vec<_>>>()?;
+        Some(Tensor::cat(parts, 0))
+    };
     if N > 1 {
         if let Some(ws) = lins.iter().map(|(lin, w)| codes(lin, *w)).collect::<Option<Vec<_>>>() {
-            if let Some(y) = B::kvc_quant_linear(x.clone(), &ws) {
+            if let Some(y) = quant(&x, &ws) {
                 let mut start = 0;
                 return Ok(lins.map(|(lin, w)| {
                     let rows = w.map_or(0, QuantMatrix::rows);
@@ -213,7 +230,7 @@ fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&Q
     }
     let mut missing = false;
     let out = lins.map(|(lin, w)| {
-        let y = codes(lin, w).and_then(|w| B::kvc_quant_linear(x.clone(), &[w]));
+        let y = codes(lin, w).and_then(|w| quant(&x, &[w]));
         let y = match (y, &lin.weight) {
             (Some(y), _) => y,
             (None, Some(weight)) => B::kvc_linear(x.clone(), &weight.val()).unwrap_or_else(|| x.clone().matmul(weight.val())),
@@ -409,15 +426,16 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    /// The block-quantized weights kept for decode, if the source had any ([`QuantizedWeights`]).
+    /// The block-quantized weights, if the source had any ([`QuantizedWeights`]).
     pub fn quantized(&self) -> Option<&QuantizedWeights> {
         self.quantized.as_deref()
     }
 
     /// Whether products of at most [`QUANTIZED_MAX_ROWS`] rows (decode steps) read the
-    /// quantized weights (on by default when there are any; the logits then differ from the
-    /// dense f32 product only by f32 rounding of the sums). Off: every product uses the dense
-    /// weights (the codes stay, to be turned on again).
+    /// quantized weights kept beside dense copies (on by default when there are any; the logits
+    /// then differ from the dense f32 product only by f32 rounding of the sums). Off: those
+    /// products use the dense weights (the codes stay, to be turned on again). Matrices held
+    /// only as codes ([`WeightStorage::Codes`]) keep multiplying their codes.
     pub fn set_quantized_decode(&mut self, on: bool) {
         self.quantized_decode = on && self.quantized.is_some();
     }
@@ -438,7 +456,8 @@ impl<B: Backend> Decoder<B> {
         self.embed_tokens.is_none() || self.lm_head.weight.is_none() || self.layers.iter().any(|l| l.projections().iter().any(|p| p.weight.is_none()))
     }
 
-    /// Bytes of the weights held: dense tensors (in their dtype) and codes.
+    /// Bytes of the matrices held: the embedding, the projections and the LM head, dense (in
+    /// their dtype) and as codes (norms and biases, a few KB, left out).
     pub fn weight_bytes(&self) -> usize {
         let dense = |p: &Projection<B>| p.weight.as_ref().map_or(0, |w| w.val().shape().num_elements() * self.dtype.size());
         let embed = self.embed_tokens.as_ref().map_or(0, |e| e.weight.val().shape().num_elements() * self.dtype.size());
@@ -537,7 +556,9 @@ impl<B: KvcBackend> Decoder<B> {
     /// # Errors
     /// As [`Decoder::from_source`].
     pub fn from_source_with(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: Option<DType>, storage: WeightStorage) -> Result<Self> {
-        Self::build(config, source, device, dtype, storage == WeightStorage::Codes && B::kvc_has_quant_linear())
+        // the host kernels compute in f32 from f32, f16 or bf16 activations
+        let float = matches!(dtype, None | Some(DType::F32 | DType::F16 | DType::BF16));
+        Self::build(config, source, device, dtype, storage == WeightStorage::Codes && B::kvc_has_quant_linear() && float)
     }
 
     /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use
@@ -675,14 +696,14 @@ impl<B: KvcBackend> Decoder<B> {
             let x1 = x + a;
             let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
-            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, usize::MAX)?;
-            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), usize::MAX)?;
+            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, BATCHED)?;
+            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), BATCHED)?;
             x = x1 + ff;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let [logits] = project_rows([(&self.lm_head, self.head_codes())], norm(&self.norm, x), usize::MAX)?;
+        let [logits] = project_rows([(&self.lm_head, self.head_codes())], norm(&self.norm, x), BATCHED)?;
         Ok(logits.reshape([n, c.vocab_size]))
     }
 
@@ -820,7 +841,7 @@ impl<B: KvcBackend> Attention<B> {
     ) -> Result<Tensor<B, 3>> {
         let [_, n, _] = x.dims();
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, usize::MAX)?;
+        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, BATCHED)?;
         let (mut q, mut k, v) = (q.reshape([1, n, hq, d]), k.reshape([1, n, hkv, d]), v.reshape([1, n, hkv, d]));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = norm(qn, q);
@@ -838,7 +859,7 @@ impl<B: KvcBackend> Attention<B> {
             let out = B::kvc_attention(kvc_core::kernels::AttentionArgs { queries: row(&q), keys, values, valid, reduce: None, probs: false }).output;
             outs.push(out.swap_dims(1, 2).reshape([1, 1, hq * d]));
         }
-        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), usize::MAX)?;
+        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), BATCHED)?;
         Ok(out)
     }
 }

@@ -169,6 +169,23 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// A NaN block scale in a GGUF is the same error when the weights are held as codes (the
+/// default): the codes are refused and the dense reader names the tensor and the element.
+#[test]
+fn non_finite_block_scales_in_a_gguf_are_errors_with_codes_too() {
+    let real = kvc_models::default_model::ensure_default_model().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let mut bytes = std::fs::read(&real).unwrap();
+    let info = GgufFile::open(&real).unwrap().tensor_info("blk.0.ffn_down.weight").unwrap().clone();
+    // block 1's f16 scale (Q4_1: 20 bytes a block, `d` first) -> NaN
+    bytes[info.offset + 20..info.offset + 22].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = err_of(kvc_models::load_with::<common::Flex>(&path, &Default::default(), None, kvc_models::WeightStorage::Codes));
+    assert!(matches!(e, ModelError::NonFiniteWeight { index: 32, .. }), "{e}");
+    assert!(e.to_string().contains("model.layers.0.mlp.down_proj.weight"), "{e}");
+}
+
 /// A NaN or infinite weight is an error naming the tensor and the element, not silent garbage;
 /// absurd config sizes are rejected before anything is allocated for them.
 #[test]

@@ -158,6 +158,20 @@ fn thirty_two_sequences_decode_as_each_alone() {
     check(&m, &cases, &together, 0.0, "flex f32, quantized weights");
 }
 
+/// Forty sequences with the weights held only as codes (the default of `kvc`): above the 32 rows
+/// one matrix-vector call takes, a step feeds its rows 32 at a time, and every sequence still
+/// gets the tokens, stop reasons and logits it gets alone, bit for bit.
+#[test]
+fn forty_sequences_on_codes_decode_as_each_alone() {
+    let m = kvc_models::load_with::<Flex>(&ensure_default_model().unwrap(), &Default::default(), None, kvc_models::WeightStorage::Codes).unwrap();
+    assert!(m.model.codes_only());
+    let mut cases = cases(&m, 6);
+    cases.truncate(40);
+    assert_eq!(cases.len(), 40);
+    let together = run(&m, &cases, &vec![0; cases.len()], None);
+    check(&m, &cases, &together, 0.0, "flex f32, codes only, 40 sequences");
+}
+
 /// Sequences join mid-way and one is cancelled; the dense weights (`--dense-weights`: GEMM over
 /// the rows, whose sums may group differently) stay within 1e-4.
 #[test]

@@ -83,10 +83,10 @@ fn every_supported_type_dequantizes_like_gguf_py() {
     assert_eq!(covered, supported, "the fixture must hold every supported type (rerun the script?)");
 }
 
-/// The block codes kept for decode (`quant_codes`, read by `kvc_core::QuantMatrix`) give back
-/// gguf-py's dequantized weights as `code * scale + min`: bit for bit for every type with one
-/// scale per 32 elements, except Q4_0 (kept 4-bit with `min = -8 d`: the same value up to the
-/// last bit); the other types have no codes (their weights stay dense).
+/// The block codes a model holds (`quant_codes`, and `k_quant_parts` for the K-quants, read by
+/// `kvc_core::QuantMatrix`) give back gguf-py's dequantized weights as `code * scale + min`, bit
+/// for bit, for every quantized type (Q4_0 included: its codes are `q - 8`); the float types have
+/// no codes (they stay dense).
 #[test]
 fn quant_codes_give_back_the_dequantized_weights() {
     let gguf = GgufFile::open(&fixture("types.gguf.bin")).expect("open the fixture GGUF");
@@ -96,22 +96,29 @@ fn quant_codes_give_back_the_dequantized_weights() {
     for info in &gguf.tensors {
         let (name, kind) = (&info.name, info.kind);
         let raw = gguf.tensor_bytes(info).expect("in the file");
+        let want: Vec<f32> = refs.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        if let Some(p) = kvc_models::gguf::k_quant_parts(kind, raw) {
+            with_codes.insert(kind.name());
+            let n = p.codes.len();
+            let m = kvc_core::QuantMatrix::from_k_quants(1, n, &p.codes, p.group, p.d, p.dmin, p.sc, p.m).expect("a valid K-quant");
+            assert_eq!(bits(&m.dequantize()), bits(&want), "{name} ({})", kind.name());
+            continue;
+        }
         let Some((codes, scale, min)) = kvc_models::gguf::quant_codes(kind, raw) else {
-            assert!(matches!(kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q6K), "{name}: no codes for {}", kind.name());
+            assert!(matches!(kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16), "{name}: no codes for {}", kind.name());
             continue;
         };
         with_codes.insert(kind.name());
-        let want: Vec<f32> = refs.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         assert_eq!((codes.len(), scale.len() * 32, min.len() * 32), (want.len(), want.len(), want.len()), "{name}");
         for (i, (&c, &w)) in codes.iter().zip(&want).enumerate() {
             let got = c as f32 * scale[i / 32] + min[i / 32];
-            if kind == GgmlType::Q4_0 {
-                assert!((got - w).abs() <= 2.0 * f32::EPSILON * (8.0 * scale[i / 32]).abs(), "{name} [{i}]: {got} vs {w}");
-            } else {
-                assert_eq!(got.to_bits(), w.to_bits(), "{name} ({}) [{i}]: code {c}: {got} vs {w}", kind.name());
-            }
+            assert_eq!(got.to_bits(), w.to_bits(), "{name} ({}) [{i}]: code {c}: {got} vs {w}", kind.name());
         }
+        let n = codes.len();
+        let m = kvc_core::QuantMatrix::from_codes(1, n, &codes, scale, min).expect("whole blocks");
+        assert_eq!(bits(&m.dequantize()), bits(&want), "{name} ({}) through QuantMatrix", kind.name());
     }
-    let want: BTreeSet<String> = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"].iter().map(|s| s.to_string()).collect();
+    let want: BTreeSet<String> = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"].iter().map(|s| s.to_string()).collect();
     assert_eq!(with_codes, want);
 }

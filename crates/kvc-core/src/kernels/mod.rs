@@ -115,9 +115,11 @@ pub trait KvcBackend: Backend {
     /// `x [W_1; W_2; ...]^T` for the rows of `x` (`[n, in]`, f32, f16 or bf16: the host kernels
     /// compute in f32 and round the result to `x`'s dtype) with block-quantized matrices
     /// `ws` ([`quant::QuantMatrix`], each `[out_i, in]`): `[n, sum of out_i]`, outputs side by
-    /// side (a fused Q/K/V or gate/up projection). The decode step's matrix-vector products read
-    /// 4- or 8-bit codes instead of f32 weights ([`quant::matvec`]); longer inputs (prefill chunks) multiply dequantized tiles ([`quant::matmul`]). `None` (the default): no such
-    /// kernel on this backend, and the caller multiplies by its dense weights.
+    /// side (a fused Q/K/V or gate/up projection). Up to 32 rows (decode steps) the
+    /// matrix-vector products read 4- to 8-bit codes instead of f32 weights ([`quant::matvec`]);
+    /// longer inputs (prefill chunks) multiply dequantized tiles ([`quant::matmul`]). `None` (the
+    /// default): no such kernel on this backend (a model then loads dense copies and multiplies
+    /// by them).
     fn kvc_quant_linear(x: Tensor<Self, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<Self, 2>> {
         let _ = (x, ws);
         None

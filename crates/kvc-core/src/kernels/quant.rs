@@ -1,14 +1,15 @@
-//! Block-quantized weights for matrix-vector products (decode).
+//! Block-quantized weights and the products on them (decode and prefill).
 //!
 //! A decode step multiplies one token's activations by every weight matrix: it is bound by the
 //! bytes of weights read, not by arithmetic (SmolLM2-135M in f32: 540 MB per token). GGUF files
 //! keep weights in blocks of 32 integer codes with a scale and a min (ggml's `Q4_0`, `Q4_1`,
-//! `Q8_0`, ...); a [`QuantMatrix`] holds those codes (4 bits each when they fit, else 8) and
-//! [`matvec`] multiplies by them in registers, with each block's scale and min factored out:
+//! `Q8_0`, ...), or in 256-element super-blocks with two levels of scales (`Q4_K`, `Q5_K`,
+//! `Q6_K`); a [`QuantMatrix`] holds those codes (4 bits each when they fit, 6 for `Q6_K`, else 8)
+//! and [`matvec`] multiplies by them in registers, with each group's scale and min factored out:
 //! `w . x = sum_b scale_b (codes_b . x_b) + sum_b min_b (sum of x_b)`, the product by the
 //! dequantized weights (`code * scale + min`, as ggml's `dequantize_row_*`) up to f32 rounding
-//! of the sums. Chunks of more than a few tokens keep the dense f32 weights (they are bound by
-//! arithmetic, where a GEMM on f32 is fastest).
+//! of the sums. Chunks of more than 32 rows (prefill) go through [`matmul`]: tiles of the
+//! dequantized weights multiplied by a GEMM. [`linear`] picks one.
 
 use rayon::prelude::*;
 
@@ -26,9 +27,10 @@ pub enum QuantCodes {
     /// Codes `-128..=127`, one `i8` per element (32 bytes a block).
     Bytes,
     /// 6-bit codes `-32..=31` with one scale per 16 elements and no min (ggml's `Q6_K`), 24
-    /// bytes a block as the file packs them (6.6 bits a weight with the scales): the low 4 bits
-    /// of `code + 32` as [`QuantCodes::Nibbles`], then the high 2 bits as two little-endian
-    /// `u32`, element `i` of each half in bits `2i..2i + 2`.
+    /// bytes a block in kvc's own packing (6.6 bits a weight with the scales; the file's layout
+    /// interleaves a super-block's codes differently): the low 4 bits of `code + 32` as
+    /// [`QuantCodes::Nibbles`], then the high 2 bits as two little-endian `u32`, element `i` of
+    /// each half in bits `2i..2i + 2`.
     Sixes,
 }
 
@@ -88,7 +90,8 @@ impl QuantMatrix {
     /// are stored as nibbles, others as bytes.
     ///
     /// # Errors
-    /// [`CoreError::Shape`] when `cols` is not a multiple of 32 or the lengths disagree.
+    /// [`CoreError::Shape`] when `cols` is not a multiple of 32, the lengths disagree, or a
+    /// scale or min is not finite (a damaged file: the dense loader then names the weight).
     pub fn from_codes(rows: usize, cols: usize, codes: &[i8], scale: Vec<f32>, min: Vec<f32>) -> Result<Self, CoreError> {
         let blocks = rows.checked_mul(cols / BLOCK);
         if cols % BLOCK != 0 || rows.checked_mul(cols) != Some(codes.len()) || blocks != Some(scale.len()) || blocks != Some(min.len()) {
@@ -99,6 +102,9 @@ impl QuantMatrix {
                 min.len()
             )));
         }
+        if scale.iter().chain(&min).any(|v| !v.is_finite()) {
+            return Err(CoreError::Shape("a scale or min that is not finite".into()));
+        }
         let has_min = min.iter().any(|&m| m != 0.0);
         let (kind, quants) = pack(codes, false);
         Ok(Self { rows, cols, codes: kind, scales: Scales::Flat { scale, min }, has_min, quants })
@@ -108,12 +114,14 @@ impl QuantMatrix {
     /// scales (ggml-common.h `block_q4_K`, `block_q5_K`, `block_q6_K`): per [`SUPER_BLOCK`]
     /// elements `d` (and `dmin`), per group of `group` elements (32 for `Q4_K`/`Q5_K`, 16 for
     /// `Q6_K`) an integer `sc` (and `m`): the weight is `code * (d * sc) - dmin * m`. `dmin` and
-    /// `m` empty: no mins. Held as the file holds them (4.75 bits a weight for `Q4_K`, 8.6 for
-    /// `Q6_K`, instead of 6 and 10 with f32 scales per group).
+    /// `m` empty: no mins. Held with both levels (`d`, `dmin` as f32; `sc`, `m` a byte each):
+    /// 4.75 bits a weight for `Q4_K` (the file: 4.5), 6.63 for `Q6_K` (codes packed as
+    /// [`QuantCodes::Sixes`]; the file: 6.56), instead of 6 and 10 with f32 scales per group.
     ///
     /// # Errors
     /// [`CoreError::Shape`] when `cols` is not a multiple of 256, `group` not 16 or 32 (16 only
-    /// without mins), or the lengths disagree.
+    /// without mins), the lengths disagree, a code of a 16-element group lies outside `-32..=31`,
+    /// or a `d` / `dmin` is not finite.
     #[allow(clippy::too_many_arguments)]
     pub fn from_k_quants(rows: usize, cols: usize, codes: &[i8], group: usize, d: Vec<f32>, dmin: Vec<f32>, sc: Vec<i8>, m: Vec<i8>) -> Result<Self, CoreError> {
         let supers = rows.checked_mul(cols / SUPER_BLOCK);
@@ -128,6 +136,9 @@ impl QuantMatrix {
                 sc.len(),
                 m.len()
             )));
+        }
+        if d.iter().chain(&dmin).any(|v| !v.is_finite()) {
+            return Err(CoreError::Shape("a super-block scale that is not finite".into()));
         }
         let has_min = m.iter().enumerate().any(|(g, &m)| m != 0 && dmin[g * group / SUPER_BLOCK] != 0.0);
         let (kind, quants) = if group == 16 {
@@ -169,18 +180,19 @@ impl QuantMatrix {
     /// matrix, or of `buf` where they are computed from a K-quant's two levels.
     fn row_scales<'a>(&'a self, r: usize, buf: &'a mut (Vec<f32>, Vec<f32>)) -> (&'a [f32], &'a [f32]) {
         let groups = self.cols / self.codes.group();
+        let rg = r * groups..(r + 1) * groups;
         match &self.scales {
             Scales::Flat { scale, min } => {
-                let m = if self.has_min { &min[r * groups..][..groups] } else { &[][..] };
-                (&scale[r * groups..][..groups], m)
+                let m = if self.has_min { &min[rg.clone()] } else { &[][..] };
+                (&scale[rg], m)
             }
             Scales::Super { d, dmin, sc, m } => {
-                let per = SUPER_BLOCK / self.codes.group();
                 let supers = self.cols / SUPER_BLOCK;
                 let (s_out, m_out) = buf;
                 // per super-block, its groups: no division per group (this runs for every row
-                // of every decode step)
-                let (rs, rg) = (r * supers..(r + 1) * supers, r * groups..(r + 1) * groups);
+                // of every decode step; one call per row measured faster than one per task of
+                // 64 rows, whose larger buffers compete with the streamed codes)
+                let rs = r * supers..(r + 1) * supers;
                 s_out.resize(groups, 0.0);
                 simd::expand_scales(s_out, &d[rs.clone()], &sc[rg.clone()], 1.0);
                 if self.has_min {
@@ -189,7 +201,6 @@ impl QuantMatrix {
                 } else {
                     m_out.clear();
                 }
-                let _ = per;
                 (&s_out[..], &m_out[..])
             }
         }
@@ -205,7 +216,6 @@ impl QuantMatrix {
         assert!(first + count <= self.rows && out.len() >= count * self.cols, "rows {first}+{count} of {}", self.rows);
         let per_block = self.codes.bytes_per_block();
         let blocks = self.cols / BLOCK;
-        let group = self.codes.group();
         let mut buf = (Vec::new(), Vec::new());
         for (i, row) in out.chunks_exact_mut(self.cols).take(count).enumerate() {
             let r = first + i;
@@ -215,7 +225,6 @@ impl QuantMatrix {
                 Scales::Super { .. } => self.row_scales(r, &mut buf),
             };
             let q = &self.quants[r * blocks * per_block..][..blocks * per_block];
-            let _ = group;
             simd::dequantize_row(self.codes, q, s, m, row);
         }
     }
@@ -241,7 +250,9 @@ impl QuantMatrix {
     }
 }
 
-/// Code `j` (of 32) of a [`QuantCodes::Sixes`] block `q` (24 bytes).
+/// Code `j` (of 32) of a [`QuantCodes::Sixes`] block `q` (24 bytes): the reference the kernels
+/// are tested against.
+#[cfg(test)]
 #[inline(always)]
 fn six(q: &[u8], j: usize) -> i32 {
     let lo = if j < 16 { q[j] & 15 } else { q[j - 16] >> 4 } as i32;
@@ -358,6 +369,9 @@ pub fn matmul(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
         assert_eq!(x.len(), n * w.cols, "x is [n, cols]");
     }
     let total: usize = ws.iter().map(|w| w.rows).sum();
+    if n == 0 || total == 0 {
+        return vec![0f32; n * total];
+    }
     let mut tasks = Vec::new();
     let mut col = 0;
     for w in ws {
@@ -404,10 +418,17 @@ pub fn matmul(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
                     gemm::Parallelism::None,
                 );
             }
+            // a model with very wide rows: do not keep more than TILE_KEEP per thread
+            if tile.capacity() * 4 > TILE_KEEP {
+                *tile = Vec::new();
+            }
         });
     });
     out
 }
+
+/// Bytes of a [`matmul`] tile kept per thread between calls (larger ones are freed after use).
+const TILE_KEEP: usize = 32 << 20;
 
 thread_local! {
     /// [`matmul`]'s dequantized tile per thread (at most [`TILE_ROWS`] x the widest row: 9.2 MB
@@ -599,15 +620,22 @@ mod simd {
             // SAFETY: the CPU has AVX-512F; the lengths are checked above.
             return unsafe { avx512_6::dot_sixes_rows(q, s, x) };
         }
-        std::array::from_fn(|r| generic_sixes(q, s, x[r]))
+        std::array::from_fn(|r| plain_sixes(q, s, x[r]))
     }
 
-    /// [`dot_sixes_rows`] for one row without explicit SIMD.
+    super::super::host::simd::dispatch!(plain_sixes, generic_sixes, (q: &[u8], s: &[f32], x: &[f32]) -> f32);
+
+    /// [`dot_sixes_rows`] for one row without explicit SIMD (compiled for AVX2 and chosen at run
+    /// time by `plain_sixes`): each block unpacked into 32 weights with fixed-length loops (the
+    /// compiler vectorizes them), then multiplied into 16 lanes.
+    #[inline(always)]
     pub(super) fn generic_sixes(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
         let mut acc = [0f32; 16];
+        let mut w = [0f32; BLOCK];
         for (b, (qb, xb)) in q.chunks_exact(24).zip(x.chunks_exact(BLOCK)).take(s.len() / 2).enumerate() {
-            for j in 0..BLOCK {
-                acc[j % 16] += super::six(qb, j) as f32 * s[2 * b + j / 16] * xb[j];
+            dequantize_row_body(QuantCodes::Sixes, qb, &s[2 * b..2 * b + 2], &[], &mut w);
+            for j in 0..16 {
+                acc[j] += w[j] * xb[j] + w[j + 16] * xb[j + 16];
             }
         }
         sum_lanes(&acc)
@@ -619,19 +647,23 @@ mod simd {
         generic(q, s, x, 32, |q, j| q[j] as i8 as f32)
     }
 
-    /// `sum_b m_b xs_b` on four independent accumulators (0 for no mins).
+    super::super::host::simd::dispatch!(mins, mins_body, (m: &[f32], xs: &[f32]) -> f32);
+
+    /// `sum_b m_b xs_b` on 16 lanes (vectorized where the CPU allows: a `Q4_K` row of 1,536
+    /// weights has 48 of them, a tenth of its kernel's work when summed one by one); 0 for no
+    /// mins.
     #[inline(always)]
-    fn mins(m: &[f32], xs: &[f32]) -> f32 {
-        let mut acc = [0f32; 4];
-        let (mc, xc) = (m.chunks_exact(4), xs.chunks_exact(4));
-        let (mr, xr) = (mc.remainder(), &xs[m.len() / 4 * 4..m.len()]);
+    fn mins_body(m: &[f32], xs: &[f32]) -> f32 {
+        let n = m.len().min(xs.len());
+        let (mc, xc) = (m[..n].chunks_exact(16), xs[..n].chunks_exact(16));
+        let tail: f32 = mc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum();
+        let mut acc = [0f32; 16];
         for (a, b) in mc.zip(xc) {
-            for j in 0..4 {
+            for j in 0..16 {
                 acc[j] += a[j] * b[j];
             }
         }
-        let tail: f32 = mr.iter().zip(xr).map(|(a, b)| a * b).sum();
-        (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
+        sum_lanes(&acc) + tail
     }
 
     /// Any CPU: per block, `scale * code(j) * x_j` accumulated over 32 lanes.
@@ -968,7 +1000,7 @@ mod tests {
     }
 
     /// A K-quant matrix (`[rows, 512]`, two super-blocks a row): `Q4_K`-like (nibbles, groups
-    /// of 32 with mins) or `Q6_K`-like (bytes, groups of 16, no mins).
+    /// of 32 with mins) or `Q6_K`-like (6-bit codes, groups of 16, no mins).
     fn k_quant(rows: usize, q6: bool) -> QuantMatrix {
         let cols = 512;
         let group = if q6 { 16 } else { 32 };
