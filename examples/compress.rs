@@ -10,7 +10,9 @@ use kvc_core::{Budget, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
 
 fn run<B: KvcBackend>(device: B::Device, press: &str, ratio: f64) -> anyhow::Result<Vec<String>> {
-    let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, &device)?;
+    // the GGUF's weights held as their codes (no dense copy), as `kvc generate` holds them
+    let model = kvc_models::default_model::ensure_default_model()?;
+    let loaded = kvc_models::load_with::<B>(&model, &device, None, kvc_models::WeightStorage::Codes)?;
     let request = Request {
         context: std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/pride_and_prejudice_ch1-2.txt"))?,
         questions: vec!["What is the name of the estate that has been let at last?".into(), "Who has taken it?".into()],

@@ -11,7 +11,7 @@ use kvc_models::{generate, GenerationConfig};
 
 fn run<B: KvcBackend>(device: B::Device) -> anyhow::Result<String> {
     let path = kvc_models::default_model::ensure_default_model()?;
-    let m = kvc_models::load::<B>(&path, &device)?;
+    let m = kvc_models::load_with::<B>(&path, &device, None, kvc_models::WeightStorage::Codes)?;
     let ids = m.tokenizer.encode("The three primary colors are", true)?;
     let mut cache = m.model.new_cache();
     let logits = m.model.prefill(&ids, &mut cache, None, 512)?;

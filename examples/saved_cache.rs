@@ -19,7 +19,8 @@ use kvc_models::LoadedModel;
 const DOCUMENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/pride_and_prejudice_ch1-2.txt");
 
 fn load<B: KvcBackend>(device: &B::Device) -> anyhow::Result<LoadedModel<B>> {
-    Ok(kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model()?, device)?)
+    let model = kvc_models::default_model::ensure_default_model()?;
+    Ok(kvc_models::load_with::<B>(&model, device, None, kvc_models::WeightStorage::Codes)?)
 }
 
 /// Prefills the document, compresses it with KVCompose (per-head budgets) at ratio 0.5, saves the

@@ -8,8 +8,16 @@
 #
 # MODEL: a .gguf (default: the known qwen2.5-coder-1.5b-instruct in kvc's cache folder, fetched by
 # `kvc generate --model qwen2.5-coder-1.5b-instruct ...` on first use); TOKENS: prompt lengths
-# (default 1024,4096). llama.cpp's tools build from the sources inside the llama-cpp-python 0.3.36
-# sdist (docs/batching.md says how); without LLAMA_BIN its rows are skipped.
+# (default 1024,4096). Without LLAMA_BIN llama.cpp's rows are skipped. llama.cpp's own tools build
+# from the sources inside the llama-cpp-python 0.3.36 sdist, with cmake from PyPI:
+#   pip install cmake scikit-build-core
+#   pip download --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36
+#   tar xzf llama_cpp_python-0.3.36.tar.gz && cd llama_cpp_python-0.3.36/vendor/llama.cpp
+#   cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+#   cmake --build build -j 2 --target llama-bench llama-batched-bench llama-server
+#   export LLAMA_BIN=$PWD/build/bin
+# (On a VM whose AMX tiles fault, build with -DGGML_NATIVE=OFF -DGGML_AVX512=ON and AMX off.)
+# Peak RSS comes from GNU time (/usr/bin/time; Debian: apt-get install time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-$HOME/.cache/kvc/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
@@ -23,7 +31,9 @@ echo "== kvc, weights as codes (default)"
 $B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex
 echo "== kvc, dense f32 copy (--dense-weights)"
 $B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex --dense-weights
-if [ -n "${LLAMA_BIN:-}" ]; then
+if [ -n "${LLAMA_BIN:-}" ] && [ ! -x "$LLAMA_BIN/llama-bench" ]; then
+  echo "LLAMA_BIN=$LLAMA_BIN has no llama-bench: llama.cpp's rows skipped (see this script's header)" >&2
+elif [ -n "${LLAMA_BIN:-}" ]; then
   echo "== llama.cpp llama-bench (same GGUF, 2 threads): prefill -p N, decode -n 32 after depth N"
   for n in ${TOKENS//,/ }; do
     /usr/bin/time -f "llama-bench -p $n: peak RSS %M KB" "$LLAMA_BIN/llama-bench" -m "$GGUF" -p "$n" -n 0 -t 2 -r 1 2>&1 | grep -E "pp$n|peak RSS"

@@ -216,7 +216,7 @@ fn load_source<B: Backend>(path: &Path, build: impl FnOnce(&ModelConfig, &dyn we
 /// As [`load_as`], with the matrices where `storage` puts them ([`model::WeightStorage`]):
 /// [`model::WeightStorage::Codes`] holds a GGUF's quantized matrices only as their codes on a
 /// backend with the kernels (flex, ndarray), so the process holds about the file's bytes and no
-/// dense f32 copy (Qwen2.5-Coder-1.5B `Q4_K_M`: 1.16 GB instead of a 7.0 GB dense f32 copy); elsewhere, and for
+/// dense f32 copy (Qwen2.5-Coder-1.5B `Q4_K_M`: 1.16 GB instead of a 7.1 GB dense f32 copy); elsewhere, and for
 /// [`model::WeightStorage::Dense`], it loads as [`load_as`] does.
 ///
 /// # Errors

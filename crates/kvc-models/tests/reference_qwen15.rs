@@ -42,7 +42,7 @@ fn qwen25_coder_15b_logits_greedy_and_tokenizer_match_transformers() {
     check_chat(&m.tokenizer, "qwen15_chat.json");
     assert!(m.tokenizer.eos_ids().contains(&151645), "<|im_end|> ends generation");
     // codes + a 68-token cache + one prefill chunk's activations + the test's fixtures: a dense
-    // f32 copy of the matrices alone is 7.0 GB
+    // f32 copy of the matrices alone is 7.1 GB
     if let Some(peak) = peak_rss_bytes() {
         eprintln!("peak RSS {:.2} GB", peak as f64 / 1e9);
         assert!(peak < 2_500_000_000, "peak RSS {peak} bytes: a dense copy of the weights?");

@@ -39,8 +39,9 @@ pub struct SpeedArgs {
     /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
-    /// Load dense copies of the weights (as `kvc generate --dense-weights`) instead of holding a
-    /// GGUF's quantized matrices as their codes.
+    /// Load dense copies of the weights (`WeightStorage::Dense`: a GGUF's codes kept beside them,
+    /// so decode is measured on both; `kvc generate --dense-weights` drops the codes) instead of
+    /// holding a GGUF's quantized matrices as their codes only.
     #[arg(long)]
     dense_weights: bool,
 }
