@@ -472,12 +472,12 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
 /// min)` with one code per element (in [`dequantize`]'s order) and one `(scale, min)` per 32
 /// consecutive elements, such that `code * scale + min` is the dequantized weight: bit for bit
 /// (zeros' signs included; types without a min get `-0.0`, which adds nothing)
-/// for `Q4_0` (codes `q - 8`, so `-8..=7`), `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`.
-/// `None` for types without one scale per 32 elements (`F32`, `F16`, `BF16`, `Q6_K`: see
-/// [`k_quant_parts`], unknown) or a buffer that is not whole blocks.
+/// for `Q4_0` (codes `q - 8`, so `-8..=7`), `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`. `None` for the
+/// K-quants (their two-level scales: [`k_quant_parts`]), types without codes (`F32`, `F16`,
+/// `BF16`, unknown) or a buffer that is not whole blocks.
 pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, Vec<f32>)> {
     let (per_block, block_bytes) = kind.block()?;
-    if per_block < 32 || bytes.len() % block_bytes != 0 || matches!(kind, GgmlType::Q6K) {
+    if per_block < 32 || bytes.len() % block_bytes != 0 || matches!(kind, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) {
         return None;
     }
     let n = bytes.len() / block_bytes * per_block;
@@ -515,19 +515,6 @@ pub fn quant_codes(kind: GgmlType, bytes: &[u8]) -> Option<(Vec<i8>, Vec<f32>, V
                 scale.push(f16_at(b, 0));
                 // -0.0 adds nothing, not even the sign of a zero product
                 min.push(-0.0);
-            }
-            GgmlType::Q4K | GgmlType::Q5K => {
-                let (d, dmin, scales) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);
-                let (qh, qs) = if kind == GgmlType::Q5K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
-                for (j, q) in qs.chunks_exact(32).enumerate() {
-                    for (sub, shift) in [(2 * j, 0), (2 * j + 1, 4)] {
-                        let (sc, m) = scale_min_k4(sub, scales);
-                        let bit = 1u8 << sub;
-                        codes.extend(q.iter().enumerate().map(|(l, &x)| (((x >> shift) & 0xF) + if !qh.is_empty() && qh[l] & bit != 0 { 16 } else { 0 }) as i8));
-                        scale.push(d * sc as f32);
-                        min.push(-(dmin * m as f32));
-                    }
-                }
             }
             _ => return None,
         }

@@ -353,37 +353,24 @@ impl<B: Backend> Decoder<B> {
         let c = config;
         let (h, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
         let mut quantized = QuantizedWeights::default();
-        let embed_codes = l.quantized("model.embed_tokens.weight", h, c.vocab_size).filter(|_| codes_only).map(Arc::new);
-        let embed_tokens = match &embed_codes {
-            Some(_) => None,
-            None => {
-                let embed = l.host("model.embed_tokens.weight", &[c.vocab_size, h])?;
-                if c.tie_word_embeddings && !codes_only {
-                    quantized.lm_head = l.quantized("model.embed_tokens.weight", h, c.vocab_size).map(Arc::new);
-                }
-                let head = c.tie_word_embeddings.then(|| transpose(&embed, c.vocab_size, h));
-                Some((Embedding { weight: Param::from_tensor(l.tensor(embed, [c.vocab_size, h])) }, head))
-            }
-        };
-        let (embed_tokens, tied_head) = match embed_tokens {
-            Some((e, head)) => (Some(e), head),
-            None => (None, None),
+        // the embedding's codes, read once: held instead of the dense table (codes only) and/or
+        // as the tied LM head's codes
+        let embed_codes = (codes_only || c.tie_word_embeddings).then(|| l.quantized("model.embed_tokens.weight", h, c.vocab_size)).flatten().map(Arc::new);
+        let embed = match (&embed_codes, codes_only) {
+            (Some(_), true) => None,
+            _ => Some(l.host("model.embed_tokens.weight", &[c.vocab_size, h])?),
         };
         let lm_head = if c.tie_word_embeddings {
-            match (&embed_codes, tied_head) {
-                (Some(codes), _) => {
-                    quantized.lm_head = Some(codes.clone());
-                    Projection { weight: None, bias: None }
-                }
-                (None, Some(head)) => Projection { weight: Some(Param::from_tensor(l.tensor(head, [h, c.vocab_size]))), bias: None },
-                (None, None) => return Err(ModelError::Config("tied embeddings without an embedding".into())),
-            }
+            quantized.lm_head = embed_codes.clone();
+            let weight = embed.as_ref().map(|e| Param::from_tensor(l.tensor(transpose(e, c.vocab_size, h), [h, c.vocab_size])));
+            Projection { weight, bias: None }
         } else {
             let (head, codes) = l.linear("lm_head", h, c.vocab_size, false)?;
             quantized.lm_head = codes.map(Arc::new);
             head
         };
-        quantized.embed = embed_codes;
+        let embed_tokens = embed.map(|e| Embedding { weight: Param::from_tensor(l.tensor(e, [c.vocab_size, h])) });
+        quantized.embed = embed_codes.filter(|_| codes_only);
         // grows with the tensors found (the config's count is checked against them, not trusted)
         let mut layers = Vec::new();
         for i in 0..c.num_layers {
@@ -585,7 +572,24 @@ impl<B: KvcBackend> Decoder<B> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::Generation(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
-        self.embed(crate::generate::token_tensor::<B>(ids, device))
+        match self.embed_codes() {
+            // the host ids straight to the codes (no tensor to read back: every decode step)
+            Some(codes) => Ok(Self::gather(codes, &ids.iter().map(|&id| id as usize).collect::<Vec<_>>(), [1, ids.len()], device, self.dtype)?),
+            None => self.embed(crate::generate::token_tensor::<B>(ids, device)),
+        }
+    }
+
+    /// The embedding's codes when it is held only so.
+    fn embed_codes(&self) -> Option<&QuantMatrix> {
+        self.embed_tokens.is_none().then(|| self.quantized.as_ref()?.embed.as_deref()).flatten()
+    }
+
+    /// Rows `ids` of `codes` dequantized, as `[b, c, hidden]` in `dtype`.
+    fn gather(codes: &QuantMatrix, ids: &[usize], [b, c]: [usize; 2], device: &B::Device, dtype: DType) -> Result<Tensor<B, 3>> {
+        let rows = codes
+            .gather_rows(ids)
+            .ok_or_else(|| ModelError::Generation(format!("a token id outside the vocabulary of {}", codes.rows())))?;
+        Ok(Tensor::from_data(TensorData::new(rows, [b, c, codes.cols()]), (device, dtype)))
     }
 
     /// The embeddings of `tokens` `[batch, chunk]` -> `[batch, chunk, hidden]`.
@@ -593,14 +597,10 @@ impl<B: KvcBackend> Decoder<B> {
         if let Some(e) = &self.embed_tokens {
             return Ok(e.forward(tokens));
         }
-        let codes = self.quantized.as_ref().and_then(|q| q.embed.as_ref()).ok_or_else(|| ModelError::Config("no embedding".into()))?;
-        let [b, c] = tokens.dims();
-        let device = tokens.device();
+        let codes = self.embed_codes().ok_or_else(|| ModelError::Config("no embedding".into()))?;
+        let (dims, device) = (tokens.dims(), tokens.device());
         let ids: Vec<usize> = tokens.into_data().convert::<i64>().iter::<i64>().map(|v| usize::try_from(v).unwrap_or(usize::MAX)).collect();
-        let rows = codes
-            .gather_rows(&ids)
-            .ok_or_else(|| ModelError::Generation(format!("a token id outside the vocabulary of {}", codes.rows())))?;
-        Ok(Tensor::from_data(TensorData::new(rows, [b, c, codes.cols()]), (&device, self.dtype)))
+        Self::gather(codes, &ids, dims, &device, self.dtype)
     }
 
     /// Feeds `ids` (batch 1) into `cache` in chunks of at most `chunk` tokens without computing

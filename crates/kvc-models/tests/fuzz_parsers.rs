@@ -169,6 +169,7 @@ fn gguf_target(path: &Path) -> Option<GgufFile> {
         let _ = file.tensor_f32(&info.name);
         if let Some(bytes) = file.tensor_bytes(info) {
             let _ = kvc_models::gguf::quant_codes(info.kind, bytes);
+            let _ = kvc_models::gguf::k_quant_parts(info.kind, bytes);
         }
     }
     Some(file)
