@@ -1,5 +1,7 @@
 //! The `kvc-bench` binary's speed-side subcommands on small inputs: `backends` (the side-by-side
-//! table agrees with itself across CPU backends) and `scaling` (table and plot).
+//! table agrees with itself across CPU backends), `scaling` (table and plot) and `speed` with a
+//! quantized KV cache. They run the default model (SmolLM2-135M-Instruct, fetched into ~/.cache/kvc
+//! when absent).
 
 use std::process::Command;
 
@@ -43,4 +45,27 @@ fn scaling_writes_a_table_and_a_plot() {
     assert_eq!(stdout.lines().filter(|l| l.starts_with("{\"tokens\"")).count(), 2, "{stdout}");
     assert!(stdout.lines().any(|l| l.trim_start().starts_with("128 ")), "{stdout}");
     assert!(out_dir.join("scaling.svg").exists() && out_dir.join("scaling.png").exists());
+}
+
+#[test]
+fn speed_quantizes_the_cache_when_asked() {
+    let line = |kv: &str| -> serde_json::Value {
+        let out = bench().args(["speed", "--text", &text(), "--tokens", "96", "--decode", "3", "--backends", "flex", "--kv-dtype", kv]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        serde_json::from_str(lines[0]).unwrap()
+    };
+    let (float, int8) = (line("float"), line("int8"));
+    assert_eq!(float["kv_dtype"], "float");
+    assert!(float["quantize_s"].is_null(), "{float}");
+    assert_eq!(int8["kv_dtype"], "int8");
+    assert!(int8["quantize_s"].as_f64().unwrap() > 0.0 && int8["decode_tokens"] == 3, "{int8}");
+    let bytes = |v: &serde_json::Value| v["kv_cache_bytes"].as_f64().unwrap();
+    // the same tokens either way: int8 codes + f16 scales against f32 keys and values
+    assert!(bytes(&float) > 0.0 && bytes(&int8) < 0.6 * bytes(&float), "{float}\n{int8}");
+    let bad = bench().args(["speed", "--text", &text(), "--kv-dtype", "int2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--kv-dtype") && err.contains("int8, int4"), "{err}");
 }

@@ -1,5 +1,6 @@
-//! The accuracy benchmark end to end on the default model: 2 short rows x 2 presses x 2 ratios;
-//! predictions, summary, resume after a lost line, plots.
+//! The accuracy benchmark end to end on the default model (SmolLM2-135M-Instruct, fetched into
+//! ~/.cache/kvc when absent): 2 short rows x 2 presses x 2 ratios; predictions, summary, resume
+//! after a lost line, plots; the command line with two KV cache dtypes (float, int8).
 
 use kvc_bench::eval::runner::{read_predictions, run, EvalConfig, Progress};
 use kvc_bench::eval::{plots, summary::NONE};
@@ -45,6 +46,7 @@ fn eval_writes_predictions_summary_plots_and_resumes() {
         out: out.clone(),
         model: "smollm2".into(),
         prefill_chunk: 64,
+        kv_quant: None,
     };
     let mut events = Vec::new();
     let summary = run(&loaded, &config, &mut |p| events.push(p)).unwrap();
@@ -106,6 +108,7 @@ fn bad_rows_and_long_rows() {
         out: dir.path().join("out"),
         model: "smollm2".into(),
         prefill_chunk: 512,
+        kv_quant: None,
     };
     let e = run(&loaded, &config, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains(&format!("{}:2:", data.display())) && e.contains("invalid type"), "{e}");
@@ -155,6 +158,7 @@ fn needle_rows_evaluate_into_a_heatmap() {
         out: dir.path().join("out"),
         model: "smollm2".into(),
         prefill_chunk: 512,
+        kv_quant: None,
     };
     let summary = run(&loaded, &config, &mut |_| {}).unwrap();
     let preds = read_predictions(&config.out.join("predictions.jsonl")).unwrap();
@@ -163,4 +167,70 @@ fn needle_rows_evaluate_into_a_heatmap() {
         let png = config.out.join(format!("needle_{press}.png"));
         assert!(written.contains(&png) && std::fs::metadata(&png).unwrap().len() > 1000, "{}", png.display());
     }
+}
+
+#[test]
+fn kv_dtypes_run_side_by_side_and_int8_is_smaller() {
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    std::fs::write(&data, rows()).unwrap();
+    let out = dir.path().join("out");
+    let bench = || std::process::Command::new(env!("CARGO_BIN_EXE_kvc-bench"));
+    let run = bench()
+        .args(["eval", "--backend", "flex", "--presses", "snapkv,streaming_llm", "--ratios", "0.5", "--chunk", "64", "--kv-dtypes", "float,int8", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(!out.join("predictions.jsonl").exists(), "several kv dtypes write into sub-folders only");
+    let read = |kv: &str| -> BTreeMap<(usize, String, String), kvc_bench::eval::summary::Prediction> {
+        let preds = read_predictions(&out.join(format!("kv-{kv}")).join("predictions.jsonl")).unwrap();
+        assert_eq!(preds.len(), 6, "2 rows x (uncompressed + 2 presses) on {kv}");
+        assert!(out.join(format!("kv-{kv}")).join("summary.json").exists() && out.join(format!("kv-{kv}")).join("scores.png").exists());
+        preds.into_iter().map(|p| ((p.row, p.press.clone(), p.ratio.to_string()), p)).collect()
+    };
+    let (float, int8) = (read("float"), read("int8"));
+    assert_eq!(float.keys().collect::<Vec<_>>(), int8.keys().collect::<Vec<_>>());
+    for (k, f) in &float {
+        let q = &int8[k];
+        assert!(f.skipped.is_none() && q.skipped.is_none() && f.kv_dtype.is_none() && q.kv_dtype.as_deref() == Some("int8"), "{f:?} {q:?}");
+        assert!(f.kv_bytes > 0 && (q.kv_bytes as f64) < 0.6 * f.kv_bytes as f64, "{k:?}: int8 {} vs float {} bytes", q.kv_bytes, f.kv_bytes);
+        assert_eq!(q.kept_per_layer, f.kept_per_layer, "{k:?}: the press keeps the same tokens before quantization");
+        if k.1 == NONE {
+            assert!(q.prediction.contains(&q.answer[0]), "the int8 uncompressed cache still finds the needle: {q:?}");
+        }
+    }
+    // the side-by-side table: both dtypes, the float uncompressed cache as the unit of bytes
+    let table: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("KV cache dtypes")).collect();
+    assert!(table.len() == 5 && table[1].contains("float") && table[1].contains("int8"), "{stdout}");
+    let unc: Vec<&str> = table[2].split_whitespace().collect();
+    assert_eq!(unc[0], "uncompressed", "{stdout}");
+    assert_eq!(unc[4], "1.000", "{stdout}");
+    assert!(unc[5].parse::<f64>().unwrap() < 0.6, "{stdout}");
+    assert!(table[3].starts_with("snapkv @ 0.5") && table[4].starts_with("streaming_llm @ 0.5"), "{stdout}");
+
+    // a folder holds one kv dtype: int8 over the float predictions is an error naming both
+    let config = EvalConfig {
+        data: data.clone(),
+        rows_per_task: None,
+        presses: vec![PressSpec::new("snapkv", Budget::Ratio(0.5))],
+        ratios: vec![0.5],
+        out: out.join("kv-float"),
+        model: "smollm2".into(),
+        prefill_chunk: 64,
+        kv_quant: Some(kvc_core::KvQuant::int8()),
+    };
+    let e = kvc_bench::eval::runner::write_summary(&config).unwrap_err().to_string();
+    assert!(e.contains("float KV cache") && e.contains("int8"), "{e}");
+    // bad lists are usage errors before any work
+    for (list, want) in [("float,int3", "unknown KV cache dtype \"int3\""), ("f32,float", "float is given twice")] {
+        let bad = bench().args(["eval", "--kv-dtypes", list, "--data"]).arg(&data).arg("--out").arg(dir.path().join("bad")).output().unwrap();
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && err.contains(want), "{list}: {err}");
+    }
+    assert!(!dir.path().join("bad").exists());
 }

@@ -114,6 +114,10 @@ struct ServeArgs {
     /// Hold dense copies of the weights instead of a GGUF's blocks of codes (see `generate --help`).
     #[arg(long)]
     dense_weights: bool,
+    /// How documents that name no `kv_dtype` store their compressed caches: `float` (--dtype),
+    /// `int8` or `int4` (quantized after the press; see `generate --help`).
+    #[arg(long, default_value = "float", value_name = "KIND", value_parser = ["float", "f32", "f16", "bf16", "int8", "int4"])]
+    kv_dtype: String,
 }
 
 /// `kvc serve`: checks the flags, then runs the server on the chosen backend.
@@ -128,6 +132,8 @@ fn serve(a: &ServeArgs) -> Result<()> {
         Some(named_press(&a.press, ratio, a.budget, &a.press_options)?)
     };
     let model_name = a.model.model.as_ref().map_or_else(|| "smollm2-135m-instruct".to_string(), |m| m.display().to_string());
+    let dtype = backend::dtype(&a.dtype);
+    let kv_quant = kvc_server::parse_kv_dtype(&a.kv_dtype, dtype).map_err(|e| anyhow::anyhow!("--kv-dtype: {e}"))?;
     let config = kvc_server::ServeConfig {
         model: a.model.model.clone(),
         model_name,
@@ -140,7 +146,8 @@ fn serve(a: &ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         api_key: a.api_key.clone(),
         body_limit: a.max_body,
-        dtype: backend::dtype(&a.dtype),
+        dtype,
+        kv_quant,
         backend: a.model.backend.clone(),
         dense_weights: a.dense_weights,
     };
@@ -229,6 +236,13 @@ struct GenerateArgs {
     /// MemAvailable); no check on GPU backends.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_kv_memory: Option<usize>,
+    /// How the (compressed) KV cache stores keys and values: `float` (the model's --dtype), `int8`
+    /// (per token, one f16 scale per 64 channels: 0.52x of f16's bytes) or `int4` (KIVI: keys
+    /// per channel over 64-token groups, values per token; the newest 128 tokens in full
+    /// precision: 0.28x). Quantized after the press, which scores the full-precision cache;
+    /// decode reads the codes. --compare's baseline stays uncompressed and full precision.
+    #[arg(long, default_value = "float", value_name = "KIND", value_parser = ["float", "f32", "f16", "bf16", "int8", "int4"])]
+    kv_dtype: String,
     /// Save the context's (compressed) KV cache to FILE (safetensors: keys, values, original
     /// positions, per-head masks, model fingerprint) before answering.
     #[arg(long, value_name = "FILE", requires = "question")]
@@ -440,6 +454,7 @@ fn print_json<B: KvcBackend>(
         "peak_rss_bytes": peaks,
         "backend": job.names.0,
         "dtype": job.names.1,
+        "kv_dtype": job.request.kv_quant.map_or("float", |q| q.name()),
         "kv_cache_bytes_context": r.kv_bytes.0,
         "kv_cache_bytes_compressed": r.kv_bytes.1,
         "kv_cache_bytes_final": first.kv_bytes_final,
@@ -506,6 +521,15 @@ fn print_summary(job: &GenerateJob, r: &Response, saved: Option<&CacheHeader>) {
             print!("{}", bar_chart(&rep.kept_per_layer(), rep.context_len));
         }
         None => println!("KV cache          {} (context {})", human_bytes(first.kv_bytes_final), human_bytes(r.kv_bytes.0)),
+    }
+    if let Some(q) = job.request.kv_quant {
+        println!(
+            "KV cache as {}    {} ({:.3}x of the context's full-precision {})",
+            q.name(),
+            human_bytes(r.kv_bytes.1),
+            r.kv_bytes.1 as f64 / r.kv_bytes.0.max(1) as f64,
+            human_bytes(r.kv_bytes.0)
+        );
     }
     if let Some(path) = &job.request.save_cache {
         let size = std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
@@ -647,6 +671,7 @@ fn real_main() -> Result<()> {
                 bail!("--answer-prefix needs --question");
             }
             let press = press_spec(&a)?;
+            let kv_quant = kvc_core::KvQuant::parse_for(&a.kv_dtype, backend::dtype(&a.dtype)).map_err(|e| anyhow::anyhow!("--kv-dtype: {e}"))?;
             let model = kvc_models::default_model::resolve(a.model.model.as_deref())?;
             let request = Request {
                 context,
@@ -661,6 +686,7 @@ fn real_main() -> Result<()> {
                     "flex" | "ndarray" => mem_available(),
                     _ => None,
                 }),
+                kv_quant,
             };
             let dtype = backend::dtype(&a.dtype);
             let job = GenerateJob { model, request, json: a.json, load_cache: a.load_cache.clone(), dtype, names: (a.model.backend.clone(), a.dtype.clone()), dense_weights: a.dense_weights };

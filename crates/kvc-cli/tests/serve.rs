@@ -198,12 +198,17 @@ fn ask_streamed(s: &Server, doc: &str, question: &str) -> String {
 /// `kvc generate --json` on `text` with the questions, the server's default press and --chat:
 /// context tokens, compressed bytes, kept tokens per layer, and (ids, text) per question.
 fn reference(text_file: &Path, questions: &[&str]) -> (Value, Vec<(Vec<u64>, String)>) {
+    reference_with(text_file, questions, &[])
+}
+
+/// [`reference`] with more arguments for `kvc generate` (`extra`).
+fn reference_with(text_file: &Path, questions: &[&str], extra: &[&str]) -> (Value, Vec<(Vec<u64>, String)>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvc"));
     cmd.args(["generate", "--prompt-file"]).arg(text_file);
     for q in questions {
         cmd.args(["--question", q]);
     }
-    cmd.args(["--press", "kvcompose", "--ratio", "0.5", "--chat", "--max-new-tokens", &MAX_TOKENS.to_string(), "--json"]);
+    cmd.args(["--press", "kvcompose", "--ratio", "0.5", "--chat", "--max-new-tokens", &MAX_TOKENS.to_string(), "--json"]).args(extra);
     let out = cmd.output().expect("run kvc generate");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -503,6 +508,88 @@ fn serve_keeps_documents_on_disk_across_eviction_restart_and_kill() {
             assert!(cache_dir.join(format!("{id}.json")).exists(), "{name} without its description");
         }
     }
+}
+
+/// Documents stored quantized (`"kv_dtype"`): the same ~1000-token text as float, int8 and int4
+/// under the same press keeps the same tokens in fewer bytes (int8 < 0.6x, int4 < 0.4x of float's
+/// f32 bytes); greedy answers on the float and int8 documents are non-empty, the int8 one equals
+/// `kvc generate --kv-dtype int8`'s token for token; a bad `kv_dtype` is a 400; after a restart
+/// the documents read back from `--cache-dir` keep their format, bytes and answer.
+#[test]
+fn serve_stores_documents_quantized_with_kv_dtype() {
+    let _one = ONE_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let cache = cache_dir.to_str().unwrap();
+    let docs = documents();
+    // two of the ~500-token pieces: long enough that int4's full-precision tail (at most one
+    // 64-token group per layer) does not dominate
+    let text = format!("{}{}", docs[0], docs[1]);
+    let file = dir.path().join("doc.txt");
+    std::fs::write(&file, &text).unwrap();
+    let (r8, answers8) = reference_with(&file, &[Q1], &["--kv-dtype", "int8"]);
+    assert_eq!(r8["kv_dtype"], "int8", "{r8}");
+
+    let s = start(&["--cache-dir", cache], None, dir.path());
+    let mut stored = Vec::new();
+    for kind in ["float", "int8", "int4"] {
+        let (status, doc) = post(&s, "/v1/documents", &json!({ "text": text, "kv_dtype": kind }));
+        assert_eq!((status, &doc["status"]), (201, &json!("ready")), "{kind}: {doc}; log: {}", log_of(&s));
+        assert_eq!(doc["kv_dtype"], kind, "{doc}");
+        stored.push(doc);
+    }
+    let (float, int8, int4) = (&stored[0], &stored[1], &stored[2]);
+    assert!(float["tokens"].as_u64().unwrap() >= 600, "the test needs a long context: {float}");
+    for d in [int8, int4] {
+        for field in ["tokens", "kv_bytes_uncompressed", "kept_per_layer", "press"] {
+            assert_eq!(d[field], float[field], "{field}: the same press keeps the same tokens\n{d}\n{float}");
+        }
+    }
+    let bytes = |d: &Value| d["kv_bytes"].as_u64().unwrap() as f64;
+    assert!(bytes(float) > 0.0 && bytes(float) < float["kv_bytes_uncompressed"].as_u64().unwrap() as f64, "compressed: {float}");
+    eprintln!("kv_bytes of {} tokens: float {}, int8 {} ({:.3}x), int4 {} ({:.3}x)", float["tokens"], bytes(float), bytes(int8), bytes(int8) / bytes(float), bytes(int4), bytes(int4) / bytes(float));
+    assert!(bytes(int8) < 0.6 * bytes(float), "int8 {} vs float {}", bytes(int8), bytes(float));
+    assert!(bytes(int4) < 0.4 * bytes(float), "int4 {} vs float {}", bytes(int4), bytes(float));
+    assert_eq!(int8["kv_bytes"], r8["kv_cache_bytes_compressed"], "kvc generate --kv-dtype int8 stores the same bytes: {int8}");
+    let (status, one) = get(&s, &format!("/v1/documents/{}", int4["id"].as_str().unwrap()));
+    assert_eq!((status, &one["kv_dtype"], &one["kv_bytes"]), (200, &json!("int4"), &int4["kv_bytes"]), "{one}");
+
+    // greedy answers (the default temperature 0)
+    let id = |d: &Value| d["id"].as_str().unwrap().to_string();
+    let (_, float_answer, v) = ask(&s, &id(float), Q1);
+    assert!(!float_answer.trim().is_empty(), "{v}");
+    let (int8_ids, int8_answer, v) = ask(&s, &id(int8), Q1);
+    assert!(!int8_answer.trim().is_empty(), "{v}");
+    assert_eq!((int8_ids.clone(), int8_answer.clone()), answers8[0], "the int8 document answers as kvc generate --kv-dtype int8");
+
+    // a bad kv_dtype: 400 in OpenAI's shape, nothing stored
+    for bad in [json!("int3"), json!("f16"), json!("INT8"), json!(8), json!(null)] {
+        let (st, v) = post(&s, "/v1/documents", &json!({ "text": "some text", "kv_dtype": bad }));
+        if bad.is_null() {
+            assert_eq!(st, 201, "null is absent: the server's default: {v}");
+            assert_eq!(v["kv_dtype"], "float", "{v}");
+            let (st, _, _, _) = call(&s, "DELETE", &format!("/v1/documents/{}", id(&v)), None);
+            assert_eq!(st, 200);
+            continue;
+        }
+        assert_error(st, 400, &v, &format!("kv_dtype {bad}"));
+    }
+    assert_eq!(listed(&s).len(), 3);
+    drop(s);
+
+    // restart (server default int4): the stored documents keep their own format and bytes, and
+    // the int8 one read back from disk answers the same
+    let s = start(&["--cache-dir", cache, "--kv-dtype", "int4"], None, dir.path());
+    let (status, list) = get(&s, "/v1/documents");
+    assert_eq!(status, 200, "{list}");
+    for d in &stored {
+        let found = list["data"].as_array().unwrap().iter().find(|x| x["id"] == d["id"]).unwrap_or_else(|| panic!("{} lost: {list}", d["id"]));
+        assert_eq!((&found["kv_dtype"], &found["kv_bytes"], &found["in_memory"]), (&d["kv_dtype"], &d["kv_bytes"], &json!(false)), "{found}");
+    }
+    assert_eq!(ask(&s, &id(int8), Q1).0, int8_ids, "read back from --cache-dir");
+    // a document that names none takes the server's --kv-dtype
+    let (status, doc) = post(&s, "/v1/documents", &json!({ "text": docs[2] }));
+    assert_eq!((status, &doc["kv_dtype"]), (201, &json!("int4")), "{doc}");
 }
 
 /// A small deterministic generator (no dependency): xorshift64*.

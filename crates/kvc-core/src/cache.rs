@@ -1,13 +1,18 @@
 //! The KV cache: per-layer keys and values that a press can reshape.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use std::sync::Arc;
 
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
+
+use crate::kvquant::{KvQuant, QuantKv};
 use crate::CoreError;
 
 /// Keys, values and original token positions of one layer.
 ///
 /// - `keys`, `values`: `[batch, kv_heads, len, head_dim]`; keys are stored after RoPE (rotated at
-///   their original positions), so they stay valid wherever they are moved in the cache.
+///   their original positions), so they stay valid wherever they are moved in the cache. In a
+///   quantized layer (`quant` set) they hold only the newest slots (the residual window, in
+///   full precision) and `quant` the slots before them as codes.
 /// - `positions`: original position of every slot, row-major `[batch, kv_heads, len]`. After
 ///   per-head selection (KVCompose keeps different tokens in each head) the positions of a slot
 ///   differ between heads.
@@ -23,12 +28,53 @@ pub struct LayerKv<B: Backend> {
     /// heads of a layer keep different numbers of tokens (per-head budgets): every head is padded
     /// to the layer's largest count and the padding is masked out of attention.
     pub valid: Option<Vec<bool>>,
+    /// The layer's first slots as int8 / int4 codes ([`crate::kvquant`], set by
+    /// [`KvCache::quantize`]); `keys` and `values` then hold the slots after them. Shared between
+    /// clones of the cache until one of them quantizes more tokens. `positions` and `valid` cover
+    /// all slots, quantized first.
+    pub quant: Option<Arc<QuantKv>>,
 }
 
 impl<B: Backend> LayerKv<B> {
-    /// Number of cached tokens (slots per head).
+    /// A full-precision layer.
+    pub fn new(keys: Tensor<B, 4>, values: Tensor<B, 4>, positions: Vec<u32>, valid: Option<Vec<bool>>) -> Self {
+        Self { keys, values, positions, valid, quant: None }
+    }
+
+    /// Number of cached tokens (slots per head), quantized ones included.
     pub fn len(&self) -> usize {
-        self.keys.dims()[2]
+        self.keys.dims()[2] + self.quant.as_ref().map_or(0, |q| q.len())
+    }
+
+    /// Keys and values of every slot in full precision, `[batch, kv_heads, len, head_dim]`: the
+    /// tensors themselves for a float layer; for a quantized one the codes widened (in `keys`'
+    /// dtype) and the residual window after them (a copy: what attention kernels without a
+    /// quantized path, observers and saved-cache readers use).
+    pub fn full(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match &self.quant {
+            Some(q) => crate::kvquant::with_codes(q, self.keys.clone(), self.values.clone()),
+            None => (self.keys.clone(), self.values.clone()),
+        }
+    }
+
+    /// Moves the oldest full-precision slots to the codes as [`KvQuant::flush_count`] says
+    /// (nothing for a float layer); the residual window left is a fresh tensor (not a view
+    /// holding the old buffer).
+    fn flush(&mut self) {
+        let Some(q) = self.quant.as_mut() else { return };
+        let [b, h, r, d] = self.keys.dims();
+        let n = q.spec().flush_count(r);
+        if n == 0 {
+            return;
+        }
+        let host = |t: &Tensor<B, 4>, from: usize, len: usize| t.clone().narrow(2, from, len).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+        Arc::make_mut(q).push(&host(&self.keys, 0, n), &host(&self.values, 0, n), n);
+        let device = self.keys.device();
+        let rest = |t: &Tensor<B, 4>| {
+            let dtype = t.dtype();
+            Tensor::<B, 4>::from_data(TensorData::new(host(t, n, r - n), [b, h, r - n, d]), (&device, DType::F32)).cast(dtype)
+        };
+        (self.keys, self.values) = (rest(&self.keys), rest(&self.values));
     }
 
     /// True when no token is cached.
@@ -40,14 +86,16 @@ impl<B: Backend> LayerKv<B> {
     /// real token, -inf for padding. `None` when every slot is real.
     pub fn key_bias(&self) -> Option<Tensor<B, 5>> {
         let valid = self.valid.as_ref()?;
-        let [b, h, len, _] = self.keys.dims();
+        let [b, h, _, _] = self.keys.dims();
+        let len = self.len();
         let bias: Vec<f32> = valid.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
         Some(Tensor::from_data(TensorData::new(bias, [b, h, 1, 1, len]), (&self.keys.device(), self.keys.dtype())))
     }
 
     /// Real (unpadded) tokens per `[batch][head]`.
     pub fn tokens_per_head(&self) -> Vec<Vec<usize>> {
-        let [b, h, len, _] = self.keys.dims();
+        let [b, h, _, _] = self.keys.dims();
+        let len = self.len();
         (0..b)
             .map(|bi| {
                 (0..h)
@@ -79,10 +127,11 @@ impl<B: Backend> LayerKv<B> {
             .collect()
     }
 
-    /// Bytes held by keys and values (element count x element size of the tensors' dtype).
+    /// Bytes held by keys and values: element count x element size of the tensors' dtype, plus
+    /// codes, scales and mins of a quantized layer.
     pub fn bytes(&self) -> usize {
         let elems = self.keys.shape().num_elements() + self.values.shape().num_elements();
-        elems * self.keys.dtype().size()
+        elems * self.keys.dtype().size() + self.quant.as_ref().map_or(0, |q| q.bytes())
     }
 }
 
@@ -278,10 +327,11 @@ impl<B: Backend> KvCache<B> {
             None => {
                 let positions = (0..b * h).flat_map(|_| new_positions.iter().copied()).collect();
                 let (keys, values) = self.write(layer, None, 0, keys, values, writer);
-                LayerKv { keys, values, positions, valid: None }
+                LayerKv::new(keys, values, positions, None)
             }
             Some(old) => {
-                let [ob, oh, ol, od] = old.keys.dims();
+                let [ob, oh, _, od] = old.keys.dims();
+                let ol = old.len();
                 if (ob, oh, od) != (b, h, d) {
                     let msg = format!("layer {layer} holds {:?}, appended {:?}", old.keys.dims(), [b, h, c, d]);
                     self.layers[layer] = Some(old);
@@ -295,8 +345,17 @@ impl<B: Backend> KvCache<B> {
                 let valid = old.valid.map(|v| {
                     (0..b * h).flat_map(|row| v[row * ol..(row + 1) * ol].iter().copied().chain(std::iter::repeat_n(true, c))).collect()
                 });
-                let (keys, values) = self.write(layer, Some((old.keys, old.values)), ol, keys, values, writer);
-                LayerKv { keys, values, positions, valid }
+                if old.quant.is_some() {
+                    // the residual window is short: a concatenation, then its oldest slots to codes
+                    let keys = Tensor::cat(vec![old.keys, keys], 2);
+                    let values = Tensor::cat(vec![old.values, values], 2);
+                    let mut entry = LayerKv { keys, values, positions, valid, quant: old.quant };
+                    entry.flush();
+                    entry
+                } else {
+                    let (keys, values) = self.write(layer, Some((old.keys, old.values)), ol, keys, values, writer);
+                    LayerKv { keys, values, positions, valid, quant: None }
+                }
             }
         };
         let out = (entry.keys.clone(), entry.values.clone());
@@ -311,8 +370,10 @@ impl<B: Backend> KvCache<B> {
     /// `positions` is not `batch * kv_heads * len` long.
     pub fn replace_layer(&mut self, layer: usize, kv: LayerKv<B>) -> Result<(), CoreError> {
         self.check_layer(layer)?;
-        let [b, h, l, _] = kv.keys.dims();
+        let [b, h, _, d] = kv.keys.dims();
+        let l = kv.len();
         if kv.keys.dims() != kv.values.dims()
+            || kv.quant.as_ref().is_some_and(|q| (q.rows(), q.head_dim()) != (b * h, d))
             || kv.positions.len() != b * h * l
             || kv.valid.as_ref().is_some_and(|v| v.len() != b * h * l)
         {
@@ -344,6 +405,9 @@ impl<B: Backend> KvCache<B> {
     pub fn gather_layer(&mut self, layer: usize, indices: &[Vec<Vec<u32>>]) -> Result<(), CoreError> {
         self.check_layer(layer)?;
         let kv = self.layers[layer].as_ref().ok_or(CoreError::EmptyLayer(layer))?;
+        if kv.quant.is_some() {
+            return Err(CoreError::Unsupported(format!("layer {layer} is quantized: presses run on the full-precision cache, before quantization")));
+        }
         let [b, h, len, d] = kv.keys.dims();
         if indices.len() != b || indices.iter().any(|x| x.len() != h) {
             return Err(CoreError::Shape(format!("indices do not form [{b}, {h}, k]")));
@@ -375,7 +439,7 @@ impl<B: Backend> KvCache<B> {
         let keys = kv.keys.clone().gather(2, idx.clone());
         let values = kv.values.clone().gather(2, idx);
         let valid = (ragged || kv.valid.is_some()).then_some(valid).filter(|v| v.iter().any(|x| !x));
-        self.layers[layer] = Some(LayerKv { keys, values, positions, valid });
+        self.layers[layer] = Some(LayerKv::new(keys, values, positions, valid));
         self.buffers[layer] = None;
         self.targets[layer] = 0;
         Ok(())
@@ -386,6 +450,12 @@ impl<B: Backend> KvCache<B> {
     pub fn truncate(&mut self, len: usize) {
         for (kv, buf) in self.layers.iter_mut().zip(self.buffers.iter_mut()) {
             let Some(kv) = kv.as_mut() else { continue };
+            if let Some(spec) = kv.quant.as_ref().map(|q| q.spec()) {
+                if kv.len() > len {
+                    truncate_quantized(kv, spec, len);
+                }
+                continue;
+            }
             let [b, h, l, _] = kv.keys.dims();
             if l > len {
                 // the buffer's first `len` slots are still the layer's: later appends overwrite the rest
@@ -403,12 +473,72 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Quantizes every layer as `spec` says ([`crate::kvquant`]): all but the newest slots (the
+    /// residual window) become codes and the full-precision buffers are freed. Run it after a
+    /// press (presses score on full-precision keys and values); decode appends then go to the
+    /// residual window and are quantized as groups fill. A layer already quantized the same way is
+    /// left as it is.
+    ///
+    /// # Errors
+    /// [`CoreError::Unsupported`] for a head size the format cannot hold or a layer quantized
+    /// in another format.
+    pub fn quantize(&mut self, spec: KvQuant) -> Result<(), CoreError> {
+        for (layer, kv) in self.layers.iter_mut().enumerate() {
+            let Some(kv) = kv.as_mut() else { continue };
+            match kv.quant.as_ref().map(|q| q.spec()) {
+                Some(s) if s == spec => continue,
+                Some(s) => return Err(CoreError::Unsupported(format!("layer {layer} is already quantized as {}", s.name()))),
+                None => {}
+            }
+            let [b, h, _, d] = kv.keys.dims();
+            kv.quant = Some(Arc::new(QuantKv::new(spec, b * h, d)?));
+            kv.flush();
+            if kv.quant.as_ref().is_some_and(|q| q.is_empty()) {
+                // nothing quantized yet (a short layer): copies, so the views do not keep the
+                // freed buffer's whole capacity alive
+                let copy = |t: &Tensor<B, 4>| Tensor::<B, 4>::from_data(t.to_data(), (&t.device(), t.dtype()));
+                (kv.keys, kv.values) = (copy(&kv.keys), copy(&kv.values));
+            }
+            self.buffers[layer] = None;
+            self.targets[layer] = 0;
+        }
+        Ok(())
+    }
+
+    /// The format of a quantized cache (from its first quantized layer); `None` for a float one.
+    pub fn kv_quant(&self) -> Option<KvQuant> {
+        self.layers.iter().flatten().find_map(|kv| kv.quant.as_ref().map(|q| q.spec()))
+    }
+
     fn check_layer(&self, layer: usize) -> Result<(), CoreError> {
         if layer >= self.layers.len() {
             return Err(CoreError::LayerOutOfRange { layer, num_layers: self.layers.len() });
         }
         Ok(())
     }
+}
+
+/// Keeps the first `len` slots of a quantized layer: inside the residual window a narrowing;
+/// below it the layer is widened, cut and quantized again (codes cannot be split mid-group).
+fn truncate_quantized<B: Backend>(kv: &mut LayerKv<B>, spec: KvQuant, len: usize) {
+    let [b, h, r, d] = kv.keys.dims();
+    let ql = kv.len() - r;
+    let l = kv.len();
+    kv.positions = kv.positions.chunks(l).take(b * h).flat_map(|row| row[..len].to_vec()).collect();
+    if let Some(v) = &kv.valid {
+        kv.valid = Some(v.chunks(l).take(b * h).flat_map(|row| row[..len].to_vec()).collect());
+    }
+    if len > ql {
+        kv.keys = kv.keys.clone().narrow(2, 0, len - ql);
+        kv.values = kv.values.clone().narrow(2, 0, len - ql);
+        return;
+    }
+    let (keys, values) = kv.full();
+    kv.keys = keys.narrow(2, 0, len);
+    kv.values = values.narrow(2, 0, len);
+    // a format that held these keys before holds them again: `new` cannot fail here
+    kv.quant = QuantKv::new(spec, b * h, d).ok().map(Arc::new);
+    kv.flush();
 }
 
 #[cfg(test)]
@@ -463,9 +593,65 @@ mod tests {
             assert_eq!(host(t), host(Tensor::cat(vec![first5, ramp(2, 3, 2, 2, 77.0)], 2)));
             // a replaced layer starts over from its new content
             let fresh = ramp(2, 3, 2, 2, 500.0);
-            cache.replace_layer(0, LayerKv { keys: fresh.clone(), values: fresh.clone(), positions: vec![0; 12], valid: None }).unwrap();
+            cache.replace_layer(0, LayerKv::new(fresh.clone(), fresh.clone(), vec![0; 12], None)).unwrap();
             let (r, _) = cache.append(0, 9, ramp(2, 3, 1, 2, 9.0), ramp(2, 3, 1, 2, 9.0)).unwrap();
             assert_eq!(host(r), host(Tensor::cat(vec![fresh, ramp(2, 3, 1, 2, 9.0)], 2)));
+        }
+    }
+
+    /// A quantized layer: the residual window stays within its bounds through appends, slots
+    /// keep their order (the widened layer equals the float one within the codes' error, the
+    /// residual exactly), clones quantize independently, truncation below the codes works, and
+    /// presses are refused.
+    #[test]
+    fn quantized_layers_append_truncate_and_clone() {
+        let (h, d, n0) = (2, 64, 300);
+        let noise = |n: usize, seed: usize| {
+            let v: Vec<f32> = (0..h * n * d).map(|i| (((i + seed) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(v, [1, h, n, d]), &Default::default())
+        };
+        for spec in [KvQuant::int8(), KvQuant::int4()] {
+            let mut cache = KvCache::<B>::new(1);
+            let mut want = vec![noise(n0, 1)];
+            cache.append(0, 0, want[0].clone(), want[0].clone() * 2.0).unwrap();
+            let float_bytes = cache.bytes();
+            cache.quantize(spec).unwrap();
+            assert!(cache.bytes() < float_bytes / 2 && cache.kv_quant() == Some(spec));
+            let mut other = cache.clone();
+            for i in 0..150 {
+                let t = noise(1, 1000 + i);
+                cache.append(0, n0 + i, t.clone(), t.clone() * 2.0).unwrap();
+                want.push(t);
+                let kv = cache.layer(0).unwrap().unwrap();
+                let (q, r) = (kv.quant.as_ref().unwrap().len(), kv.keys.dims()[2]);
+                assert_eq!(q + r, n0 + i + 1);
+                assert!(r >= 1 && r <= spec.residual.max(1) + spec.granularity() && q % spec.granularity() == 0, "{spec:?}: {q} + {r}");
+            }
+            other.append(0, n0, noise(1, 7), noise(1, 7)).unwrap();
+            assert_eq!(other.lens(), vec![n0 + 1]);
+            let check = |cache: &KvCache<B>, len: usize, exact_residual: bool| {
+                let kv = cache.layer(0).unwrap().unwrap();
+                let (k, v) = kv.full();
+                let want_k = host(Tensor::cat(want.clone(), 2).narrow(2, 0, len));
+                let (k, v) = (host(k), host(v));
+                let tol = if spec == KvQuant::int8() { 0.01 } else { 0.1 };
+                assert!(k.iter().zip(&want_k).all(|(a, b)| (a - b).abs() <= tol), "{spec:?} keys");
+                assert!(v.iter().zip(&want_k).all(|(a, b)| (a - 2.0 * b).abs() <= 2.0 * tol), "{spec:?} values");
+                // the residual window: bit for bit (unless it was widened back from codes)
+                let r = kv.keys.dims()[2];
+                assert!(!exact_residual || k[(h - 1) * len * d + (len - r) * d..][..r * d] == want_k[(h - 1) * len * d + (len - r) * d..][..r * d], "{spec:?} len {len} r {r}: {:?} vs {:?}", &k[(h - 1) * len * d + (len - r) * d..][..4], &want_k[(h - 1) * len * d + (len - r) * d..][..4]);
+                assert_eq!(kv.positions.len(), h * len);
+            };
+            check(&cache, n0 + 150, true);
+            // the clone's own token did not reach the original, nor the original's the clone
+            assert_eq!(other.layer(0).unwrap().unwrap().positions[n0], n0 as u32);
+            cache.truncate(n0 + 140);
+            // int8 holds one token in full precision: a cut below it widens and quantizes again
+            check(&cache, n0 + 140, spec.bits == crate::KvBits::Int4);
+            cache.truncate(200);
+            check(&cache, 200, false);
+            assert!(cache.gather_layer(0, &[vec![vec![0], vec![1]]]).is_err());
+            assert!(cache.quantize(if spec == KvQuant::int8() { KvQuant::int4() } else { KvQuant::int8() }).is_err());
         }
     }
 

@@ -34,6 +34,8 @@
 //! - [`press`]: compression methods (presses) applied between prefill and decode, and the pieces
 //!   they share ([`select`]: score aggregation, top-k, global budget allocation).
 //!
+//! - [`kvquant`]: int8 / int4 (KIVI) storage of a cache's older slots, applied after a press
+//!   ([`KvCache::quantize`]), read where it lies by decode attention.
 //! - [`saved`]: a (compressed) cache written to a safetensors file and read back in another
 //!   process ([`KvCache::save`], [`KvCache::load`], [`CacheHeader`]).
 //! - [`KvcBackend`] ([`kernels`]): the attention kernel a decoder calls, with a generic default and
@@ -46,6 +48,7 @@ pub mod cache;
 pub mod capture;
 pub mod error;
 pub mod kernels;
+pub mod kvquant;
 pub mod observer;
 pub mod press;
 pub mod saved;
@@ -56,6 +59,7 @@ pub use capture::{CaptureSpec, PrefillCapture};
 pub use error::CoreError;
 pub use kernels::quant::QuantMatrix;
 pub use kernels::{KvcBackend, QueryReduce};
+pub use kvquant::{KvBits, KvQuant};
 pub use observer::{AttentionObserver, LayerObservation};
 pub use press::{Budget, ForwardModel, Press, PressReport, PressSpec};
 pub use saved::{CacheFileError, CacheHeader};

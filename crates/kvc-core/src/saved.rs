@@ -7,7 +7,15 @@
 //! kv_heads, len]`, original token positions) and, for layers whose heads keep different numbers
 //! of tokens, `layers.{i}.valid` (U8 0/1 `[batch, kv_heads, len]`, the per-head masks). The
 //! safetensors metadata holds `format` = [`FORMAT`] and `kvc` = the [`CacheHeader`] as JSON (model
-//! fingerprint, next position, context tokens, the press that compressed it).
+//! fingerprint, next position, context tokens, the press that compressed it, the KV format).
+//!
+//! A quantized cache (format 2, [`CacheHeader::kv_quant`] set): `keys` / `values` hold each
+//! layer's residual window (`[batch, kv_heads, residual, head_dim]`), positions and masks cover
+//! all `len` slots, and the codes of the slots before the window are
+//! `layers.{i}.{key,value}_{codes,scales,mins}` (U8 `[batch * kv_heads, bytes]`, F16 `[batch *
+//! kv_heads, n]`; mins for int4 only; absent while a layer has no code yet), laid out as
+//! [`crate::kvquant::QuantRows`]. Format 1 files (float caches, before quantization existed) still
+//! load.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,10 +24,14 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::{KvCache, LayerKv, PressSpec};
+use crate::kvquant::{KvBits, QuantKv, QuantRows};
+use crate::{KvCache, KvQuant, LayerKv, PressSpec};
 
-/// The `format` metadata value of a saved cache; a file with another value is refused.
-pub const FORMAT: &str = "kvc-kv-cache/1";
+/// The `format` metadata value written; a file with another value than this or [`FORMAT_V1`] is
+/// refused.
+pub const FORMAT: &str = "kvc-kv-cache/2";
+/// The format of float caches written before quantized ones existed (read, not written).
+pub const FORMAT_V1: &str = "kvc-kv-cache/1";
 
 /// What a saved cache says about itself (the `kvc` metadata entry, JSON).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,6 +54,10 @@ pub struct CacheHeader {
     pub press: Option<PressSpec>,
     /// Whether the context was wrapped in the model's chat template (questions must be too).
     pub chat: bool,
+    /// The codes keys and values are stored as ([`KvCache::quantize`]); `None` (and absent from
+    /// format 1 files): the float dtype of the tensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_quant: Option<KvQuant>,
 }
 
 /// A cache file that cannot be written or read back.
@@ -108,10 +124,26 @@ impl<B: Backend> KvCache<B> {
                 let dtype = st_dtype(data.dtype).ok_or_else(|| CacheFileError::Unsavable(format!("{:?} tensors", data.dtype)))?;
                 owned.push((format!("layers.{layer}.{name}"), dtype, shape.clone(), data.as_bytes().to_vec()));
             }
+            let slots = vec![shape[0], shape[1], kv.len()];
             let positions = kv.positions.iter().flat_map(|p| p.to_le_bytes()).collect();
-            owned.push((format!("layers.{layer}.positions"), Dtype::U32, shape[..3].to_vec(), positions));
+            owned.push((format!("layers.{layer}.positions"), Dtype::U32, slots.clone(), positions));
             if let Some(valid) = &kv.valid {
-                owned.push((format!("layers.{layer}.valid"), Dtype::U8, shape[..3].to_vec(), valid.iter().map(|&v| v as u8).collect()));
+                owned.push((format!("layers.{layer}.valid"), Dtype::U8, slots, valid.iter().map(|&v| v as u8).collect()));
+            }
+            if kv.quant.as_ref().map(|q| q.spec()) != header.kv_quant {
+                return Err(CacheFileError::Unsavable(format!("layer {layer}'s storage differs from the header's KV format {:?}", header.kv_quant)));
+            }
+            if let Some(q) = kv.quant.as_ref().filter(|q| !q.is_empty()) {
+                for (name, rows) in [("key", q.keys()), ("value", q.values())] {
+                    let n = rows.len();
+                    let cat = |f: &dyn Fn(&QuantRows) -> Vec<u8>| rows.iter().flat_map(f).collect::<Vec<u8>>();
+                    let halves = |x: &[half::f16]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+                    owned.push((format!("layers.{layer}.{name}_codes"), Dtype::U8, vec![n, rows[0].codes.len()], cat(&|r| r.codes.clone())));
+                    owned.push((format!("layers.{layer}.{name}_scales"), Dtype::F16, vec![n, rows[0].scales.len()], cat(&|r| halves(&r.scales))));
+                    if !rows[0].mins.is_empty() {
+                        owned.push((format!("layers.{layer}.{name}_mins"), Dtype::F16, vec![n, rows[0].mins.len()], cat(&|r| halves(&r.mins))));
+                    }
+                }
             }
         }
         let mut views = Vec::with_capacity(owned.len());
@@ -144,8 +176,8 @@ impl<B: Backend> KvCache<B> {
         let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(format!("damaged or truncated, or not safetensors ({e})")))?;
         let meta = metadata.metadata().clone().unwrap_or_default();
         match meta.get("format") {
-            Some(f) if f == FORMAT => {}
-            Some(f) => return Err(invalid(format!("format {f:?}, expected {FORMAT:?}"))),
+            Some(f) if f == FORMAT || f == FORMAT_V1 => {}
+            Some(f) => return Err(invalid(format!("format {f:?}, expected {FORMAT:?} (or {FORMAT_V1:?})"))),
             None => return Err(invalid("no kvc format tag (a safetensors file, but not a saved KV cache)".into())),
         }
         let header: CacheHeader = serde_json::from_str(meta.get("kvc").ok_or_else(|| invalid("no kvc header".into()))?)
@@ -156,6 +188,12 @@ impl<B: Backend> KvCache<B> {
         }
         if header.context_tokens != header.next_position {
             return Err(invalid(format!("{} context tokens but next position {}", header.context_tokens, header.next_position)));
+        }
+        if meta.get("format").is_some_and(|f| f == FORMAT_V1) && header.kv_quant.is_some() {
+            return Err(invalid("a format 1 file with a KV format (quantized caches are format 2)".into()));
+        }
+        if let Some(q) = header.kv_quant {
+            q.check(dim).map_err(|e| invalid(e.to_string()))?;
         }
         let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(format!("damaged or truncated ({e})")))?;
         let expected = layers.checked_mul(3).ok_or_else(|| invalid("layer count overflows".into()))?;
@@ -177,7 +215,12 @@ impl<B: Backend> KvCache<B> {
             if !B::supports_dtype(device, dtype) {
                 return Err(invalid(format!("{dtype:?} keys and values, which this backend does not support (load it on one that does, e.g. flex)")));
             }
-            let slots = shape[..3].to_vec();
+            let quant = match header.kv_quant {
+                Some(spec) => Some(read_codes(&st, layer, spec, heads, dim).map_err(|e| invalid(format!("layer {layer}: {e}")))?),
+                None => None,
+            };
+            let total = shape[2] + quant.as_ref().map_or(0, QuantKv::len);
+            let slots = vec![1, heads, total];
             if positions.shape() != slots.as_slice() || positions.dtype() != Dtype::U32 {
                 return Err(invalid(format!("layer {layer}: positions {:?} {:?}, expected U32 {slots:?}", positions.dtype(), positions.shape())));
             }
@@ -191,7 +234,7 @@ impl<B: Backend> KvCache<B> {
                         return Err(invalid(format!("layer {layer}: masks must be U8 0/1 of shape {slots:?}")));
                     }
                     let valid: Vec<bool> = v.data().iter().map(|&x| x == 1).collect();
-                    if valid.chunks(shape[2]).any(|head| !head.contains(&true)) {
+                    if valid.chunks(total).any(|head| !head.contains(&true)) {
                         return Err(invalid(format!("layer {layer}: a head whose mask keeps no token")));
                     }
                     Some(valid)
@@ -201,12 +244,60 @@ impl<B: Backend> KvCache<B> {
             let tensor = |view: &TensorView| {
                 Tensor::<B, 4>::from_data(TensorData::from_bytes_vec(view.data().to_vec(), shape.clone(), dtype), (device, dtype))
             };
-            let kv = LayerKv { keys: tensor(&keys), values: tensor(&values), positions: pos, valid };
+            let mut kv = LayerKv::new(tensor(&keys), tensor(&values), pos, valid);
+            kv.quant = quant.map(std::sync::Arc::new);
             cache.replace_layer(layer, kv).map_err(|e| invalid(e.to_string()))?;
         }
         cache.set_next_position(header.next_position);
         Ok((cache, header))
     }
+}
+
+/// A layer's codes ([`KvCache::save`]'s `{key,value}_{codes,scales,mins}`), every size checked
+/// ([`QuantKv::from_parts`]); none stored = no token quantized yet.
+fn read_codes(st: &SafeTensors<'_>, layer: usize, spec: KvQuant, heads: usize, dim: usize) -> Result<QuantKv, String> {
+    let get = |name: &str, dtype: Dtype| -> Result<Option<Vec<Vec<u8>>>, String> {
+        let Ok(t) = st.tensor(&format!("layers.{layer}.{name}")) else { return Ok(None) };
+        let shape = t.shape();
+        if t.dtype() != dtype || shape.len() != 2 || shape[0] != heads {
+            return Err(format!("{name}: {:?} {shape:?}, expected {dtype:?} [{heads}, n]", t.dtype()));
+        }
+        let width = t.data().len() / heads;
+        if width == 0 {
+            return Ok(Some(vec![Vec::new(); heads]));
+        }
+        Ok(Some(t.data().chunks(width).map(<[u8]>::to_vec).collect()))
+    };
+    let halves = |rows: Vec<Vec<u8>>| rows.into_iter().map(|r| r.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>()).collect::<Vec<_>>();
+    let mut parts = Vec::new();
+    for name in ["key", "value"] {
+        let codes = get(&format!("{name}_codes"), Dtype::U8)?;
+        let scales = get(&format!("{name}_scales"), Dtype::F16)?.map(halves);
+        let mins = get(&format!("{name}_mins"), Dtype::F16)?.map(halves);
+        parts.push((codes, scales, mins));
+    }
+    if parts.iter().all(|p| p.0.is_none() && p.1.is_none() && p.2.is_none()) {
+        return QuantKv::new(spec, heads, dim).map_err(|e| e.to_string());
+    }
+    let per_token = match spec.bits {
+        KvBits::Int8 => dim,
+        KvBits::Int4 => dim / 2,
+    };
+    let mut rows = Vec::new();
+    let mut len = 0;
+    for (codes, scales, mins) in parts {
+        let codes = codes.ok_or("codes missing beside their scales")?;
+        let scales = scales.ok_or("scales missing beside their codes")?;
+        let mins = mins.unwrap_or_else(|| vec![Vec::new(); heads]);
+        len = codes[0].len() / per_token;
+        if codes[0].len() % per_token != 0 {
+            return Err(format!("{} code bytes per head: not whole tokens of {per_token}", codes[0].len()));
+        }
+        rows.push(codes.into_iter().zip(scales).zip(mins).map(|((codes, scales), mins)| QuantRows { codes, scales, mins }).collect::<Vec<_>>());
+    }
+    let values = rows.pop().unwrap_or_default();
+    let keys = rows.pop().unwrap_or_default();
+    QuantKv::from_parts(spec, dim, len, keys, values).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -226,6 +317,7 @@ mod tests {
             context_tokens: 6,
             press: Some(PressSpec::new("kvcompose", crate::Budget::Ratio(0.5)).with_option("structured", false)),
             chat: true,
+            kv_quant: None,
         }
     }
 
@@ -237,13 +329,8 @@ mod tests {
             let v: Vec<f32> = (0..2 * len * 3).map(|i| i as f32 * 0.5 + offset).collect();
             Tensor::<B, 4>::from_data(TensorData::new(v, [1, 2, len, 3]), &device)
         };
-        let kv0 = LayerKv { keys: ramp(4, 0.0), values: ramp(4, 100.0), positions: vec![0, 1, 4, 5, 0, 2, 3, 5], valid: None };
-        let kv1 = LayerKv {
-            keys: ramp(3, -7.0),
-            values: ramp(3, 9.0),
-            positions: vec![1, 2, 5, 0, 3, 3],
-            valid: Some(vec![true, true, true, true, true, false]),
-        };
+        let kv0 = LayerKv::new(ramp(4, 0.0), ramp(4, 100.0), vec![0, 1, 4, 5, 0, 2, 3, 5], None);
+        let kv1 = LayerKv::new(ramp(3, -7.0), ramp(3, 9.0), vec![1, 2, 5, 0, 3, 3], Some(vec![true, true, true, true, true, false]));
         cache.replace_layer(0, kv0).unwrap();
         cache.replace_layer(1, kv1).unwrap();
         cache.set_next_position(6);
@@ -314,6 +401,65 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A quantized cache (int8 and int4, the second layer with ragged heads) comes back with the
+    /// same codes, residual window, positions and masks; damaged copies are errors, never panics;
+    /// a format 1 file (a float cache) still loads.
+    #[test]
+    fn quantized_caches_round_trip_and_format_1_still_loads() {
+        let dir = tempfile_dir();
+        let path = dir.join("q.kvc");
+        let device = Default::default();
+        for (spec, len) in [(KvQuant::int8(), 9), (KvQuant::int4(), 150)] {
+            let d = 4;
+            let ramp = |offset: f32| {
+                let v: Vec<f32> = (0..2 * len * d).map(|i| ((i * 7919) % 113) as f32 * 0.1 - 5.0 + offset).collect();
+                Tensor::<B, 4>::from_data(TensorData::new(v, [1, 2, len, d]), &device)
+            };
+            let mut cache = KvCache::<B>::new(2);
+            let pos: Vec<u32> = (0..2 * len as u32).map(|i| i % len as u32).collect();
+            let mut valid = vec![true; 2 * len];
+            valid[len + 3] = false;
+            cache.replace_layer(0, LayerKv::new(ramp(0.0), ramp(1.0), pos.clone(), None)).unwrap();
+            cache.replace_layer(1, LayerKv::new(ramp(2.0), ramp(3.0), pos, Some(valid))).unwrap();
+            cache.set_next_position(len);
+            cache.quantize(spec).unwrap();
+            let h = CacheHeader { head_dim: d, next_position: len, context_tokens: len, kv_quant: Some(spec), ..header(len) };
+            // the header must say how the layers are stored
+            assert!(matches!(cache.save(&path, &header(len)), Err(CacheFileError::Unsavable(_))));
+            cache.save(&path, &h).unwrap();
+            let (loaded, got) = KvCache::<B>::load(&path, &device).unwrap();
+            assert_eq!(got, h);
+            assert_eq!(loaded.bytes(), cache.bytes());
+            for l in 0..2 {
+                let (a, b) = (cache.layer(l).unwrap().unwrap(), loaded.layer(l).unwrap().unwrap());
+                assert!(a.quant.as_ref().is_some_and(|q| q.len() > 0), "{spec:?}: nothing quantized");
+                assert_eq!(a.quant, b.quant);
+                assert_eq!((floats(&a.keys), floats(&a.values)), (floats(&b.keys), floats(&b.values)));
+                assert_eq!((&a.positions, &a.valid), (&b.positions, &b.valid));
+            }
+            let good = std::fs::read(&path).unwrap();
+            let bad = dir.join("bad.kvc");
+            for i in (0..good.len()).step_by(3) {
+                let mut b = good.clone();
+                b[i] ^= 0x5a;
+                std::fs::write(&bad, &b).unwrap();
+                let _ = KvCache::<B>::load(&bad, &device);
+                std::fs::write(&bad, &good[..i]).unwrap();
+                assert!(KvCache::<B>::load(&bad, &device).is_err());
+            }
+        }
+        // format 1: a float cache with the old tag
+        cache().save(&path, &header(6)).unwrap();
+        let v2 = std::fs::read(&path).unwrap();
+        let at = v2.windows(FORMAT.len()).position(|w| w == FORMAT.as_bytes()).unwrap();
+        let mut v1 = v2.clone();
+        v1[at..at + FORMAT.len()].copy_from_slice(FORMAT_V1.as_bytes());
+        std::fs::write(&path, &v1).unwrap();
+        let (loaded, _) = KvCache::<B>::load(&path, &device).unwrap();
+        assert_eq!(loaded.lens(), vec![4, 3]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// Half-precision caches keep their dtype and bits through the file.
     #[test]
     fn half_precision_caches_round_trip() {
@@ -326,7 +472,7 @@ mod tests {
             let t = || Tensor::<F, 4>::from_data(TensorData::new(v.clone(), [1, 2, 4, 3]), (&device, dtype));
             let mut cache = KvCache::<F>::new(2);
             for l in 0..2 {
-                let kv = LayerKv { keys: t(), values: t().neg(), positions: vec![0, 1, 2, 3, 0, 1, 2, 3], valid: None };
+                let kv = LayerKv { keys: t(), values: t().neg(), positions: vec![0, 1, 2, 3, 0, 1, 2, 3], valid: None, quant: None };
                 cache.replace_layer(l, kv).unwrap();
             }
             cache.set_next_position(6);

@@ -813,8 +813,19 @@ impl<B: KvcBackend> Attention<B> {
         let k = rope::apply(k, &rope_k.0, &rope_k.1).swap_dims(1, 2);
         let (keys, values) = cache.append_with(layer, first, k, v, B::kvc_write_slots)?;
         // per-head budgets leave padded slots in the cache: the kernel masks them out
-        let valid = cache.layer(layer)?.and_then(|kv| kv.valid.as_deref());
-        let out = observed_attention(observer, layer, first, q, || q_pre_rope.swap_dims(1, 2), keys, values, valid, B::kvc_attention);
+        let kv = cache.layer(layer)?;
+        let valid = kv.and_then(|kv| kv.valid.as_deref());
+        let out = match kv.and_then(|kv| kv.quant.as_deref()) {
+            // a quantized layer: `keys` / `values` are its residual window, the codes come first
+            Some(quant) if observer.is_none() => {
+                B::kvc_quant_attention(kvc_core::kernels::AttentionArgs { queries: q, keys, values, valid, reduce: None, probs: false }, quant).output
+            }
+            Some(quant) => {
+                let (keys, values) = kvc_core::kvquant::with_codes(quant, keys, values);
+                observed_attention(observer, layer, first, q, || q_pre_rope.swap_dims(1, 2), keys, values, valid, B::kvc_attention)
+            }
+            None => observed_attention(observer, layer, first, q, || q_pre_rope.swap_dims(1, 2), keys, values, valid, B::kvc_attention),
+        };
         let out = out.swap_dims(1, 2).reshape([b, c, hq * d]);
         if part == AttentionPart::Attention {
             return Ok(None);
@@ -855,8 +866,14 @@ impl<B: KvcBackend> Attention<B> {
             let row = |t: &Tensor<B, 4>| t.clone().narrow(1, s, 1).swap_dims(1, 2);
             let first = cache.next_position();
             let (keys, values) = cache.append_with(layer, first, row(&k), row(&v), B::kvc_write_slots)?;
-            let valid = cache.layer(layer)?.and_then(|kv| kv.valid.as_deref());
-            let out = B::kvc_attention(kvc_core::kernels::AttentionArgs { queries: row(&q), keys, values, valid, reduce: None, probs: false }).output;
+            let kv = cache.layer(layer)?;
+            let valid = kv.and_then(|kv| kv.valid.as_deref());
+            let args = kvc_core::kernels::AttentionArgs { queries: row(&q), keys, values, valid, reduce: None, probs: false };
+            let out = match kv.and_then(|kv| kv.quant.as_deref()) {
+                Some(quant) => B::kvc_quant_attention(args, quant),
+                None => B::kvc_attention(args),
+            }
+            .output;
             outs.push(out.swap_dims(1, 2).reshape([1, 1, hq * d]));
         }
         let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), BATCHED)?;

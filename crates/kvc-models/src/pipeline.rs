@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
-use kvc_core::{AttentionObserver, CacheHeader, CaptureSpec, CoreError, ForwardModel, KvCache, KvcBackend, PrefillCapture, PressReport, PressSpec};
+use kvc_core::{AttentionObserver, CacheHeader, CaptureSpec, CoreError, ForwardModel, KvCache, KvQuant, KvcBackend, PrefillCapture, PressReport, PressSpec};
 
 use crate::error::{ModelError, Result};
 use crate::generate::{self, GenerationConfig, StopReason, TextStream};
@@ -68,6 +68,11 @@ pub struct Request {
     /// request that needs more fails before the prefill allocates anything. `None`: no check
     /// (the CLI passes the memory available on CPU backends, or `--max-kv-memory`).
     pub kv_memory_limit: Option<usize>,
+    /// Store the (compressed) cache's keys and values as int8 or int4 codes
+    /// ([`kvc_core::kvquant`]), after the press; `None`: the model's float dtype. Answers, the
+    /// saved cache and `kv_bytes` then use the quantized cache; `compare`'s baseline stays the
+    /// uncompressed full-precision one.
+    pub kv_quant: Option<KvQuant>,
 }
 
 impl Default for Request {
@@ -82,6 +87,7 @@ impl Default for Request {
             compare: false,
             save_cache: None,
             kv_memory_limit: None,
+            kv_quant: None,
         }
     }
 }
@@ -445,7 +451,7 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             _ => None,
         };
         let bytes_before = prefilled.cache.bytes();
-        let (cache, report) = match &request.press {
+        let (mut cache, report) = match &request.press {
             Some(p) => {
                 events(Event::Compress { done: 0, total });
                 // the prefilled cache is not read after this (the baseline answers came first)
@@ -456,6 +462,11 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             }
             None => (prefilled.cache, None),
         };
+        if let Some(q) = request.kv_quant {
+            let start = Instant::now();
+            cache.quantize(q)?;
+            timings.compress += start.elapsed().as_secs_f64();
+        }
         if let Some(path) = &request.save_cache {
             let header = self.cache_header(&cache, total, request.press.clone(), request.chat);
             self.save_cache(&cache, &header, path)?;
@@ -503,6 +514,7 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
             context_tokens,
             press,
             chat,
+            kv_quant: cache.kv_quant(),
         }
     }
 
@@ -582,6 +594,17 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         let tokens = self.tokenize(&Request { context: "context".into(), ..request.clone() })?;
         // the cache's dtype is the model's: `load_cache` checked the fingerprint (weights' bits)
         let uncompressed = header.context_tokens.saturating_mul(self.kv_bytes_per_token());
+        let quantized;
+        let cache = match request.kv_quant {
+            // a float cache quantized for these answers (the file keeps its own format)
+            Some(q) if cache.kv_quant() != Some(q) => {
+                let mut c = cache.clone();
+                c.quantize(q)?;
+                quantized = c;
+                &quantized
+            }
+            _ => cache,
+        };
         let start = Instant::now();
         let mut answers = Vec::with_capacity(tokens.questions.len());
         for (question, q) in tokens.questions.iter().enumerate() {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::Tensor;
-use kvc_core::{AttentionObserver, CaptureSpec, KvCache, KvcBackend, PrefillCapture, PressSpec};
+use kvc_core::{AttentionObserver, CaptureSpec, KvCache, KvQuant, KvcBackend, PrefillCapture, PressSpec};
 use kvc_models::generate::{self, TextStream};
 use kvc_models::pipeline::{Pipeline, Prefilled, Request};
 use kvc_models::{ChatMessage, GenerationConfig, LoadedModel, Logits, ModelError};
@@ -52,6 +52,8 @@ pub struct NewDocument {
     pub text: String,
     /// The press (`None`: kept whole).
     pub press: Option<PressSpec>,
+    /// Quantization of the compressed cache (`None`: the model's float dtype).
+    pub kv_quant: Option<KvQuant>,
     /// Wrap in the chat template.
     pub chat: bool,
     /// Where the engine reports progress.
@@ -159,6 +161,7 @@ struct DocWork<B: KvcBackend> {
     id: DocId,
     ids: Vec<u32>,
     press: Option<PressSpec>,
+    kv_quant: Option<KvQuant>,
     cache: KvCache<B>,
     capture: PrefillCapture<B>,
     observe: bool,
@@ -289,6 +292,9 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
                 }
                 None => CaptureSpec::default(),
             };
+            if let Some(q) = d.kv_quant {
+                q.check(self.model.config.head_dim).map_err(|e| ApiError::bad_request(e.to_string(), Some("invalid_kv_dtype")))?;
+            }
             Ok((t.context, needs))
         });
         let (ids, needs) = match checked {
@@ -306,6 +312,7 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
             kv_bytes: 0,
             kv_bytes_uncompressed: 0,
             press: d.press.clone(),
+            kv_quant: d.kv_quant,
             kept_per_layer: Vec::new(),
             chat: d.chat,
             status: Status::Processing { phase: "queued", done: 0, total: ids.len() },
@@ -319,7 +326,7 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
         let mut cache = self.model.model.new_cache();
         cache.reserve(ids.len());
         let capture = PrefillCapture::new(needs, self.model.config.num_layers);
-        self.documents.push_back(DocWork { id: d.id, ids, press: d.press, cache, capture, observe: !needs.is_empty(), done: 0, events: d.events });
+        self.documents.push_back(DocWork { id: d.id, ids, press: d.press, kv_quant: d.kv_quant, cache, capture, observe: !needs.is_empty(), done: 0, events: d.events });
     }
 
     fn set_status(&self, id: &DocId, status: Status) {
@@ -351,7 +358,7 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
             return;
         }
         let Some(work) = self.documents.pop_front() else { return };
-        let DocWork { id, ids, press, cache, capture, events, .. } = work;
+        let DocWork { id, ids, press, kv_quant, cache, capture, events, .. } = work;
         let total = ids.len();
         let bytes_before = cache.bytes();
         let compressed = match &press {
@@ -368,11 +375,17 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
                 self.pipeline.compress_prefilled(prefilled, p, progress).map(|c| (c.cache, Some(c.report)))
             }
         };
-        let (cache, report) = match compressed {
+        let (mut cache, report) = match compressed {
             Ok(x) => x,
             Err(e) => return self.fail_document(id, &events, e.to_string()),
         };
         let kept = report.as_ref().map_or_else(|| cache.lens(), |r| r.kept_per_layer());
+        // quantized after the press (which scored the full-precision cache), as `Pipeline::run`
+        if let Some(q) = kv_quant {
+            if let Err(e) = cache.quantize(q) {
+                return self.fail_document(id, &events, format!("quantizing the cache as {}: {e}", q.name()));
+            }
+        }
         let kv_bytes = cache.bytes();
         if let (None, Some(limit)) = (&self.shared.disk, self.shared.config.cache_memory) {
             let used = self.shared.registry().ram_bytes();
@@ -457,6 +470,9 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
         }
         let disk = self.shared.disk.as_ref().ok_or_else(|| ApiError::internal(format!("document {id} has no cache")))?;
         let (cache, _) = self.pipeline.load_cache(&disk.cache_path(id)).map_err(|e| ApiError::internal(format!("reading document {id} back: {e}")))?;
+        if cache.kv_quant() != meta.kv_quant {
+            return Err(ApiError::internal(format!("document {id}: the saved cache's KV format differs from its description's")));
+        }
         self.shared.metrics.disk_loads.fetch_add(1, Ordering::Relaxed);
         if let Some(m) = self.shared.registry().get_mut(id) {
             m.in_memory = true;

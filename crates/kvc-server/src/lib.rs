@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::DType;
-use kvc_core::{KvcBackend, PressSpec};
+use kvc_core::{KvQuant, KvcBackend, PressSpec};
 
 use crate::state::{Disk, DocId, DocMeta, Registry};
 
@@ -58,10 +58,29 @@ pub struct ServeConfig {
     pub body_limit: usize,
     /// Float type of weights, activations and KV caches.
     pub dtype: DType,
+    /// How documents that name no `kv_dtype` store their compressed caches (`None`: in `dtype`;
+    /// else quantized after the press).
+    pub kv_quant: Option<KvQuant>,
     /// The backend's name (for messages).
     pub backend: String,
     /// Hold dense copies of the weights instead of a GGUF's blocks of codes.
     pub dense_weights: bool,
+}
+
+/// The name of a float dtype as `--dtype` spells it (`f32`, `f16`, `bf16`).
+pub fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
+/// Parses a KV cache format (a document's `kv_dtype`, `kvc serve --kv-dtype`): `float` or the
+/// model's dtype name (`model_dtype`: the cache stays in it) -> `None`; `int8` / `int4` -> that
+/// quantization. Names are exact (lowercase).
+///
+/// # Errors
+/// A message naming the accepted values (another float dtype than the model's is refused: the
+/// cache of a float model is in the model's dtype).
+pub fn parse_kv_dtype(name: &str, model_dtype: DType) -> Result<Option<KvQuant>, String> {
+    KvQuant::parse_for(name, model_dtype).map_err(|e| e.to_string())
 }
 
 /// Why the server stopped or could not start.
@@ -89,6 +108,9 @@ pub enum ServeError {
     /// The backend cannot run the dtype.
     #[error("--dtype {0} is not supported by the {1} backend")]
     Dtype(String, String),
+    /// The default KV cache format cannot hold the model's heads.
+    #[error("--kv-dtype: {0}")]
+    KvDtype(String),
     /// The HTTP runtime failed.
     #[error("HTTP server: {0}")]
     Runtime(std::io::Error),
@@ -134,7 +156,7 @@ impl Shared {
 /// [`ServeError`]: the address, the cache folder, the model, the runtime.
 pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<(), ServeError> {
     if !B::supports_dtype(&device, config.dtype) {
-        return Err(ServeError::Dtype(format!("{:?}", config.dtype).to_lowercase(), config.backend.clone()));
+        return Err(ServeError::Dtype(dtype_name(config.dtype), config.backend.clone()));
     }
     let addr = SocketAddr::new(config.host, config.port);
     let listener = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
@@ -179,6 +201,9 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
     if config.dense_weights || !B::kvc_has_quant_linear() {
         loaded.model.drop_quantized();
     }
+    if let Some(q) = config.kv_quant {
+        q.check(loaded.config.head_dim).map_err(|e| ServeError::KvDtype(e.to_string()))?;
+    }
     let fingerprint = loaded.model.fingerprint();
     if let Some(disk) = &shared.disk {
         let (found, removed) = disk.recover(&fingerprint);
@@ -200,4 +225,21 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
     drop(shared);
     engine.run(rx);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_dtype_names_float_int8_int4_or_the_models_dtype() {
+        assert_eq!(parse_kv_dtype("float", DType::F32), Ok(None));
+        assert_eq!(parse_kv_dtype("f32", DType::F32), Ok(None));
+        assert_eq!(parse_kv_dtype("bf16", DType::BF16), Ok(None));
+        assert_eq!(parse_kv_dtype("int8", DType::F32), Ok(Some(KvQuant::int8())));
+        assert_eq!(parse_kv_dtype("int4", DType::BF16), Ok(Some(KvQuant::int4())));
+        for bad in ["f16", "bf16", "INT8", " int8", "int2", "", "q4_0"] {
+            assert!(parse_kv_dtype(bad, DType::F32).is_err(), "{bad:?}");
+        }
+    }
 }

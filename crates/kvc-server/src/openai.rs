@@ -308,6 +308,10 @@ pub struct DocumentRequest {
     /// Wrap the document in the chat template (default true; questions are asked the same way).
     #[serde(default)]
     pub chat: Option<bool>,
+    /// How the compressed cache stores keys and values: `float` (the model's dtype), `int8` or
+    /// `int4` (quantized after the press); absent: the server's `--kv-dtype`.
+    #[serde(default)]
+    pub kv_dtype: Option<String>,
 }
 
 /// Unix seconds now.

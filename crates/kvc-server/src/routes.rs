@@ -181,10 +181,14 @@ async fn create_document(State(s): AppState, body: Result<Bytes, BytesRejection>
         return Err(ApiError::bad_request("the document's text is empty", None));
     }
     let press = document_press(s.config.press.as_ref(), &request)?;
+    let kv_quant = match &request.kv_dtype {
+        None => s.config.kv_quant,
+        Some(name) => crate::parse_kv_dtype(name, s.config.dtype).map_err(|e| ApiError::bad_request(e, Some("invalid_kv_dtype")))?,
+    };
     let id = DocId::random();
     let (events, mut rx) = unbounded_channel();
     let chat = request.chat.unwrap_or(true);
-    if !s.send(Command::Document(NewDocument { id: id.clone(), text: request.text, press, chat, events })) {
+    if !s.send(Command::Document(NewDocument { id: id.clone(), text: request.text, press, kv_quant, chat, events })) {
         return Err(engine_gone());
     }
     let tokens = match rx.recv().await {

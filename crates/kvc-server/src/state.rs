@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kvc_core::PressSpec;
-use serde::{Deserialize, Serialize};
+use kvc_core::{KvQuant, PressSpec};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// A document id: 32 lowercase hex digits (128 random bits).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -78,12 +78,17 @@ pub struct DocMeta {
     pub created: u64,
     /// Context tokens (before compression).
     pub tokens: usize,
-    /// KV cache bytes after compression (0 while processing).
+    /// KV cache bytes after compression (and quantization: codes, scales and the residual
+    /// window; 0 while processing).
     pub kv_bytes: usize,
-    /// KV cache bytes of the uncompressed context.
+    /// KV cache bytes of the uncompressed context (in the model's float dtype).
     pub kv_bytes_uncompressed: usize,
     /// The press that compressed it; `None`: kept whole.
     pub press: Option<PressSpec>,
+    /// How the compressed cache stores keys and values (`None`: the model's float dtype); shown
+    /// as `"kv_dtype": "float" | "int8" | "int4"`.
+    #[serde(rename = "kv_dtype", serialize_with = "kv_dtype_name")]
+    pub kv_quant: Option<KvQuant>,
     /// Kept tokens per layer (largest head), `[layers]`.
     pub kept_per_layer: Vec<usize>,
     /// Wrapped in the chat template.
@@ -101,6 +106,11 @@ pub struct DocMeta {
     /// Recency for the LRU (a counter, larger = more recent).
     #[serde(skip)]
     pub last_used: u64,
+}
+
+/// `kv_dtype`'s JSON: `float`, or the quantization's name.
+fn kv_dtype_name<S: Serializer>(q: &Option<KvQuant>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(q.map_or("float", |q| q.name()))
 }
 
 /// All documents, shared by handlers (read, list, delete) and the engine (everything else).
@@ -199,6 +209,10 @@ pub struct DiskMeta {
     pub kv_bytes_uncompressed: usize,
     /// The press.
     pub press: Option<PressSpec>,
+    /// The quantization of the saved cache (as its header's); absent in files of servers
+    /// before quantized caches: float.
+    #[serde(default)]
+    pub kv_quant: Option<KvQuant>,
     /// Kept tokens per layer.
     pub kept_per_layer: Vec<usize>,
     /// Chat template.
@@ -346,6 +360,7 @@ impl DocMeta {
             kv_bytes: m.kv_bytes,
             kv_bytes_uncompressed: m.kv_bytes_uncompressed,
             press: m.press,
+            kv_quant: m.kv_quant,
             kept_per_layer: m.kept_per_layer,
             chat: m.chat,
             status: Status::Ready,
@@ -366,6 +381,7 @@ impl DocMeta {
             kv_bytes: self.kv_bytes,
             kv_bytes_uncompressed: self.kv_bytes_uncompressed,
             press: self.press.clone(),
+            kv_quant: self.kv_quant,
             kept_per_layer: self.kept_per_layer.clone(),
             chat: self.chat,
             model: model.to_string(),
@@ -398,12 +414,28 @@ mod tests {
             kv_bytes: 4,
             kv_bytes_uncompressed: 8,
             press: None,
+            kv_quant: None,
             kept_per_layer: vec![3],
             chat: true,
             model: "m".into(),
             file_bytes: 0,
             crc32: 0,
         }
+    }
+
+    #[test]
+    fn kv_dtype_is_shown_and_old_descriptions_without_it_load_as_float() {
+        let id = DocId::random();
+        let mut old = serde_json::to_value(meta(&id)).unwrap();
+        old.as_object_mut().unwrap().remove("kv_quant");
+        let m: DiskMeta = serde_json::from_value(old).unwrap();
+        assert_eq!(m.kv_quant, None);
+        assert_eq!(serde_json::to_value(DocMeta::from_disk(m, id.clone())).unwrap()["kv_dtype"], "float");
+        let q = DiskMeta { kv_quant: Some(KvQuant::int4()), ..meta(&id) };
+        let back: DiskMeta = serde_json::from_slice(&serde_json::to_vec(&q).unwrap()).unwrap();
+        assert_eq!(back.kv_quant, Some(KvQuant::int4()));
+        let doc = serde_json::to_value(DocMeta::from_disk(back, id)).unwrap();
+        assert_eq!(doc["kv_dtype"], "int4", "{doc}");
     }
 
     #[test]

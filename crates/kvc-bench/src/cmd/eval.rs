@@ -1,14 +1,17 @@
 //! `kvc-bench eval`: the accuracy benchmark's command line. Runs [`kvc_bench::eval`] (every row
 //! through the pipeline, uncompressed and with each press at each ratio) on the chosen backend
 //! with a progress bar, writes the plots, and prints the per-task table (beside kvpress's summary
-//! with `--compare`).
+//! with `--compare`). With several `--kv-dtypes` it runs once per KV cache storage, each into
+//! `<out>/kv-<name>/`, and prints a table of them side by side.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::builder::PossibleValuesParser;
 use kvc_bench::eval;
-use kvc_core::{Budget, KvcBackend, PressSpec};
+use kvc_bench::eval::runner::{kv_dtype_name, EvalConfig};
+use kvc_bench::eval::summary::{ratio_key, Prediction, Summary, NONE};
+use kvc_core::{Budget, KvQuant, KvcBackend, PressSpec};
 
 use super::backend;
 
@@ -47,13 +50,39 @@ pub struct EvalArgs {
     /// Prefill chunk (tokens).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// KV cache storages, each a full run: `float` (the model's dtype; also f32/f16/bf16), `int8`,
+    /// `int4` (quantized after the press, uncompressed cache included). Several: each into
+    /// `<out>/kv-<name>/`, then one table of them side by side; one: into `<out>` itself.
+    #[arg(long, value_delimiter = ',', default_value = "float")]
+    kv_dtypes: Vec<String>,
+}
+
+/// `--kv-dtypes` parsed, in the order given.
+///
+/// # Errors
+/// An unknown name, or one storage named twice (`float` and its synonyms count as one).
+fn parse_kv_dtypes(names: &[String]) -> Result<Vec<Option<KvQuant>>> {
+    let mut out: Vec<Option<KvQuant>> = Vec::with_capacity(names.len());
+    for n in names {
+        let q = KvQuant::parse(n).context("--kv-dtypes")?;
+        if out.contains(&q) {
+            bail!("--kv-dtypes: {} is given twice (float, f32, f16 and bf16 all mean the model's float dtype)", kv_dtype_name(q));
+        }
+        out.push(q);
+    }
+    if out.is_empty() {
+        bail!("--kv-dtypes: no KV cache dtype given (accepted: float, int8, int4)");
+    }
+    Ok(out)
 }
 
 /// Runs `kvc-bench eval`.
 ///
 /// # Errors
-/// Reading --compare, resolving the model, an unknown press, a ratio outside [0, 1); the run's, the summary's and the plots' errors.
+/// Reading --compare, resolving the model, an unknown press, a ratio outside [0, 1), an unknown or
+/// repeated kv dtype; the runs', the summaries' and the plots' errors.
 pub fn run(a: EvalArgs) -> Result<()> {
+    let kv = parse_kv_dtypes(&a.kv_dtypes)?;
     let data = a.data.clone();
     let theirs = a.compare.as_deref().map(read_summary).transpose()?;
     let model = match (&a.model, a.report_only) {
@@ -68,66 +97,159 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(r) = a.ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
         bail!("compression ratio {r} is outside [0, 1)");
     }
-    let config = eval::runner::EvalConfig {
-        data,
-        rows_per_task: a.rows_per_task,
-        presses,
-        ratios: a.ratios.clone(),
-        out: a.out.clone(),
-        model: model.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
-        prefill_chunk: a.chunk,
-    };
-    let summary = if a.report_only {
-        let summary = eval::runner::write_summary(&config)?;
-        let preds = eval::runner::read_predictions(&config.out.join("predictions.jsonl"))?;
-        eval::plots::write_all(&config.out, &summary, &preds)?;
-        summary
+    let several = kv.len() > 1;
+    let configs: Vec<EvalConfig> = kv
+        .iter()
+        .map(|&q| EvalConfig {
+            data: data.clone(),
+            rows_per_task: a.rows_per_task,
+            presses: presses.clone(),
+            ratios: a.ratios.clone(),
+            out: if several { a.out.join(format!("kv-{}", kv_dtype_name(q))) } else { a.out.clone() },
+            model: model.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+            prefill_chunk: a.chunk,
+            kv_quant: q,
+        })
+        .collect();
+    let results: Vec<(Summary, Vec<Prediction>)> = if a.report_only {
+        let mut results = Vec::with_capacity(configs.len());
+        for config in &configs {
+            let summary = eval::runner::write_summary(config)?;
+            let preds = eval::runner::read_own_predictions(config)?;
+            eval::plots::write_all(&config.out, &summary, &preds)?;
+            results.push((summary, preds));
+        }
+        results
     } else {
-        backend::run(&a.backend, EvalJob { model, config })?
+        backend::run(&a.backend, EvalJob { model, configs: configs.clone() })?
     };
-    print_table(&summary);
-    if let Some(t) = &theirs {
-        print_compare(&summary, t);
+    for (config, (summary, _)) in configs.iter().zip(&results) {
+        if several {
+            println!("KV cache {} ({}):", kv_dtype_name(config.kv_quant), config.out.display());
+        }
+        print_table(summary);
+        if let Some(t) = &theirs {
+            print_compare(summary, t);
+        }
+        if several {
+            println!();
+        }
+    }
+    if several {
+        print_kv_table(&configs, &results);
     }
     Ok(())
 }
 
+/// The runs of one `kvc-bench eval` (one per kv dtype) on one loaded model.
 struct EvalJob {
     model: PathBuf,
-    config: eval::runner::EvalConfig,
+    configs: Vec<EvalConfig>,
 }
 
 impl backend::BackendJob for EvalJob {
-    type Output = eval::summary::Summary;
+    type Output = Vec<(Summary, Vec<Prediction>)>;
 
-    fn run<B: KvcBackend>(self, device: B::Device) -> Result<eval::summary::Summary> {
+    fn run<B: KvcBackend>(self, device: B::Device) -> Result<Vec<(Summary, Vec<Prediction>)>> {
         let loaded = kvc_models::load::<B>(&self.model, &device)?;
-        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} (row, press, ratio), {elapsed}, eta {eta} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        let summary = eval::runner::run(&loaded, &self.config, &mut |p| match p {
-            eval::runner::Progress::Start { total, done } => {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-                bar.reset_eta();
+        let several = self.configs.len() > 1;
+        let mut results = Vec::with_capacity(self.configs.len());
+        for config in &self.configs {
+            let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("eval{prefix} [{bar:30}] {pos}/{len} (row, press, ratio), {elapsed}, eta {eta} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            if several {
+                bar.set_prefix(format!(" kv {}", kv_dtype_name(config.kv_quant)));
             }
-            eval::runner::Progress::Done(p) => {
-                bar.inc(1);
-                bar.set_message(format!("row {} {}@{}: {:.0}", p.row, p.press, p.ratio, p.score));
-            }
-        })?;
-        bar.finish_and_clear();
-        let preds = eval::runner::read_predictions(&self.config.out.join("predictions.jsonl"))?;
-        let plots = eval::plots::write_all(&self.config.out, &summary, &preds)?;
-        eprintln!("wrote {} plots to {}", plots.len(), self.config.out.display());
-        Ok(summary)
+            let summary = eval::runner::run(&loaded, config, &mut |p| match p {
+                eval::runner::Progress::Start { total, done } => {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    bar.reset_eta();
+                }
+                eval::runner::Progress::Done(p) => {
+                    bar.inc(1);
+                    bar.set_message(format!("row {} {}@{}: {:.0}", p.row, p.press, p.ratio, p.score));
+                }
+            })?;
+            bar.finish_and_clear();
+            let preds = eval::runner::read_own_predictions(config)?;
+            let plots = eval::plots::write_all(&config.out, &summary, &preds)?;
+            eprintln!("wrote {} plots to {}", plots.len(), config.out.display());
+            results.push((summary, preds));
+        }
+        Ok(results)
     }
 }
 
-fn read_summary(path: &std::path::Path) -> Result<eval::summary::Summary> {
+/// Mean KV bytes of the (non-skipped) predictions of `press` at `ratio` on `summary`'s rows.
+fn mean_kv_bytes(summary: &Summary, preds: &[Prediction], press: &str, ratio: &str) -> Option<f64> {
+    let bytes: Vec<f64> = preds
+        .iter()
+        .filter(|p| p.skipped.is_none() && p.press == press && ratio_key(p.ratio) == ratio && summary.rows.contains(&p.row))
+        .map(|p| p.kv_bytes as f64)
+        .collect();
+    (!bytes.is_empty()).then(|| bytes.iter().sum::<f64>() / bytes.len() as f64)
+}
+
+/// The kv dtypes side by side: one row per press and ratio (and uncompressed), the mean score of
+/// each kv dtype, then each one's mean KV bytes relative to the float uncompressed cache's (in MB
+/// when float is not among them).
+fn print_kv_table(configs: &[EvalConfig], results: &[(Summary, Vec<Prediction>)]) {
+    let names: Vec<&str> = configs.iter().map(|c| kv_dtype_name(c.kv_quant)).collect();
+    let base = configs
+        .iter()
+        .zip(results)
+        .find(|(c, _)| c.kv_quant.is_none())
+        .and_then(|(_, (s, p))| mean_kv_bytes(s, p, NONE, &ratio_key(0.0)))
+        .filter(|b| *b > 0.0);
+    let mut rows: Vec<(String, String)> = vec![(NONE.to_string(), ratio_key(0.0))];
+    let mut pairs = std::collections::BTreeSet::new();
+    for (s, _) in results {
+        for (name, p) in &s.presses {
+            for r in p.ratios.keys() {
+                pairs.insert((name.clone(), r.clone()));
+            }
+        }
+    }
+    rows.extend(pairs);
+    let w = names.iter().map(|n| n.len() + 2).max().unwrap_or(0).max(9);
+    println!("KV cache dtypes: mean score (x100) | mean KV bytes {}", if base.is_some() { "/ float uncompressed" } else { "(MB)" });
+    print!("{:<28}", "press @ ratio");
+    for n in &names {
+        print!("{n:>w$}");
+    }
+    print!(" |");
+    for n in &names {
+        print!("{n:>w$}");
+    }
+    println!();
+    for (press, ratio) in &rows {
+        let label = if press == NONE { "uncompressed".to_string() } else { format!("{press} @ {ratio}") };
+        print!("{label:<28}");
+        for (s, _) in results {
+            let score = if press == NONE { Some(s.uncompressed.score) } else { s.presses.get(press).and_then(|p| p.ratios.get(ratio)).map(|sc| sc.score) };
+            match score {
+                Some(v) => print!("{v:>w$.1}"),
+                None => print!("{:>w$}", "-"),
+            }
+        }
+        print!(" |");
+        for (s, p) in results {
+            match (mean_kv_bytes(s, p, press, ratio), base) {
+                (Some(b), Some(base)) => print!("{:>w$.3}", b / base),
+                (Some(b), None) => print!("{:>w$.2}", b / 1e6),
+                (None, _) => print!("{:>w$}", "-"),
+            }
+        }
+        println!();
+    }
+}
+
+fn read_summary(path: &std::path::Path) -> Result<Summary> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a summary.json", path.display()))
 }

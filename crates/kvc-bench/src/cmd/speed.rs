@@ -1,15 +1,16 @@
 //! `kvc-bench speed`: prefill and decode tokens/s of a model on the backends compiled in, on a
 //! prompt cut from a text file to an exact token count, with a GGUF's matrices held as their codes
 //! (the default) or as dense copies (`--dense-weights`: decode also on the codes kept beside them,
-//! measured in the same run). One JSON line per backend and prompt length, with the process's peak
-//! RSS.
+//! measured in the same run). The KV cache may be quantized after the prefill (`--kv-dtype`: the
+//! quantization timed apart, decode then reads the codes). One JSON line per backend and prompt
+//! length, with the process's peak RSS.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
-use kvc_core::KvcBackend;
+use kvc_core::{KvQuant, KvcBackend};
 use kvc_models::{generate, GenerationConfig};
 
 use super::{backend, context_ids, CPU_BACKENDS};
@@ -44,18 +45,24 @@ pub struct SpeedArgs {
     /// holding a GGUF's quantized matrices as their codes only.
     #[arg(long)]
     dense_weights: bool,
+    /// KV cache storage for the decode: `float` (--dtype), `int8` or `int4`, quantized after the
+    /// prefill (timed apart: `quantize_s`). The dense-weights comparison runs on float caches only.
+    #[arg(long, default_value = "float")]
+    kv_dtype: String,
 }
 
 /// Runs `kvc-bench speed`.
 ///
 /// # Errors
-/// Resolving the model, reading --text; a backend's errors (loading, tokenizing, running).
+/// An unknown --kv-dtype, resolving the model, reading --text; a backend's errors (loading,
+/// tokenizing, quantizing the cache, running).
 pub fn run(args: SpeedArgs) -> Result<()> {
-    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights } = args;
+    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights, kv_dtype } = args;
+    let kv_quant = KvQuant::parse(&kv_dtype).context("--kv-dtype")?;
     let model = kvc_models::default_model::resolve(model.as_deref())?;
     let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
     for b in backends {
-        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights };
+        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights, kv_quant };
         backend::run(&b, job)?;
     }
     Ok(())
@@ -71,6 +78,8 @@ struct SpeedJob<'a> {
     /// The name and burn dtype of `--dtype`.
     dtype: (&'a str, burn::tensor::DType),
     dense_weights: bool,
+    /// `--kv-dtype` (`None`: float).
+    kv_quant: Option<KvQuant>,
 }
 
 impl backend::BackendJob for SpeedJob<'_> {
@@ -87,7 +96,11 @@ impl backend::BackendJob for SpeedJob<'_> {
         if !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }
+        if let Some(q) = self.kv_quant {
+            q.check(loaded.config.head_dim)?;
+        }
         let ids = context_ids(&loaded.tokenizer, self.text, self.lens.iter().copied().max().unwrap_or(1))?;
+        let kv_dtype_name = self.kv_quant.map_or("float", |q| q.name());
         for &n in self.lens {
             let prompt = &ids[..n];
             // warm-up on a short prompt (first-call allocations, autotune)
@@ -99,12 +112,22 @@ impl backend::BackendJob for SpeedJob<'_> {
             let logits = loaded.model.prefill(prompt, &mut cache, None, self.chunk)?;
             let logits = burn::tensor::Tensor::<B, 3>::from_data(logits.into_data(), &device);
             let prefill = t.elapsed().as_secs_f64();
+            let quantize_s = match self.kv_quant {
+                Some(q) => {
+                    let t = Instant::now();
+                    cache.quantize(q)?;
+                    Some(t.elapsed().as_secs_f64())
+                }
+                None => None,
+            };
             let cfg = GenerationConfig { max_new_tokens: self.n_decode, stop_at_eos: false, ..Default::default() };
             let d = generate::decode(&loaded.model, &mut cache, logits.clone(), &cfg, &[], |_| true, &device)?;
             let decode_tps = (d.tokens.len().saturating_sub(1)) as f64 / d.elapsed.as_secs_f64();
             let kv_bytes = cache.bytes();
-            // the same steps on the dense weights (the lever measured in the same run)
-            let dense_tps = if loaded.model.quantized_decode() && !loaded.model.codes_only() {
+            // the same steps on the dense weights (the lever measured in the same run; float
+            // caches only: a quantized one cut back to the prompt may hold its slots otherwise
+            // than right after `quantize`, codes re-made or residual window moved)
+            let dense_tps = if self.kv_quant.is_none() && loaded.model.quantized_decode() && !loaded.model.codes_only() {
                 cache.truncate(n);
                 cache.set_next_position(n);
                 loaded.model.set_quantized_decode(false);
@@ -117,7 +140,7 @@ impl backend::BackendJob for SpeedJob<'_> {
             };
             println!(
                 "{}",
-                serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "prompt_tokens": n, "prefill_s": prefill,
+                serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "kv_dtype": kv_dtype_name, "prompt_tokens": n, "prefill_s": prefill, "quantize_s": quantize_s,
                     "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
                     "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes,
                     "weights": if loaded.model.codes_only() { "codes" } else { "dense" }, "weight_bytes": loaded.model.weight_bytes(),

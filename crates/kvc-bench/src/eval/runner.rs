@@ -1,13 +1,15 @@
 //! The evaluation loop: every row through the library pipeline, one prefill per row serving the
 //! uncompressed answer and every press and ratio (each compresses a copy of the prefilled cache),
 //! predictions appended and flushed one by one, so an interrupted run resumes where it stopped.
+//! With [`EvalConfig::kv_quant`] every cache an answer is decoded on (the uncompressed one and
+//! each press's) is quantized just before its answer.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kvc_core::KvcBackend;
-use kvc_core::{CaptureSpec, PressSpec};
+use kvc_core::{CaptureSpec, KvQuant, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
 use kvc_models::{GenerationConfig, LoadedModel};
 
@@ -33,6 +35,14 @@ pub struct EvalConfig {
     pub model: String,
     /// Prefill chunk (tokens).
     pub prefill_chunk: usize,
+    /// Store every answered cache (uncompressed and compressed) as int8 / int4 codes, quantized
+    /// after the press ([`kvc_core::KvCache::quantize`]); `None`: the model's float dtype.
+    pub kv_quant: Option<KvQuant>,
+}
+
+/// The name of a KV cache storage: `float` for `None`, else [`KvQuant::name`].
+pub fn kv_dtype_name(q: Option<KvQuant>) -> &'static str {
+    q.map_or("float", |q| q.name())
 }
 
 /// Progress of [`run`].
@@ -84,12 +94,37 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>, EvalError> {
     Ok(preds)
 }
 
+/// Reads `cfg.out/predictions.jsonl` ([`read_predictions`]) and checks that every prediction was
+/// made on `cfg`'s KV cache storage (a folder holds one kv dtype's predictions).
+///
+/// # Errors
+/// As [`read_predictions`]; [`EvalError::Data`] (line 0) naming both storages when a prediction
+/// is of another one.
+pub fn read_own_predictions(cfg: &EvalConfig) -> Result<Vec<Prediction>, EvalError> {
+    let path = cfg.out.join("predictions.jsonl");
+    let preds = read_predictions(&path)?;
+    let want = cfg.kv_quant.map(|q| q.name());
+    if let Some(p) = preds.iter().find(|p| p.kv_dtype.as_deref() != want) {
+        return Err(EvalError::Data {
+            path,
+            line: 0,
+            message: format!(
+                "holds predictions on a {} KV cache, this run's is {}: pass the same kv dtype or another output folder",
+                p.kv_dtype.as_deref().unwrap_or("float"),
+                kv_dtype_name(cfg.kv_quant)
+            ),
+        });
+    }
+    Ok(preds)
+}
+
 /// Runs the evaluation (resuming from `out/predictions.jsonl`), writes `out/summary.json` and
 /// returns the summary.
 ///
 /// # Errors
-/// Data errors (file and line), press specification errors (before any work), I/O errors,
-/// model errors. A row longer than the model's window is not an error: it is written as
+/// Data errors (file and line), press specification errors and a KV cache format the model's
+/// heads cannot hold (before any work), predictions of another kv dtype in the output folder,
+/// I/O errors, model errors. A row longer than the model's window is not an error: it is written as
 /// skipped, with the reason, and the run goes on.
 pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &mut dyn FnMut(Progress)) -> Result<Summary, EvalError> {
     let rows = load_rows(&cfg.data, cfg.rows_per_task)?;
@@ -101,9 +136,12 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
     for (s, _) in &specs {
         s.check()?;
     }
+    if let Some(q) = cfg.kv_quant {
+        q.check(loaded.config.head_dim)?;
+    }
     std::fs::create_dir_all(&cfg.out).map_err(|source| EvalError::Io { path: cfg.out.clone(), source })?;
     let path = cfg.out.join("predictions.jsonl");
-    let existing = read_predictions(&path)?;
+    let existing = read_own_predictions(cfg)?;
     let mut done: BTreeSet<(usize, String, String)> = existing.iter().map(|p| key(p.row, &p.press, p.ratio)).collect();
     let total = rows.len() * (1 + specs.len());
     let already = rows
@@ -146,6 +184,7 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
             kept_per_layer: Vec::new(),
             skipped: None,
             decode: None,
+            kv_dtype: cfg.kv_quant.map(|q| q.name().to_string()),
         };
         let request = Request { context: row.context.clone(), questions: vec![row.question.clone()], chat, answer_prefix: row.answer_prefix.clone(), ..Default::default() };
         let prepared = pipeline.tokenize(&request).map_err(EvalError::from).and_then(|t| {
@@ -188,19 +227,30 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
             p.context_tokens = tokens.context.len();
             p
         };
+        // each answered cache quantized (when asked) right before it is queued; its quantization
+        // time counts in the prediction's seconds, and `kv_bytes` are the bytes it then holds
+        let quantized = |mut cache: kvc_core::KvCache<B>| -> Result<(kvc_core::KvCache<B>, f64), EvalError> {
+            let start = std::time::Instant::now();
+            if let Some(q) = cfg.kv_quant {
+                cache.quantize(q)?;
+            }
+            Ok((cache, start.elapsed().as_secs_f64()))
+        };
         // the row's answers (uncompressed, then every press x ratio) decoded together, at most
         // BATCH at a time: one pass over the weights per step for all of them
         let mut jobs: Vec<(Prediction, kvc_core::KvCache<B>, f64)> = Vec::new();
         if none_todo {
-            jobs.push((Prediction { kv_bytes: prefilled.cache.bytes(), ..blank(NONE, 0.0) }, prefilled.cache.clone(), 0.0));
+            let (cache, seconds) = quantized(prefilled.cache.clone())?;
+            jobs.push((Prediction { kv_bytes: cache.bytes(), ..blank(NONE, 0.0) }, cache, seconds));
         }
         let mut specs = todo.into_iter().peekable();
         while !jobs.is_empty() || specs.peek().is_some() {
             while jobs.len() < BATCH {
                 let Some((spec, ratio)) = specs.next() else { break };
                 let c = pipeline.compress(&prefilled, spec, &mut |_, _| {})?;
-                let p = Prediction { kv_bytes: c.report.bytes_after, kept_per_layer: c.report.kept_per_layer(), ..blank(&spec.name, *ratio) };
-                jobs.push((p, c.cache, c.seconds));
+                let (cache, seconds) = quantized(c.cache)?;
+                let p = Prediction { kv_bytes: cache.bytes(), kept_per_layer: c.report.kept_per_layer(), ..blank(&spec.name, *ratio) };
+                jobs.push((p, cache, c.seconds + seconds));
             }
             let answers = pipeline.answer_batch(&jobs.iter().map(|(_, c, _)| (c, question.as_slice())).collect::<Vec<_>>(), &gen)?;
             for ((p, _, compress_seconds), a) in jobs.drain(..).zip(answers) {
@@ -213,13 +263,13 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
 }
 
 /// Summarizes what `cfg.out/predictions.jsonl` holds for `cfg`'s rows and presses (a finished
-/// or a partial run) and writes `cfg.out/summary.json`.
+/// or a partial run) and writes `cfg.out/summary.json` (with a note naming a quantized KV cache).
 ///
 /// # Errors
-/// Data errors of the rows or predictions, I/O errors.
+/// Data errors of the rows or predictions, predictions of another kv dtype, I/O errors.
 pub fn write_summary(cfg: &EvalConfig) -> Result<Summary, EvalError> {
     let rows = load_rows(&cfg.data, cfg.rows_per_task)?;
-    let all = read_predictions(&cfg.out.join("predictions.jsonl"))?;
+    let all = read_own_predictions(cfg)?;
     let wanted: BTreeSet<usize> = rows.iter().map(|r| r.0).collect();
     let names: BTreeSet<&str> = cfg.presses.iter().map(|p| p.name.as_str()).chain([NONE]).collect();
     let ratios: BTreeSet<String> = cfg.ratios.iter().map(|&r| ratio_key(r)).chain([ratio_key(0.0)]).collect();
@@ -228,6 +278,9 @@ pub fn write_summary(cfg: &EvalConfig) -> Result<Summary, EvalError> {
         .filter(|p| wanted.contains(&p.row) && names.contains(p.press.as_str()) && ratios.contains(&ratio_key(p.ratio)))
         .collect();
     let mut summary = summarize("kvc", &cfg.model, &cfg.data.display().to_string(), &mine);
+    if let Some(q) = cfg.kv_quant {
+        summary.notes.push(format!("KV cache stored as {} after the press (kvc_core::kvquant; residual window {} tokens)", q.name(), q.residual));
+    }
     let skipped = mine.iter().filter(|p| p.skipped.is_some() && p.press == NONE).count();
     if skipped > 0 {
         summary.notes.push(format!("{skipped} row(s) skipped (see predictions.jsonl `skipped`)"));

@@ -28,14 +28,15 @@ pub struct Prediction {
     pub answer: Vec<String>,
     /// Context tokens.
     pub context_tokens: usize,
-    /// Wall seconds of this prediction (compression + answer, the answer decoded in one batch
-    /// with the row's other answers, so its decode time is shared; the shared prefill is in
-    /// `prefill_seconds`).
+    /// Wall seconds of this prediction (compression and quantization + answer, the answer
+    /// decoded in one batch with the row's other answers, so its decode time is shared; the
+    /// shared prefill is in `prefill_seconds`).
     pub seconds: f64,
     /// Wall seconds of the row's prefill (shared by every press and ratio of the row).
     #[serde(default)]
     pub prefill_seconds: f64,
-    /// KV cache bytes after compression (the context only).
+    /// KV cache bytes after compression and quantization (the context only; codes, scales and
+    /// the full-precision residual window of a quantized cache).
     #[serde(default)]
     pub kv_bytes: usize,
     /// Kept tokens per layer (the largest head's count).
@@ -48,6 +49,10 @@ pub struct Prediction {
     /// single-query workaround).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<String>,
+    /// The KV cache's storage when quantized after the press (`int8`, `int4`:
+    /// [`kvc_core::KvQuant::name`]); absent for a cache in the model's float dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_dtype: Option<String>,
 }
 
 /// Mean score overall (mean of per-task means) and per task.
@@ -194,6 +199,7 @@ mod tests {
             kept_per_layer: vec![],
             skipped: None,
             decode: None,
+            kv_dtype: None,
         }
     }
 

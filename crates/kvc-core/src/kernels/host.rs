@@ -513,13 +513,7 @@ fn decode_split<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
                 Some(kb) => simd::scores_bf16(q, kb, d, a.scale, &mut s),
                 None => simd::scores(q, T::widen(k, &mut kbuf), d, a.scale, &mut s),
             }
-            let mut mx = vec![f32::NEG_INFINITY; g];
-            let mut l = vec![0f32; g];
-            for (r, srow) in s.chunks_exact_mut(tn).enumerate() {
-                let (max, inv) = softmax_row(srow, tn, valid);
-                mx[r] = max;
-                l[r] = if inv > 0.0 { 1.0 / inv } else { 0.0 };
-            }
+            let (mx, l) = tile_softmax(&mut s, tn, valid);
             let mut out = vec![0f32; g * d];
             match T::as_bf16(v) {
                 Some(vb) => simd::weighted_rows_bf16(&s, vb, d, &mut out),
@@ -528,6 +522,27 @@ fn decode_split<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
             (mx, l, out)
         })
         .collect();
+    HostOutput { out: merge_tiles(&parts, b, hkv, g, d, tiles), reduced: None, probs: None }
+}
+
+/// Softmax of each row of `s` (`[rows, tn]` scores of one key tile) in place, unnormalized, over
+/// the slots `valid` allows: per row the max and the sum (0 when every slot is masked).
+pub(crate) fn tile_softmax(s: &mut [f32], tn: usize, valid: Option<&[bool]>) -> (Vec<f32>, Vec<f32>) {
+    let rows = s.len() / tn;
+    let (mut mx, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+    for (r, srow) in s.chunks_exact_mut(tn).enumerate() {
+        let (max, inv) = softmax_row(srow, tn, valid);
+        mx[r] = max;
+        l[r] = if inv > 0.0 { 1.0 / inv } else { 0.0 };
+    }
+    (mx, l)
+}
+
+/// Merges flash-decoding partials: `parts[(b * hkv + kv) * tiles + t]` = (max `[g]`, sum `[g]`,
+/// unnormalized output `[g * d]`) of key tile `t`; returns the output `[b, hkv * g, d]`, each
+/// tile weighted by `exp(max_t - max)`.
+pub(crate) fn merge_tiles(parts: &[(Vec<f32>, Vec<f32>, Vec<f32>)], b: usize, hkv: usize, g: usize, d: usize, tiles: usize) -> Vec<f32> {
+    let hq = hkv * g;
     let mut out = vec![0f32; b * hq * d];
     for bi in 0..b {
         for kv in 0..hkv {
@@ -548,7 +563,7 @@ fn decode_split<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
             }
         }
     }
-    HostOutput { out, reduced: None, probs: None }
+    out
 }
 
 /// `silu(gate) * up` elementwise (the SwiGLU MLP's activation, HF `LlamaMLP`), split over the

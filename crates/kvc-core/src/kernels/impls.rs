@@ -27,6 +27,11 @@ impl KvcBackend for burn::backend::Flex {
         req.run(qs, &k.storage::<f32>()[k_off..], &v.storage::<f32>()[v_off..], kv_stride, flex_tensor::<f32, 4>)
     }
 
+    /// [`super::host_quant_attention_copying`]: decode steps on the codes.
+    fn kvc_quant_attention(a: AttentionArgs<'_, Self>, quant: &crate::kvquant::QuantKv) -> AttentionOutput<Self> {
+        super::host_quant_attention_copying(a, quant)
+    }
+
     /// A row copy into the buffer's own storage when it is contiguous, f32 / f16 / bf16 (the
     /// same as `slots`) and not shared.
     fn kvc_write_slots(buffer: burn::tensor::Tensor<Self, 4>, start: usize, slots: burn::tensor::Tensor<Self, 4>) -> burn::tensor::Tensor<Self, 4> {
@@ -288,6 +293,11 @@ impl KvcBackend for burn::backend::NdArray<f32> {
         } else {
             super::host_attention_copying(a)
         }
+    }
+
+    /// [`super::host_quant_attention_copying`]: decode steps on the codes.
+    fn kvc_quant_attention(a: AttentionArgs<'_, Self>, quant: &crate::kvquant::QuantKv) -> AttentionOutput<Self> {
+        super::host_quant_attention_copying(a, quant)
     }
 
     fn kvc_has_quant_linear() -> bool {

@@ -90,6 +90,16 @@ pub trait KvcBackend: Backend {
         generic_attention(args)
     }
 
+    /// Attention over a quantized layer ([`crate::kvquant`]): `args.keys` / `args.values` hold
+    /// the layer's residual window (its newest slots, full precision) and `quant` the slots
+    /// before them as codes; `args.valid` covers all `quant.len() + residual` slots. Default:
+    /// [`generic_quant_attention`] (codes widened to a full-precision copy, then
+    /// [`KvcBackend::kvc_attention`]); CPU backends run [`crate::kvquant::decode_attention`] for
+    /// decode steps ([`host_quant_attention_copying`]).
+    fn kvc_quant_attention(args: AttentionArgs<'_, Self>, quant: &crate::kvquant::QuantKv) -> AttentionOutput<Self> {
+        generic_quant_attention(args, quant)
+    }
+
     /// Writes `slots` (`[b, h, c, d]`) into `buffer` (`[b, h, capacity, d]`) at slot `start`
     /// (the KV cache's preallocated buffer, [`crate::KvCache::append_with`]); in place when the
     /// buffer is not shared.
@@ -240,6 +250,44 @@ pub fn generic_attention<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionOutput
         QueryReduce::Sum => probs.clone().sum_dim(2),
     });
     AttentionOutput { output, reduced: reduced.map(|t| t.reshape([b, hq, len])), probs: a.probs.then_some(probs) }
+}
+
+/// Attention over a quantized layer on any backend: the codes widened in front of the residual
+/// window ([`crate::kvquant::with_codes`]), then the backend's [`KvcBackend::kvc_attention`].
+pub fn generic_quant_attention<B: KvcBackend>(a: AttentionArgs<'_, B>, quant: &crate::kvquant::QuantKv) -> AttentionOutput<B> {
+    let (keys, values) = crate::kvquant::with_codes(quant, a.keys, a.values);
+    B::kvc_attention(AttentionArgs { keys, values, ..a })
+}
+
+/// [`crate::kvquant::decode_attention`] on any backend through `into_data` / `from_data` (copies
+/// of the queries, the residual window and the output: a few KB) for a decode step (one query per
+/// head, output only); other calls (a question's prefill, an observer's probabilities) go to
+/// [`generic_quant_attention`].
+pub fn host_quant_attention_copying<B: KvcBackend>(a: AttentionArgs<'_, B>, quant: &crate::kvquant::QuantKv) -> AttentionOutput<B> {
+    let [b, hq, c, d] = a.queries.dims();
+    let [kb, hkv, r, kd] = a.keys.dims();
+    if c != 1 || a.reduce.is_some() || a.probs || (kb * hkv, kd) != (quant.rows(), quant.head_dim()) || kb != b || crate::kvquant::widened_attention() {
+        return generic_quant_attention(a, quant);
+    }
+    let dtype = a.queries.dtype();
+    let device = a.queries.device();
+    let read = |t: Tensor<B, 4>| t.into_data().convert::<f32>().into_vec::<f32>().ok();
+    let (Some(q), Some(k), Some(v)) = (read(a.queries.clone()), read(a.keys.clone()), read(a.values.clone())) else {
+        return generic_quant_attention(a, quant);
+    };
+    let out = crate::kvquant::decode_attention(&crate::kvquant::QuantDecode {
+        q: &q,
+        quant,
+        keys: &k,
+        values: &v,
+        residual: r,
+        valid: a.valid,
+        batch: b,
+        q_heads: hq,
+        scale: (d as f32).powf(-0.5),
+    });
+    let output = Tensor::<B, 4>::from_data(TensorData::new(out, [b, hq, 1, d]), (&device, DType::F32)).cast(dtype);
+    AttentionOutput { output, reduced: None, probs: None }
 }
 
 /// [`host::attention`] on any backend through `into_data` / `from_data` (copies; for CPU
