@@ -445,7 +445,7 @@ fn print_json<B: KvcBackend>(
         "press": press,
         "load_seconds": load_secs,
         "prefill_seconds": r.timings.prefill,
-        "prefill_tokens_per_second": r.context_tokens as f64 / r.timings.prefill.max(1e-9),
+        "prefill_tokens_per_second": (r.timings.prefill > 0.0).then(|| r.context_tokens as f64 / r.timings.prefill),
         "decode_seconds": first.decode_seconds,
         "decode_tokens_per_second": first.decode_tokens_per_second(),
         "quantized_decode": loaded.model.quantized_decode(),
@@ -454,7 +454,7 @@ fn print_json<B: KvcBackend>(
         "peak_rss_bytes": peaks,
         "backend": job.names.0,
         "dtype": job.names.1,
-        "kv_dtype": job.request.kv_quant.map_or("float", |q| q.name()),
+        "kv_dtype": job.request.kv_quant.or(saved.and_then(|h| h.kv_quant)).map_or("float", |q| q.name()),
         "kv_cache_bytes_context": r.kv_bytes.0,
         "kv_cache_bytes_compressed": r.kv_bytes.1,
         "kv_cache_bytes_final": first.kv_bytes_final,
@@ -522,9 +522,12 @@ fn print_summary(job: &GenerateJob, r: &Response, saved: Option<&CacheHeader>) {
         }
         None => println!("KV cache          {} (context {})", human_bytes(first.kv_bytes_final), human_bytes(r.kv_bytes.0)),
     }
-    if let Some(q) = job.request.kv_quant {
+    if let Some(q) = job.request.kv_quant.or(saved.and_then(|h| h.kv_quant)) {
+        // against the float cache it was quantized from (the press's output), and the context's
+        let float = r.report.as_ref().map(|rep| rep.bytes_after).filter(|_| saved.is_none());
+        let against_float = float.map_or(String::new(), |f| format!("{:.3}x of the float cache's {}; ", r.kv_bytes.1 as f64 / f.max(1) as f64, human_bytes(f)));
         println!(
-            "KV cache as {}    {} ({:.3}x of the context's full-precision {})",
+            "KV cache as {}    {} ({against_float}{:.3}x of the context's full-precision {})",
             q.name(),
             human_bytes(r.kv_bytes.1),
             r.kv_bytes.1 as f64 / r.kv_bytes.0.max(1) as f64,

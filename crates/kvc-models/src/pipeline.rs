@@ -594,6 +594,15 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         let tokens = self.tokenize(&Request { context: "context".into(), ..request.clone() })?;
         // the cache's dtype is the model's: `load_cache` checked the fingerprint (weights' bits)
         let uncompressed = header.context_tokens.saturating_mul(self.kv_bytes_per_token());
+        if let (Some(want), Some(held)) = (request.kv_quant, cache.kv_quant()) {
+            if want != held {
+                return refuse(&format!(
+                    "it holds {} codes and cannot be quantized again as {} (ask without --kv-dtype, or save the cache again with the format wanted)",
+                    held.name(),
+                    want.name()
+                ));
+            }
+        }
         let quantized;
         let cache = match request.kv_quant {
             // a float cache quantized for these answers (the file keeps its own format)

@@ -109,7 +109,7 @@ fn every_press_keeps_its_tokens_and_the_bytes_drop() {
 /// Quantized caches (int8 without a residual window: every decoded token is quantized as the next
 /// arrives; int4 with KIVI's 128) decoded together in one batch give each sequence the tokens and
 /// logits it gets alone, bit for bit; `answer_batch` equals `answer`; a saved quantized cache
-/// answers as the one in memory.
+/// answers as the one in memory, and is not quantized again in another format.
 #[test]
 fn quantized_caches_batch_and_save_as_in_memory() {
     let m = kvc_models::load::<Flex>(&ensure_default_model().unwrap(), &Default::default()).unwrap();
@@ -141,6 +141,11 @@ fn quantized_caches_batch_and_save_as_in_memory() {
         pipeline.save_cache(cache, &header, &path).unwrap();
         let (loaded, h) = pipeline.load_cache(&path).unwrap();
         assert_eq!((h.kv_quant, loaded.bytes()), (cache.kv_quant(), cache.bytes()));
+        // a quantized file answers in its own format: another one is refused, with the reason
+        let other = if h.kv_quant == Some(KvQuant::int8()) { KvQuant::int4() } else { KvQuant::int8() };
+        let ask = Request { questions: vec!["Who?".into()], chat: false, kv_quant: Some(other), ..Default::default() };
+        let e = pipeline.run_saved(&loaded, &h, &ask, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("cannot be quantized again"), "{e}");
         let short = GenerationConfig { max_new_tokens: 12, ..config.clone() };
         let a = pipeline.answer(&loaded, question, &short, &mut |_| {}).unwrap();
         let b = pipeline.answer(cache, question, &short, &mut |_| {}).unwrap();

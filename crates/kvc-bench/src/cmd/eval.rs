@@ -64,9 +64,10 @@ pub struct EvalArgs {
 fn parse_kv_dtypes(names: &[String]) -> Result<Vec<Option<KvQuant>>> {
     let mut out: Vec<Option<KvQuant>> = Vec::with_capacity(names.len());
     for n in names {
-        let q = KvQuant::parse(n).context("--kv-dtypes")?;
+        // the eval runs the model in f32: `f32` names its float cache, f16 / bf16 are refused
+        let q = KvQuant::parse_for(n, burn::tensor::DType::F32).context("--kv-dtypes")?;
         if out.contains(&q) {
-            bail!("--kv-dtypes: {} is given twice (float, f32, f16 and bf16 all mean the model's float dtype)", kv_dtype_name(q));
+            bail!("--kv-dtypes: {} is given twice (float and f32 both mean the model's f32 cache)", kv_dtype_name(q));
         }
         out.push(q);
     }

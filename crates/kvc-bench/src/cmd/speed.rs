@@ -58,7 +58,7 @@ pub struct SpeedArgs {
 /// tokenizing, quantizing the cache, running).
 pub fn run(args: SpeedArgs) -> Result<()> {
     let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights, kv_dtype } = args;
-    let kv_quant = KvQuant::parse(&kv_dtype).context("--kv-dtype")?;
+    let kv_quant = KvQuant::parse_for(&kv_dtype, backend::dtype(&dtype)).context("--kv-dtype")?;
     let model = kvc_models::default_model::resolve(model.as_deref())?;
     let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
     for b in backends {
