@@ -362,28 +362,44 @@ impl QuantKv {
         let cg = channel_group(d);
         let groups = d / cg;
         let q = if keys { &self.keys[row] } else { &self.values[row] };
+        // one match per token (not per element); scales widened once per group
         for (i, o) in out[..tn * d].chunks_exact_mut(d).enumerate() {
             let t = t0 + i;
             let (bk, lane) = (t / KEY_BLOCK, t % KEY_BLOCK);
-            for (c, x) in o.iter_mut().enumerate() {
-                let (gi, j) = (c / cg, c % cg);
-                *x = match (self.spec.bits, keys) {
-                    (KvBits::Int8, true) => (q.codes[bk * KEY_BLOCK * d + c * KEY_BLOCK + lane] as i8) as f32 * q.scales[t * groups + gi].to_f32(),
-                    (KvBits::Int8, false) => (q.codes[t * d + c] as i8) as f32 * q.scales[t * groups + gi].to_f32(),
-                    (KvBits::Int4, true) => {
-                        let byte = q.codes[bk * KEY_BLOCK / 2 * d + c * KEY_BLOCK / 2 + lane % (KEY_BLOCK / 2)];
-                        let code = if lane < KEY_BLOCK / 2 { byte & 15 } else { byte >> 4 };
-                        let p = t / TOKEN_GROUP * d + c;
-                        q.mins[p].to_f32() + code as f32 * q.scales[p].to_f32()
+            match (self.spec.bits, keys) {
+                (KvBits::Int8, true) => {
+                    for (gi, og) in o.chunks_exact_mut(cg).enumerate() {
+                        let sc = q.scales[t * groups + gi].to_f32();
+                        for (j, x) in og.iter_mut().enumerate() {
+                            *x = (q.codes[bk * KEY_BLOCK * d + (gi * cg + j) * KEY_BLOCK + lane] as i8) as f32 * sc;
+                        }
                     }
-                    (KvBits::Int4, false) => {
-                        let half = cg / 2;
-                        let byte = q.codes[t * d / 2 + gi * half + j % half];
-                        let code = if j < half { byte & 15 } else { byte >> 4 };
-                        let p = t * groups + gi;
-                        q.mins[p].to_f32() + code as f32 * q.scales[p].to_f32()
+                }
+                (KvBits::Int8, false) => {
+                    for (gi, (og, cs)) in o.chunks_exact_mut(cg).zip(q.codes[t * d..(t + 1) * d].chunks_exact(cg)).enumerate() {
+                        let sc = q.scales[t * groups + gi].to_f32();
+                        og.iter_mut().zip(cs).for_each(|(x, &c)| *x = (c as i8) as f32 * sc);
                     }
-                };
+                }
+                (KvBits::Int4, true) => {
+                    let p = t / TOKEN_GROUP * d;
+                    let (h, shift) = (KEY_BLOCK / 2, if lane < KEY_BLOCK / 2 { 0 } else { 4 });
+                    for (c, x) in o.iter_mut().enumerate() {
+                        let code = (q.codes[bk * h * d + c * h + lane % h] >> shift) & 15;
+                        *x = q.mins[p + c].to_f32() + code as f32 * q.scales[p + c].to_f32();
+                    }
+                }
+                (KvBits::Int4, false) => {
+                    let half = cg / 2;
+                    for (gi, (og, bytes)) in o.chunks_exact_mut(cg).zip(q.codes[t * d / 2..(t + 1) * d / 2].chunks_exact(half)).enumerate() {
+                        let (sc, mn) = (q.scales[t * groups + gi].to_f32(), q.mins[t * groups + gi].to_f32());
+                        let (lo, hi) = og.split_at_mut(half);
+                        for ((a, b), &c) in lo.iter_mut().zip(hi.iter_mut()).zip(bytes) {
+                            *a = mn + (c & 15) as f32 * sc;
+                            *b = mn + (c >> 4) as f32 * sc;
+                        }
+                    }
+                }
             }
         }
     }

@@ -24,7 +24,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::kvquant::{KvBits, QuantKv, QuantRows};
+use crate::kvquant::{QuantKv, QuantRows};
 use crate::{KvCache, KvQuant, LayerKv, PressSpec};
 
 /// The `format` metadata value written; a file with another value than this or [`FORMAT_V1`] is
@@ -279,24 +279,18 @@ fn read_codes(st: &SafeTensors<'_>, layer: usize, spec: KvQuant, heads: usize, d
     if parts.iter().all(|p| p.0.is_none() && p.1.is_none() && p.2.is_none()) {
         return QuantKv::new(spec, heads, dim).map_err(|e| e.to_string());
     }
-    let per_token = match spec.bits {
-        KvBits::Int8 => dim,
-        KvBits::Int4 => dim / 2,
-    };
     let mut rows = Vec::new();
-    let mut len = 0;
     for (codes, scales, mins) in parts {
         let codes = codes.ok_or("codes missing beside their scales")?;
         let scales = scales.ok_or("scales missing beside their codes")?;
         let mins = mins.unwrap_or_else(|| vec![Vec::new(); heads]);
-        len = codes[0].len() / per_token;
-        if codes[0].len() % per_token != 0 {
-            return Err(format!("{} code bytes per head: not whole tokens of {per_token}", codes[0].len()));
-        }
         rows.push(codes.into_iter().zip(scales).zip(mins).map(|((codes, scales), mins)| QuantRows { codes, scales, mins }).collect::<Vec<_>>());
     }
     let values = rows.pop().unwrap_or_default();
     let keys = rows.pop().unwrap_or_default();
+    // the token count from the values' codes (token-major, unpadded); from_parts checks the rest
+    let bytes = values.first().map_or(0, |r| r.codes.len());
+    let len = QuantKv::tokens_of_value_codes(spec, dim, bytes).ok_or_else(|| format!("{bytes} value code bytes per head: not whole tokens"))?;
     QuantKv::from_parts(spec, dim, len, keys, values).map_err(|e| e.to_string())
 }
 
