@@ -9,14 +9,14 @@ can print kvc and kvpress side by side.
     OMP_WAIT_POLICY=PASSIVE python3 tools/kvpress_eval.py \
         --data ../shared/data/ruler/smollm2_2048_dev.jsonl \
         --presses kvcompose,snapkv,tova,pyramidkv,streaming_llm,knorm,expected_attention \
-        --ratios 0.25,0.5,0.75 [--rows-per-task K] --out DIR [--model smollm2|qwen]
+        --ratios 0.25,0.5,0.75 [--rows-per-task K] --out DIR [--model smollm2|qwen|qwen15]
 
 Data: JSONL rows with kvpress's RULER columns `context`, `question`,
 `answer_prefix`, `answer` (list of str), `task`, `max_new_tokens`, `length`.
 `--rows-per-task K` keeps the first K rows of every task in file order.
 
 Model: SmolLM2-135M-Instruct Q4_1 (or Qwen2.5-Coder-0.5B-Instruct Q4_K_M with
-`--model qwen`) dequantized to float32 by transformers' GGUF loader, with the
+`--model qwen`, Qwen2.5-Coder-1.5B-Instruct Q4_K_M with `--model qwen15`) dequantized to float32 by transformers' GGUF loader, with the
 patched tokenizer, located and loaded exactly as tools/make_model_fixtures.py /
 tools/make_kvcompose_fixtures.py do (both imported). CPU, 2 torch threads,
 attn_implementation "sdpa" (none of the presses here needs eager; KVComposePress
@@ -123,14 +123,14 @@ PRESSES = {
 def load(model_name: str):
     if model_name == "smollm2":
         model, tok, path = mkc.load_model_and_tok(None)
-    elif model_name == "qwen":
-        path = mmf.locate_qwen(None, True)
+    elif model_name in ("qwen", "qwen15"):
+        path = (mmf.locate_qwen if model_name == "qwen" else mmf.locate_qwen15)(None, True)
         meta = mmf.gguf_meta(path)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         tok = mmf.qwen_reference_tokenizer(tok, meta)
         model = mmf.load_gguf_model(path)
     else:
-        raise SystemExit(f"unknown --model {model_name!r} (smollm2|qwen)")
+        raise SystemExit(f"unknown --model {model_name!r} (smollm2|qwen|qwen15)")
     # make_model_fixtures loads with eager; kvpress's evaluate.py uses the default (sdpa) unless
     # a press needs eager. transformers reads config._attn_implementation on every forward.
     model.config._attn_implementation = "sdpa"
@@ -295,7 +295,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.25,0.5,0.75")
     ap.add_argument("--rows-per-task", type=int, default=None, help="first K rows of each task (file order)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen"])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen", "qwen15"])
     a = ap.parse_args()
 
     presses = [p.strip() for p in a.presses.split(",") if p.strip()]

@@ -164,6 +164,15 @@ pub struct Prefilled<B: Backend> {
     pub seconds: f64,
 }
 
+/// KVCompose scoring passes of one prefilled context, kept by [`Pipeline::compress_reusing`]
+/// for the next budget (host f32: per layer `[q_heads * T]`, so 28 layers x 12 heads x 4096
+/// tokens = 5.5 MB). A memo used with another context starts over.
+#[derive(Clone, Debug, Default)]
+pub struct ScoreMemo {
+    context: Vec<u32>,
+    kvcompose: Vec<(PressSpec, kvc_core::press::kvcompose::TaskScores)>,
+}
+
 /// A compressed copy of a prefilled cache.
 #[derive(Clone, Debug)]
 pub struct Compressed<B: Backend> {
@@ -285,6 +294,47 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     /// errors of the model during a press's pass.
     pub fn compress(&self, prefilled: &Prefilled<B>, press: &PressSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Compressed<B>> {
         self.compress_cache(prefilled.cache.clone(), &prefilled.context, &prefilled.capture, press, progress)
+    }
+
+    /// As [`Pipeline::compress`], sharing KVCompose's scoring pass between budgets: its output
+    /// ([`TaskScores`]: attention of the re-fed context reduced over queries, which no budget
+    /// changes) is kept in `memo` for the prefilled context, and a later KVCompose spec with the
+    /// same options and another ratio or token budget only selects and gathers. The kept tokens
+    /// are those of [`Pipeline::compress`] (same scores, same selection; tested). Every other press
+    /// compresses as [`Pipeline::compress`] does. `seconds` of a reusing call counts selection and
+    /// gather only. (kvpress's pipeline runs the pass once per press call; `kvc-bench eval` runs
+    /// every ratio of a row through one memo.)
+    ///
+    /// # Errors
+    /// As [`Pipeline::compress`].
+    pub fn compress_reusing(&self, prefilled: &Prefilled<B>, press: &PressSpec, memo: &mut ScoreMemo, progress: &mut dyn FnMut(usize, usize)) -> Result<Compressed<B>> {
+        let Some(kvc) = press.kvcompose()? else {
+            return self.compress(prefilled, press, progress);
+        };
+        if kvc.budget == kvc_core::Budget::Ratio(0.0) {
+            return self.compress(prefilled, press, progress);
+        }
+        if memo.context != prefilled.context {
+            *memo = ScoreMemo { context: prefilled.context.clone(), kvcompose: Vec::new() };
+        }
+        let start = Instant::now();
+        let mut cache = prefilled.cache.clone();
+        let bytes_before = cache.bytes();
+        let key = PressSpec { ratio: None, tokens: None, ..press.clone() };
+        let at = match memo.kvcompose.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                let model = Reporting { model: &self.model.model, progress: RefCell::new(progress), total: prefilled.context.len() };
+                let scores = kvc.score(&model, &prefilled.context, &mut cache)?;
+                memo.kvcompose.push((key, scores));
+                memo.kvcompose.len() - 1
+            }
+        };
+        let sel = kvc.select_from(&memo.kvcompose[at].1)?;
+        kvc_core::press::KvCompose::apply(&sel, &mut cache)?;
+        self.sync()?;
+        let report = PressReport { context_len: prefilled.context.len(), kept: sel.kept, bytes_before, bytes_after: cache.bytes() };
+        Ok(Compressed { cache, report, seconds: start.elapsed().as_secs_f64() })
     }
 
     /// As [`Pipeline::compress`], compressing the prefilled cache itself instead of a copy: the

@@ -130,3 +130,55 @@ fn saved_caches_answer_as_the_original_and_refuse_other_models() {
     let e = Pipeline::new(&loaded).load_cache(&path).unwrap_err().to_string();
     assert!(e.contains("does not fit this model") && e.contains("written by model"), "{e}");
 }
+
+/// `compress_reusing` runs KVCompose's scoring pass once per prefilled context and options, and
+/// keeps exactly the tokens (and cache contents) that a fresh `compress` keeps at every budget;
+/// other presses and another context go through as `compress`.
+#[test]
+fn kvcompose_scores_shared_between_budgets_keep_what_fresh_runs_keep() {
+    let loaded = kvc_models::load::<B>(&ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let pipeline = Pipeline::new(&loaded);
+    let mut memo = kvc_models::pipeline::ScoreMemo::default();
+    let snapshot = |c: &kvc_models::pipeline::Compressed<B>| -> (Vec<Vec<usize>>, Vec<Vec<f32>>) {
+        let layers = (0..c.cache.lens().len())
+            .map(|l| {
+                let (k, v) = c.cache.layer(l).unwrap().unwrap().full();
+                let mut x = k.into_data().to_vec::<f32>().unwrap();
+                x.extend(v.into_data().to_vec::<f32>().unwrap());
+                x
+            })
+            .collect();
+        (c.report.kept.clone(), layers)
+    };
+    let texts = [CONTEXT, "Seven ships left the harbour of Ostend at dawn, carrying wool, salt and forty letters for the king."];
+    for text in texts {
+        let ids = loaded.tokenizer.encode(text, true).unwrap();
+        let prefilled = pipeline.prefill(&ids, Default::default(), 16, &mut |_| {}).unwrap();
+        let specs = [
+            PressSpec::new("kvcompose", Budget::Ratio(0.25)),
+            PressSpec::new("kvcompose", Budget::Ratio(0.75)),
+            PressSpec::new("kvcompose", Budget::Tokens(9)),
+            PressSpec::new("kvcompose", Budget::Ratio(0.5)).with_option("structured", false),
+            PressSpec::new("kvcompose", Budget::Ratio(0.0)),
+            PressSpec::new("knorm", Budget::Ratio(0.5)),
+            PressSpec::new("kvcompose", Budget::Ratio(0.5)),
+        ];
+        let mut kept = Vec::new();
+        let mut passes = Vec::new();
+        for spec in &specs {
+            let mut fed = 0;
+            let shared = pipeline.compress_reusing(&prefilled, spec, &mut memo, &mut |_, _| fed += 1).unwrap();
+            passes.push(fed > 0);
+            let fresh = pipeline.compress(&prefilled, spec, &mut |_, _| {}).unwrap();
+            let (a, b) = (snapshot(&shared), snapshot(&fresh));
+            assert_eq!(a, b, "{spec:?}");
+            assert_eq!((shared.report.bytes_before, shared.report.bytes_after), (fresh.report.bytes_before, fresh.report.bytes_after), "{spec:?}");
+            kept.push(a.0.iter().flatten().sum::<usize>());
+        }
+        // a scoring pass for the first KVCompose spec of each context (the memo starts over on the
+        // second) and for other options; none for another budget, ratio 0 or another press
+        assert_eq!(passes, [true, false, false, true, false, false, false]);
+        // the budgets did differ
+        assert!(kept[0] > kept[6] && kept[6] > kept[1], "{kept:?}");
+    }
+}

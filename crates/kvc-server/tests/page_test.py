@@ -1,9 +1,9 @@
 """`kvc serve`'s page (`GET /`) in headless Chromium, driven by Playwright as a user would.
 
 Starts the real server on 127.0.0.1 with a free port (with an API key, typed into the page),
-opens the page, pastes a document into the textarea and clicks Add: the page must show the
-document's compression (tokens, KV bytes before -> after, one bar per layer), the same figures as
-the API's `GET /v1/documents/{id}`. Then types a question and clicks Ask: the streamed answer must
+opens the page, pastes a document into the textarea, picks the int8 KV cache and clicks Add: the
+page must show the document's compression (tokens, KV bytes before -> after, the KV format, one
+bar per layer), the same figures as the API's `GET /v1/documents/{id}`. Then types a question and clicks Ask: the streamed answer must
 appear and equal the non-streamed answer of `/v1/chat/completions` on the same document and
 question. Every wait is bounded; the server and the browser are closed at the end, also when a
 check fails.
@@ -70,20 +70,21 @@ def run_page(browser, port, text):
     # add a document: the page shows its compression, as the API describes it
     page.fill("#key", KEY)
     page.fill("#text", text)
+    page.select_option("#kvDtype", "int8")  # the cache stored as int8 codes (the server's default: float)
     page.click("#add")
     page.wait_for_function("document.getElementById('addStatus').textContent.startsWith('added ')"
                            " && document.querySelectorAll('#chart div').length > 0")
     status, listing = http(port, "GET", "/v1/documents")
     assert status == 200 and len(listing["data"]) == 1, listing
     doc = listing["data"][0]
-    assert doc["status"] == "ready", doc
+    assert doc["status"] == "ready" and doc["kv_dtype"] == "int8", doc
     detail = page.inner_text("#detail")
     assert f"Document {doc['id']}: {doc['tokens']} tokens" in detail, (detail, doc)
     saved = 100 * (1 - doc["kv_bytes"] / doc["kv_bytes_uncompressed"])
-    assert f"({saved:.1f}% saved)" in detail and 0 < saved < 100, (detail, doc)
+    assert f"({saved:.1f}% saved, stored as int8)" in detail and 0 < saved < 100, (detail, doc)
     assert page.locator("#chart div").count() == len(doc["kept_per_layer"]), doc
     row = [c.strip() for c in page.locator("#docs tr.selected td").all_inner_texts()]
-    assert row[0] == doc["id"][:8] + "…" and row[1] == str(doc["tokens"]) and row[5] == "ready", row
+    assert row[0] == doc["id"][:8] + "…" and row[1] == str(doc["tokens"]) and row[5] == "int8" and row[6] == "ready", row
 
     # ask: the streamed answer appears in the page and equals the API's (non-streamed) answer
     status, r = http(port, "POST", "/v1/chat/completions",

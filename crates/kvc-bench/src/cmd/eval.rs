@@ -55,6 +55,11 @@ pub struct EvalArgs {
     /// `<out>/kv-<name>/`, then one table of them side by side; one: into `<out>` itself.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     kv_dtypes: Vec<String>,
+    /// Load dense f32 copies of a GGUF's matrices (`WeightStorage::Dense`, as `kvc generate
+    /// --dense-weights`); by default the model holds only the file's blocks of codes, as `kvc
+    /// generate` does, so its answers are the ones a user of `kvc generate` gets.
+    #[arg(long)]
+    dense_weights: bool,
 }
 
 /// `--kv-dtypes` parsed, in the order given.
@@ -122,7 +127,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         results
     } else {
-        backend::run(&a.backend, EvalJob { model, configs: configs.clone() })?
+        let storage = if a.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+        backend::run(&a.backend, EvalJob { model, configs: configs.clone(), storage })?
     };
     for (config, (summary, _)) in configs.iter().zip(&results) {
         if several {
@@ -146,13 +152,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
 struct EvalJob {
     model: PathBuf,
     configs: Vec<EvalConfig>,
+    storage: kvc_models::WeightStorage,
 }
 
 impl backend::BackendJob for EvalJob {
     type Output = Vec<(Summary, Vec<Prediction>)>;
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<Vec<(Summary, Vec<Prediction>)>> {
-        let loaded = kvc_models::load::<B>(&self.model, &device)?;
+        let loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
         let several = self.configs.len() > 1;
         let mut results = Vec::with_capacity(self.configs.len());
         for config in &self.configs {

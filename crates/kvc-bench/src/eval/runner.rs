@@ -243,11 +243,13 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
             let (cache, seconds) = quantized(prefilled.cache.clone())?;
             jobs.push((Prediction { kv_bytes: cache.bytes(), ..blank(NONE, 0.0) }, cache, seconds));
         }
+        // KVCompose's scoring pass runs once per row, shared by its ratios
+        let mut memo = kvc_models::pipeline::ScoreMemo::default();
         let mut specs = todo.into_iter().peekable();
         while !jobs.is_empty() || specs.peek().is_some() {
             while jobs.len() < BATCH {
                 let Some((spec, ratio)) = specs.next() else { break };
-                let c = pipeline.compress(&prefilled, spec, &mut |_, _| {})?;
+                let c = pipeline.compress_reusing(&prefilled, spec, &mut memo, &mut |_, _| {})?;
                 let (cache, seconds) = quantized(c.cache)?;
                 let p = Prediction { kv_bytes: cache.bytes(), kept_per_layer: c.report.kept_per_layer(), ..blank(&spec.name, *ratio) };
                 jobs.push((p, cache, c.seconds + seconds));

@@ -203,6 +203,19 @@ impl PressSpec {
         })
     }
 
+    /// The KVCompose press this spec names, its options and budget parsed; `None` for every other
+    /// press. For callers that share KVCompose's scoring pass between budgets
+    /// ([`KvCompose::score`] once, [`KvCompose::select_from`] per budget).
+    ///
+    /// # Errors
+    /// As [`PressSpec::build`].
+    pub fn kvcompose(&self) -> Result<Option<KvCompose>, CoreError> {
+        Ok(match self.parse()? {
+            Parsed::KvCompose(p) => Some(p),
+            Parsed::Scored { .. } => None,
+        })
+    }
+
     fn parse(&self) -> Result<Parsed, CoreError> {
         let doc = find(&self.name)?;
         let budget = self.budget()?;
