@@ -61,20 +61,28 @@ impl<B: Backend> LayerKv<B> {
     /// (nothing for a float layer); the residual window left is a fresh tensor (not a view
     /// holding the old buffer).
     fn flush(&mut self) {
-        let Some(q) = self.quant.as_mut() else { return };
+        let Some(q) = self.quant.as_ref() else { return };
         let [b, h, r, d] = self.keys.dims();
         let n = q.spec().flush_count(r);
         if n == 0 {
             return;
         }
+        self.push_oldest(n);
         let host = |t: &Tensor<B, 4>, from: usize, len: usize| t.clone().narrow(2, from, len).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
-        Arc::make_mut(q).push(&host(&self.keys, 0, n), &host(&self.values, 0, n), n);
         let device = self.keys.device();
         let rest = |t: &Tensor<B, 4>| {
             let dtype = t.dtype();
             Tensor::<B, 4>::from_data(TensorData::new(host(t, n, r - n), [b, h, r - n, d]), (&device, DType::F32)).cast(dtype)
         };
         (self.keys, self.values) = (rest(&self.keys), rest(&self.values));
+    }
+
+    /// Quantizes the oldest `n` full-precision slots into the codes (a quantized layer; `keys` and
+    /// `values` are left as they are: the caller drops those slots).
+    fn push_oldest(&mut self, n: usize) {
+        let Some(q) = self.quant.as_mut() else { return };
+        let host = |t: &Tensor<B, 4>| t.clone().narrow(2, 0, n).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+        Arc::make_mut(q).push(&host(&self.keys), &host(&self.values), n);
     }
 
     /// True when no token is cached.
@@ -345,12 +353,23 @@ impl<B: Backend> KvCache<B> {
                 let valid = old.valid.map(|v| {
                     (0..b * h).flat_map(|row| v[row * ol..(row + 1) * ol].iter().copied().chain(std::iter::repeat_n(true, c))).collect()
                 });
-                if old.quant.is_some() {
-                    // the residual window is short: a concatenation, then its oldest slots to codes
-                    let keys = Tensor::cat(vec![old.keys, keys], 2);
-                    let values = Tensor::cat(vec![old.values, values], 2);
-                    let mut entry = LayerKv { keys, values, positions, valid, quant: old.quant };
-                    entry.flush();
+                if let Some(q) = old.quant.as_ref() {
+                    let window = old.keys.dims()[2];
+                    let flushed = q.spec().flush_count(window + c);
+                    let mut entry = LayerKv { keys: old.keys, values: old.values, positions, valid, quant: old.quant };
+                    if flushed > 0 && flushed == window {
+                        // exactly the old window goes to the codes and the appended slots are the
+                        // new window, as they came (a decode step on an int8 cache: the previous
+                        // token to codes; int4: a full residual window when the next tokens come):
+                        // no concatenation, and the new window does not go through host memory
+                        entry.push_oldest(flushed);
+                        (entry.keys, entry.values) = (keys, values);
+                    } else {
+                        // the residual window is short: a concatenation, then its oldest slots to codes
+                        entry.keys = Tensor::cat(vec![entry.keys, keys], 2);
+                        entry.values = Tensor::cat(vec![entry.values, values], 2);
+                        entry.flush();
+                    }
                     entry
                 } else {
                     let (keys, values) = self.write(layer, Some((old.keys, old.values)), ol, keys, values, writer);
@@ -652,6 +671,46 @@ mod tests {
             check(&cache, 200, false);
             assert!(cache.gather_layer(0, &[vec![vec![0], vec![1]]]).is_err());
             assert!(cache.quantize(if spec == KvQuant::int8() { KvQuant::int4() } else { KvQuant::int8() }).is_err());
+        }
+    }
+
+    /// Appends to a quantized layer in chunks of 1-64 tokens leave exactly the codes, window,
+    /// positions and padding of one-token appends (the path that hands the old window to the codes
+    /// as it lies and the path that concatenates first), on a padded per-head layout of batch 2,
+    /// for int8, int4 and int4 without a window.
+    #[test]
+    fn quantized_appends_in_chunks_equal_appends_one_by_one() {
+        let (b, h, d, n0) = (2, 2, 64, 300);
+        let noise = |n: usize, seed: usize| {
+            let v: Vec<f32> = (0..b * h * n * d).map(|i| (((i + seed) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(v, [b, h, n, d]), &Default::default())
+        };
+        for spec in [KvQuant::int8(), KvQuant::int4(), KvQuant { bits: crate::KvBits::Int4, residual: 0 }] {
+            let mut base = KvCache::<B>::new(1);
+            base.append(0, 0, noise(n0, 1), noise(n0, 2)).unwrap();
+            // per-head budgets: 250 and 180 slots kept (padded, masked)
+            let keep = |k: u32| (0..k).map(|i| i + (n0 as u32 - k)).collect::<Vec<u32>>();
+            base.gather_layer(0, &[vec![keep(250), keep(180)], vec![keep(180), keep(250)]]).unwrap();
+            base.quantize(spec).unwrap();
+            let (mut one, mut chunked) = (base.clone(), base.clone());
+            let total = 400;
+            let tokens = noise(total, 3);
+            for i in 0..total {
+                one.append(0, n0 + i, tokens.clone().narrow(2, i, 1), tokens.clone().narrow(2, i, 1) * 3.0).unwrap();
+            }
+            let (mut at, mut step) = (0, 0);
+            while at < total {
+                let c = [1, 3, 64, 1, 17, 40, 1, 1, 64, 9][step % 10].min(total - at);
+                chunked.append(0, n0 + at, tokens.clone().narrow(2, at, c), tokens.clone().narrow(2, at, c) * 3.0).unwrap();
+                (at, step) = (at + c, step + 1);
+            }
+            let (x, y) = (one.layer(0).unwrap().unwrap(), chunked.layer(0).unwrap().unwrap());
+            assert_eq!(x.keys.dims(), y.keys.dims(), "{spec:?}: windows");
+            assert_eq!(x.quant.as_ref().unwrap().len(), y.quant.as_ref().unwrap().len(), "{spec:?}: codes");
+            assert_eq!((&x.positions, &x.valid), (&y.positions, &y.valid), "{spec:?}");
+            let ((xk, xv), (yk, yv)) = (x.full(), y.full());
+            assert_eq!((host(xk), host(xv)), (host(yk), host(yv)), "{spec:?}: keys and values");
+            assert_eq!(one.bytes(), chunked.bytes());
         }
     }
 

@@ -166,10 +166,12 @@ pub struct Prefilled<B: Backend> {
 
 /// KVCompose scoring passes of one prefilled context, kept by [`Pipeline::compress_reusing`]
 /// for the next budget (host f32: per layer `[q_heads * T]`, so 28 layers x 12 heads x 4096
-/// tokens = 5.5 MB). A memo used with another context starts over.
+/// tokens = 5.5 MB). One memo per prefill; used with another context or model it starts over.
 #[derive(Clone, Debug, Default)]
 pub struct ScoreMemo {
     context: Vec<u32>,
+    /// The address of the decoder that scored (which model, while it lives).
+    model: usize,
     kvcompose: Vec<(PressSpec, kvc_core::press::kvcompose::TaskScores)>,
 }
 
@@ -297,10 +299,13 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     }
 
     /// As [`Pipeline::compress`], sharing KVCompose's scoring pass between budgets: its output
-    /// ([`TaskScores`]: attention of the re-fed context reduced over queries, which no budget
+    /// ([`kvc_core::press::kvcompose::TaskScores`]: attention of the re-fed context reduced over queries, which no budget
     /// changes) is kept in `memo` for the prefilled context, and a later KVCompose spec with the
     /// same options and another ratio or token budget only selects and gathers. The kept tokens
-    /// are those of [`Pipeline::compress`] (same scores, same selection; tested). Every other press
+    /// are those of [`Pipeline::compress`] (same scores, same selection; tested). The memo belongs
+    /// to one prefill: pass a fresh one (or the same) for each [`Prefilled`] (a memo that meets
+    /// another context or another model starts over; a new prefill of the same tokens by the same
+    /// model reuses it, which holds for the same weights and dtype). Every other press
     /// compresses as [`Pipeline::compress`] does. `seconds` of a reusing call counts selection and
     /// gather only. (kvpress's pipeline runs the pass once per press call; `kvc-bench eval` runs
     /// every ratio of a row through one memo.)
@@ -314,8 +319,11 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         if kvc.budget == kvc_core::Budget::Ratio(0.0) {
             return self.compress(prefilled, press, progress);
         }
-        if memo.context != prefilled.context {
-            *memo = ScoreMemo { context: prefilled.context.clone(), kvcompose: Vec::new() };
+        // a hit skips `score`, which validates the budget: validate here, as a fresh run does
+        kvc.budget.validate(prefilled.context.len())?;
+        let model_id = std::ptr::from_ref(&self.model.model) as usize;
+        if memo.context != prefilled.context || memo.model != model_id {
+            *memo = ScoreMemo { context: prefilled.context.clone(), model: model_id, kvcompose: Vec::new() };
         }
         let start = Instant::now();
         let mut cache = prefilled.cache.clone();

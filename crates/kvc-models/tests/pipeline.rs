@@ -180,5 +180,9 @@ fn kvcompose_scores_shared_between_budgets_keep_what_fresh_runs_keep() {
         assert_eq!(passes, [true, false, false, true, false, false, false]);
         // the budgets did differ
         assert!(kept[0] > kept[6] && kept[6] > kept[1], "{kept:?}");
+        // a budget beyond the context is refused on a memo hit as by a fresh run
+        let too_many = PressSpec::new("kvcompose", Budget::Tokens(ids.len() + 1));
+        assert!(pipeline.compress(&prefilled, &too_many, &mut |_, _| {}).is_err());
+        assert!(pipeline.compress_reusing(&prefilled, &too_many, &mut memo, &mut |_, _| {}).is_err());
     }
 }

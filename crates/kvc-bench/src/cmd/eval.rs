@@ -55,9 +55,10 @@ pub struct EvalArgs {
     /// `<out>/kv-<name>/`, then one table of them side by side; one: into `<out>` itself.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     kv_dtypes: Vec<String>,
-    /// Load dense f32 copies of a GGUF's matrices (`WeightStorage::Dense`, as `kvc generate
-    /// --dense-weights`); by default the model holds only the file's blocks of codes, as `kvc
-    /// generate` does, so its answers are the ones a user of `kvc generate` gets.
+    /// Prefill on dense f32 copies of a GGUF's matrices (`WeightStorage::Dense`: the codes kept
+    /// beside them for decode steps); by default the model holds only the file's blocks of codes
+    /// on flex and ndarray (other backends load dense), as `kvc generate` does, so the answers are
+    /// the ones a user of `kvc generate` gets.
     #[arg(long)]
     dense_weights: bool,
 }
