@@ -68,11 +68,10 @@ impl<B: Backend> LayerKv<B> {
             return;
         }
         self.push_oldest(n);
-        let host = |t: &Tensor<B, 4>, from: usize, len: usize| t.clone().narrow(2, from, len).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
         let device = self.keys.device();
         let rest = |t: &Tensor<B, 4>| {
             let dtype = t.dtype();
-            Tensor::<B, 4>::from_data(TensorData::new(host(t, n, r - n), [b, h, r - n, d]), (&device, DType::F32)).cast(dtype)
+            Tensor::<B, 4>::from_data(TensorData::new(host_slots(t, n, r - n), [b, h, r - n, d]), (&device, DType::F32)).cast(dtype)
         };
         (self.keys, self.values) = (rest(&self.keys), rest(&self.values));
     }
@@ -81,8 +80,7 @@ impl<B: Backend> LayerKv<B> {
     /// `values` are left as they are: the caller drops those slots).
     fn push_oldest(&mut self, n: usize) {
         let Some(q) = self.quant.as_mut() else { return };
-        let host = |t: &Tensor<B, 4>| t.clone().narrow(2, 0, n).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
-        Arc::make_mut(q).push(&host(&self.keys), &host(&self.values), n);
+        Arc::make_mut(q).push(&host_slots(&self.keys, 0, n), &host_slots(&self.values, 0, n), n);
     }
 
     /// True when no token is cached.
@@ -141,6 +139,11 @@ impl<B: Backend> LayerKv<B> {
         let elems = self.keys.shape().num_elements() + self.values.shape().num_elements();
         elems * self.keys.dtype().size() + self.quant.as_ref().map_or(0, |q| q.bytes())
     }
+}
+
+/// Slots `from..from + len` of `[batch, heads, slots, head_dim]` as host f32, row-major.
+fn host_slots<B: Backend>(t: &Tensor<B, 4>, from: usize, len: usize) -> Vec<f32> {
+    t.clone().narrow(2, from, len).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
 }
 
 /// A decoder's KV cache: one [`LayerKv`] per layer, and the position the next token will take.

@@ -313,7 +313,7 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
     /// # Errors
     /// As [`Pipeline::compress`].
     pub fn compress_reusing(&self, prefilled: &Prefilled<B>, press: &PressSpec, memo: &mut ScoreMemo, progress: &mut dyn FnMut(usize, usize)) -> Result<Compressed<B>> {
-        let Some(kvc) = press.kvcompose()? else {
+        let Some(mut kvc) = press.kvcompose()? else {
             return self.compress(prefilled, press, progress);
         };
         if kvc.budget == kvc_core::Budget::Ratio(0.0) {
@@ -327,7 +327,6 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
         }
         let start = Instant::now();
         let mut cache = prefilled.cache.clone();
-        let bytes_before = cache.bytes();
         let key = PressSpec { ratio: None, tokens: None, ..press.clone() };
         let at = match memo.kvcompose.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
@@ -338,10 +337,8 @@ impl<'a, B: KvcBackend> Pipeline<'a, B> {
                 memo.kvcompose.len() - 1
             }
         };
-        let sel = kvc.select_from(&memo.kvcompose[at].1)?;
-        kvc_core::press::KvCompose::apply(&sel, &mut cache)?;
+        let report = kvc.compress_scored(&memo.kvcompose[at].1, &mut cache)?;
         self.sync()?;
-        let report = PressReport { context_len: prefilled.context.len(), kept: sel.kept, bytes_before, bytes_after: cache.bytes() };
         Ok(Compressed { cache, report, seconds: start.elapsed().as_secs_f64() })
     }
 

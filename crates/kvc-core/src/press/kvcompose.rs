@@ -358,6 +358,22 @@ impl KvCompose {
         self.select(&s.task, s.v_norms.as_deref(), s.q_heads, s.kv_heads, s.context_len)
     }
 
+    /// Steps 2-3 on `cache` (holding exactly the scored context) from a scoring pass's output,
+    /// with this press's budget: selects, keeps the selected tokens, reports. What
+    /// [`Press::compress`] does after [`KvCompose::score`]; a caller holding `scores` from an
+    /// earlier pass over the same context (another budget) calls it directly.
+    ///
+    /// # Errors
+    /// As [`KvCompose::select`] and [`KvCompose::apply`].
+    pub fn compress_scored<B: Backend>(&mut self, scores: &TaskScores, cache: &mut KvCache<B>) -> Result<PressReport, CoreError> {
+        let bytes_before = cache.bytes();
+        let sel = self.select_from(scores)?;
+        Self::apply(&sel, cache)?;
+        let report = PressReport { context_len: scores.context_len, kept: sel.kept.clone(), bytes_before, bytes_after: cache.bytes() };
+        self.last = Some(sel);
+        Ok(report)
+    }
+
     /// Keeps the selected tokens in every head (the cache must hold the `T` context tokens).
     ///
     /// # Errors
@@ -387,19 +403,15 @@ impl<B: Backend> Press<B> for KvCompose {
         cache: &mut KvCache<B>,
         _prefill: &PrefillCapture<B>,
     ) -> Result<PressReport, CoreError> {
-        let bytes_before = cache.bytes();
         if self.budget == Budget::Ratio(0.0) {
             self.budget.validate(context.len())?;
             check_prefilled(cache, model.num_layers(), context.len())?;
             // ratio 0 keeps everything: no scoring pass, the cache is left as it is
             return Ok(PressReport::unchanged(cache, context.len()));
         }
+        // the scoring pass leaves the cache holding the context again: `bytes_before` is its size
         let task = self.score(model, context, cache)?;
-        let sel = self.select_from(&task)?;
-        Self::apply(&sel, cache)?;
-        let report = PressReport { context_len: context.len(), kept: sel.kept.clone(), bytes_before, bytes_after: cache.bytes() };
-        self.last = Some(sel);
-        Ok(report)
+        self.compress_scored(&task, cache)
     }
 }
 
