@@ -170,6 +170,77 @@ fn needle_rows_evaluate_into_a_heatmap() {
 }
 
 #[test]
+fn several_kv_dtypes_on_one_prefill_equal_separate_runs() {
+    use kvc_bench::eval::runner::run_all;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    std::fs::write(&data, rows()).unwrap();
+    let loaded = kvc_models::load::<B>(&kvc_models::default_model::ensure_default_model().unwrap(), &Default::default()).unwrap();
+    let config = |out: &str, kv_quant| EvalConfig {
+        data: data.clone(),
+        rows_per_task: None,
+        presses: ["kvcompose", "tova"].iter().map(|p| PressSpec::new(p, Budget::Ratio(0.5))).collect(),
+        ratios: vec![0.25, 0.75],
+        out: dir.path().join(out),
+        model: "smollm2".into(),
+        prefill_chunk: 64,
+        kv_quant,
+    };
+    let (int8, int4) = (Some(kvc_core::KvQuant::int8()), Some(kvc_core::KvQuant::int4()));
+    let mut events = Vec::new();
+    let both = run_all(&loaded, &[config("float", None), config("int8", int8), config("int4", int4)], &mut |p| events.push(p)).unwrap();
+    assert_eq!(events[0], Progress::Start { total: 30, done: 0 });
+    assert_eq!(events.len(), 31);
+    assert_eq!(both.len(), 3);
+    let alone = run(&loaded, &config("int8-alone", int8), &mut |_| {}).unwrap();
+    assert_eq!(alone.presses, both[1].presses);
+    let read = |out: &str| {
+        let mut preds = read_predictions(&dir.path().join(out).join("predictions.jsonl")).unwrap();
+        preds.sort_by(|a, b| (a.row, &a.press, a.ratio.to_string()).cmp(&(b.row, &b.press, b.ratio.to_string())));
+        preds
+    };
+    let (float, shared, separate, four) = (read("float"), read("int8"), read("int8-alone"), read("int4"));
+    assert_eq!(shared.len(), 10);
+    for (((s, a), f), q4) in shared.iter().zip(&separate).zip(&float).zip(&four) {
+        assert_eq!((s.row, &s.press, &s.prediction, s.kv_bytes, &s.kept_per_layer), (a.row, &a.press, &a.prediction, a.kv_bytes, &a.kept_per_layer));
+        assert_eq!((f.prefill_seconds, &f.kept_per_layer), (s.prefill_seconds, &s.kept_per_layer), "one prefill and one compression serve every dtype");
+        assert_eq!((q4.prefill_seconds, &q4.kept_per_layer), (s.prefill_seconds, &s.kept_per_layer));
+        assert!(q4.kv_dtype.as_deref() == Some("int4") && s.kv_dtype.as_deref() == Some("int8") && f.kv_dtype.is_none());
+    }
+    // resumed: nothing left to do in any folder
+    let all = || [config("float", None), config("int8", int8), config("int4", int4)];
+    let mut events = Vec::new();
+    run_all(&loaded, &all(), &mut |p| events.push(p)).unwrap();
+    assert_eq!(events, vec![Progress::Start { total: 30, done: 30 }]);
+    // outputs at different stages (int4 lost, int8 cut to 3 lines): exactly the missing
+    // predictions are made again, equal to the first run's
+    std::fs::remove_dir_all(dir.path().join("int4")).unwrap();
+    let path8 = dir.path().join("int8").join("predictions.jsonl");
+    let text = std::fs::read_to_string(&path8).unwrap();
+    std::fs::write(&path8, text.lines().take(3).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let mut events = Vec::new();
+    run_all(&loaded, &all(), &mut |p| events.push(p)).unwrap();
+    assert_eq!(events[0], Progress::Start { total: 30, done: 13 });
+    assert_eq!(events.len(), 1 + 17);
+    for (out, first) in [("int8", &shared), ("int4", &four)] {
+        let again = read(out);
+        let keys: std::collections::BTreeSet<_> = again.iter().map(|p| (p.row, p.press.clone(), p.ratio.to_string())).collect();
+        assert_eq!(keys.len(), 10, "{out}: no prediction twice");
+        for (a, f) in again.iter().zip(first) {
+            assert_eq!((a.row, &a.press, &a.prediction, a.kv_bytes, &a.kept_per_layer), (f.row, &f.press, &f.prediction, f.kv_bytes, &f.kept_per_layer), "{out}");
+        }
+    }
+    // configs that differ in more than their storage, or share a folder, are refused before any work
+    let mut other = config("other", int8);
+    other.ratios = vec![0.5];
+    let e = run_all(&loaded, &[config("x", None), other], &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("must differ only in their KV cache dtype"), "{e}");
+    let e = run_all(&loaded, &[config("y", None), config("y", int8)], &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("same folder"), "{e}");
+    assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
+}
+
+#[test]
 fn kv_dtypes_run_side_by_side_and_int8_is_smaller() {
     use std::collections::BTreeMap;
     let dir = tempfile::tempdir().unwrap();
@@ -200,6 +271,7 @@ fn kv_dtypes_run_side_by_side_and_int8_is_smaller() {
         assert!(f.skipped.is_none() && q.skipped.is_none() && f.kv_dtype.is_none() && q.kv_dtype.as_deref() == Some("int8"), "{f:?} {q:?}");
         assert!(f.kv_bytes > 0 && (q.kv_bytes as f64) < 0.6 * f.kv_bytes as f64, "{k:?}: int8 {} vs float {} bytes", q.kv_bytes, f.kv_bytes);
         assert_eq!(q.kept_per_layer, f.kept_per_layer, "{k:?}: the press keeps the same tokens before quantization");
+        assert_eq!(q.prefill_seconds, f.prefill_seconds, "{k:?}: one prefill serves both dtypes");
         if k.1 == NONE {
             assert!(q.prediction.contains(&q.answer[0]), "the int8 uncompressed cache still finds the needle: {q:?}");
         }

@@ -220,8 +220,9 @@ struct GenerateArgs {
     compare: bool,
     /// Float type of the weights, activations and KV cache on the device: f32 (default), or f16 /
     /// bf16 (half the KV cache; flex and cuda, wgpu f16 where the adapter has it; attention sums
-    /// and press scores compute in f32; answers may differ from f32's; on flex, bf16 prefills
-    /// and compresses faster than f32 on CPUs with AVX512_BF16).
+    /// and press scores compute in f32; answers may differ from f32's; on flex, bf16 multiplies
+    /// with `vdpbf16ps` on AMD CPUs with AVX512_BF16 (faster than f32 there) and with f32 FMAs
+    /// elsewhere: `KVC_BF16_PRODUCTS=on|off` overrides).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
     /// Hold dense copies of the weights (f32, or --dtype's) and multiply by them in prefill and

@@ -333,10 +333,13 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     assert_error(st, 400, &v, "wrong type of max_tokens");
     let (st, v) = chat(br#"{"messages": []}"#);
     assert_error(st, 400, &v, "empty messages");
+    assert_eq!(v["error"]["param"], "messages", "{v}");
     let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}"#);
     assert_error(st, 400, &v, "max_tokens 0");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
     let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000}"#);
     assert_error(st, 400, &v, "max_tokens above the window");
+    assert_eq!((&v["error"]["code"], &v["error"]["param"]), (&json!("context_length_exceeded"), &json!("max_tokens")), "{v}");
     let (st, v) = chat(br#"{"document": "00000000000000000000000000000000", "messages": [{"role": "user", "content": "hi"}]}"#);
     assert_error(st, 404, &v, "unknown document");
     let (st, v) = chat(br#"{"document": "../../../../etc/passwd", "messages": [{"role": "user", "content": "hi"}]}"#);
@@ -573,6 +576,9 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
             continue;
         }
         assert_error(st, 400, &v, &format!("kv_dtype {bad}"));
+        if bad.is_string() {
+            assert_eq!((&v["error"]["code"], &v["error"]["param"]), (&json!("invalid_kv_dtype"), &json!("kv_dtype")), "{v}");
+        }
     }
     assert_eq!(listed(&s).len(), 3);
     drop(s);

@@ -286,14 +286,15 @@ impl<'a, B: KvcBackend> Engine<'a, B> {
             generate::check_prompt(t.context.len() + 1, window, 1).map_err(model_error)?;
             let needs = match &d.press {
                 Some(p) => {
-                    let budget = p.budget().map_err(|e| ApiError::bad_request(e.to_string(), None))?;
-                    budget.validate(t.context.len()).map_err(|e| ApiError::bad_request(e.to_string(), None))?;
-                    p.needs().map_err(|e| ApiError::bad_request(e.to_string(), None))?
+                    let budget = p.budget().map_err(|e| ApiError::bad_request(e.to_string(), None).param("press"))?;
+                    let field = if matches!(budget, kvc_core::Budget::Tokens(_)) { "budget" } else { "ratio" };
+                    budget.validate(t.context.len()).map_err(|e| ApiError::bad_request(e.to_string(), None).param(field))?;
+                    p.needs().map_err(|e| ApiError::bad_request(e.to_string(), None).param("press"))?
                 }
                 None => CaptureSpec::default(),
             };
             if let Some(q) = d.kv_quant {
-                q.check(self.model.config.head_dim).map_err(|e| ApiError::bad_request(e.to_string(), Some("invalid_kv_dtype")))?;
+                q.check(self.model.config.head_dim).map_err(|e| ApiError::bad_request(e.to_string(), Some("invalid_kv_dtype")).param("kv_dtype"))?;
             }
             Ok((t.context, needs))
         });

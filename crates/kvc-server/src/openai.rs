@@ -1,5 +1,5 @@
 //! OpenAI's wire types (the subset `kvc serve` speaks): chat completion requests, responses and
-//! stream chunks, errors in OpenAI's shape `{"error": {"message", "type", "code"}}`, and the
+//! stream chunks, errors in OpenAI's shape `{"error": {"message", "type", "code", "param"}}`, and the
 //! document objects of `/v1/documents`.
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -20,12 +20,20 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds a client should wait before retrying (`Retry-After`, with 429 and 503).
     pub retry_after: Option<u64>,
+    /// OpenAI's `param`: the request field at fault (`kv_dtype`, `max_tokens`, ...), when one is.
+    pub param: Option<&'static str>,
 }
 
 impl ApiError {
     /// A 400 `invalid_request_error`.
     pub fn bad_request(message: impl Into<String>, code: Option<&'static str>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", code, retry_after: None }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", code, retry_after: None, param: None }
+    }
+
+    /// The same error naming the request field at fault (OpenAI's `param`).
+    #[must_use]
+    pub fn param(self, field: &'static str) -> Self {
+        Self { param: Some(field), ..self }
     }
 
     /// A 404 for an unknown document.
@@ -36,6 +44,7 @@ impl ApiError {
             kind: "not_found_error",
             code: Some("document_not_found"),
             retry_after: None,
+            param: None,
         }
     }
 
@@ -47,17 +56,18 @@ impl ApiError {
             kind: "server_error",
             code: Some("model_loading"),
             retry_after: Some(1),
+            param: None,
         }
     }
 
     /// A 500 naming what failed inside the server.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", code: None, retry_after: None }
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", code: None, retry_after: None, param: None }
     }
 
     /// The JSON body (`{"error": {...}}`).
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null } })
+        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "code": self.code, "param": self.param } })
     }
 }
 
@@ -104,7 +114,7 @@ impl Content {
                 .iter()
                 .map(|p| match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => Ok(t.as_str()),
-                    _ => Err(ApiError::bad_request(format!("content parts of type {:?} are not supported (text only)", p.kind), None)),
+                    _ => Err(ApiError::bad_request(format!("content parts of type {:?} are not supported (text only)", p.kind), None).param("messages")),
                 })
                 .collect(),
         }

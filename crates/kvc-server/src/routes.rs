@@ -154,23 +154,23 @@ async fn models(State(s): AppState) -> Json<serde_json::Value> {
 fn document_press(default: Option<&PressSpec>, r: &DocumentRequest) -> Result<Option<PressSpec>, ApiError> {
     let budget_given = r.ratio.is_some() || r.budget.is_some();
     let name = match (r.press.as_deref(), default) {
-        (Some("none"), _) | (None, None) if budget_given => return Err(ApiError::bad_request("ratio and budget need a press", None)),
+        (Some("none"), _) | (None, None) if budget_given => return Err(ApiError::bad_request("ratio and budget need a press", None).param("press")),
         (Some("none"), _) | (None, None) => return Ok(None),
         (Some(name), _) => name.to_string(),
         (None, Some(d)) => d.name.clone(),
     };
     let budget = match (r.ratio, r.budget, default) {
-        (Some(_), Some(_), _) => return Err(ApiError::bad_request("give ratio or budget, not both", None)),
+        (Some(_), Some(_), _) => return Err(ApiError::bad_request("give ratio or budget, not both", None).param("budget")),
         (Some(ratio), None, _) => Budget::Ratio(ratio),
         (None, Some(tokens), _) => Budget::Tokens(tokens),
         (None, None, Some(d)) => d.budget().map_err(|e| ApiError::bad_request(e.to_string(), None))?,
-        (None, None, None) => return Err(ApiError::bad_request(format!("press {name} needs a ratio or a budget"), None)),
+        (None, None, None) => return Err(ApiError::bad_request(format!("press {name} needs a ratio or a budget"), None).param("ratio")),
     };
     let mut spec = PressSpec::new(&name, budget);
     if let Some(d) = default.filter(|d| d.name == name) {
         spec.options = d.options.clone();
     }
-    spec.check().map_err(|e| ApiError::bad_request(e.to_string(), Some("invalid_press")))?;
+    spec.check().map_err(|e| ApiError::bad_request(e.to_string(), Some("invalid_press")).param("press"))?;
     Ok(Some(spec))
 }
 
@@ -178,12 +178,12 @@ async fn create_document(State(s): AppState, body: Result<Bytes, BytesRejection>
     ready(&s)?;
     let request: DocumentRequest = parse(body)?;
     if request.text.trim().is_empty() {
-        return Err(ApiError::bad_request("the document's text is empty", None));
+        return Err(ApiError::bad_request("the document's text is empty", None).param("text"));
     }
     let press = document_press(s.config.press.as_ref(), &request)?;
     let kv_quant = match &request.kv_dtype {
         None => s.config.kv_quant,
-        Some(name) => crate::parse_kv_dtype(name, s.config.dtype).map_err(|e| ApiError::bad_request(e, Some("invalid_kv_dtype")))?,
+        Some(name) => crate::parse_kv_dtype(name, s.config.dtype).map_err(|e| ApiError::bad_request(e, Some("invalid_kv_dtype")).param("kv_dtype"))?,
     };
     let id = DocId::random();
     let (events, mut rx) = unbounded_channel();
@@ -238,7 +238,7 @@ fn chat_prompt(s: &Shared, request: &ChatRequest) -> Result<Prompt, ApiError> {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => return Err(ApiError::bad_request(format!("message role {other:?} is not supported (system, user, assistant)"), None)),
+            other => return Err(ApiError::bad_request(format!("message role {other:?} is not supported (system, user, assistant)"), None).param("messages")),
         };
         let content = m.content.as_ref().map(openai::Content::text).transpose()?.unwrap_or_default();
         messages.push(ChatMessage { role: role.into(), content });
@@ -249,7 +249,7 @@ fn chat_prompt(s: &Shared, request: &ChatRequest) -> Result<Prompt, ApiError> {
             return Err(ApiError::no_document(id.as_str()));
         }
         let question = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone());
-        let question = question.filter(|q| !q.trim().is_empty()).ok_or_else(|| ApiError::bad_request("with a document, the last user message is the question: give one", None))?;
+        let question = question.filter(|q| !q.trim().is_empty()).ok_or_else(|| ApiError::bad_request("with a document, the last user message is the question: give one", None).param("messages"))?;
         return Ok(Prompt::Document { id, question });
     }
     if let [only] = messages.as_slice() {
@@ -265,20 +265,21 @@ fn chat_prompt(s: &Shared, request: &ChatRequest) -> Result<Prompt, ApiError> {
 /// Sampling and length settings of a chat request, checked.
 fn generation(s: &Shared, r: &ChatRequest) -> Result<GenerationConfig, ApiError> {
     if r.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("only n = 1 is supported", None));
+        return Err(ApiError::bad_request("only n = 1 is supported", None).param("n"));
     }
     let window = s.window.load(Ordering::SeqCst);
+    let field = if r.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max = match r.max_completion_tokens.or(r.max_tokens) {
-        Some(0) => return Err(ApiError::bad_request("max_tokens must be at least 1", None)),
+        Some(0) => return Err(ApiError::bad_request(format!("{field} must be at least 1"), None).param(field)),
         Some(n) if n as usize >= window || n > u32::MAX as u64 => {
-            return Err(ApiError::bad_request(format!("max_tokens {n} does not fit the model's window of {window} tokens"), Some("context_length_exceeded")))
+            return Err(ApiError::bad_request(format!("{field} {n} does not fit the model's window of {window} tokens"), Some("context_length_exceeded")).param(field))
         }
         Some(n) => n as usize,
         None => DEFAULT_MAX_TOKENS.min(window / 2),
     };
     let temperature = r.temperature.unwrap_or(0.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad_request(format!("temperature {temperature} must be in [0, 2]"), None));
+        return Err(ApiError::bad_request(format!("temperature {temperature} must be in [0, 2]"), None).param("temperature"));
     }
     let cfg = GenerationConfig { max_new_tokens: max, temperature, top_p: r.top_p.unwrap_or(1.0), seed: r.seed.unwrap_or(0), ..Default::default() };
     cfg.validate().map_err(|e| ApiError::bad_request(e.to_string(), None))?;
@@ -290,14 +291,14 @@ async fn chat(State(s): AppState, body: Result<Bytes, BytesRejection>) -> Result
     ready(&s)?;
     let request: ChatRequest = parse(body)?;
     if request.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty", None));
+        return Err(ApiError::bad_request("messages must not be empty", None).param("messages"));
     }
     let generation = generation(&s, &request)?;
     let stop = match &request.stop {
         None => Vec::new(),
         Some(Stop::One(x)) => vec![x.clone()],
         Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
-        Some(Stop::Many(_)) => return Err(ApiError::bad_request("at most 4 stop strings", None)),
+        Some(Stop::Many(_)) => return Err(ApiError::bad_request("at most 4 stop strings", None).param("stop")),
     };
     let prompt = chat_prompt(&s, &request)?;
     let limit = s.config.max_batch.max(1) + s.config.max_queue;

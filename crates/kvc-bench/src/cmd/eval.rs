@@ -1,8 +1,9 @@
 //! `kvc-bench eval`: the accuracy benchmark's command line. Runs [`kvc_bench::eval`] (every row
 //! through the pipeline, uncompressed and with each press at each ratio) on the chosen backend
 //! with a progress bar, writes the plots, and prints the per-task table (beside kvpress's summary
-//! with `--compare`). With several `--kv-dtypes` it runs once per KV cache storage, each into
-//! `<out>/kv-<name>/`, and prints a table of them side by side.
+//! with `--compare`). With several `--kv-dtypes` every row is prefilled and compressed once and
+//! answered on each KV cache storage, each into `<out>/kv-<name>/`; then a table of them side by
+//! side.
 
 use std::path::PathBuf;
 
@@ -50,9 +51,10 @@ pub struct EvalArgs {
     /// Prefill chunk (tokens).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
-    /// KV cache storages, each a full run: `float` (the model's dtype; also f32/f16/bf16), `int8`,
-    /// `int4` (quantized after the press, uncompressed cache included). Several: each into
-    /// `<out>/kv-<name>/`, then one table of them side by side; one: into `<out>` itself.
+    /// KV cache storages: `float` (the model's dtype; also f32/f16/bf16), `int8`, `int4` (quantized
+    /// after the press, uncompressed cache included). Several: one prefill and one compression per
+    /// row serve them all, each answers into `<out>/kv-<name>/`, then one table of them side by
+    /// side; one: into `<out>` itself.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     kv_dtypes: Vec<String>,
     /// Prefill on dense f32 copies of a GGUF's matrices (`WeightStorage::Dense`: the codes kept
@@ -162,29 +164,31 @@ impl backend::BackendJob for EvalJob {
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<Vec<(Summary, Vec<Prediction>)>> {
         let loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
         let several = self.configs.len() > 1;
-        let mut results = Vec::with_capacity(self.configs.len());
-        for config in &self.configs {
-            let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("eval{prefix} [{bar:30}] {pos}/{len} (row, press, ratio), {elapsed}, eta {eta} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            if several {
-                bar.set_prefix(format!(" kv {}", kv_dtype_name(config.kv_quant)));
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} (row, press, ratio{prefix}), {elapsed}, eta {eta} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        if several {
+            bar.set_prefix(", kv dtype");
+        }
+        // one prefill and one compression per row serve every kv dtype
+        let summaries = eval::runner::run_all(&loaded, &self.configs, &mut |p| match p {
+            eval::runner::Progress::Start { total, done } => {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.reset_eta();
             }
-            let summary = eval::runner::run(&loaded, config, &mut |p| match p {
-                eval::runner::Progress::Start { total, done } => {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                    bar.reset_eta();
-                }
-                eval::runner::Progress::Done(p) => {
-                    bar.inc(1);
-                    bar.set_message(format!("row {} {}@{}: {:.0}", p.row, p.press, p.ratio, p.score));
-                }
-            })?;
-            bar.finish_and_clear();
+            eval::runner::Progress::Done(p) => {
+                bar.inc(1);
+                let kv = if several { format!(" {}", p.kv_dtype.as_deref().unwrap_or("float")) } else { String::new() };
+                bar.set_message(format!("row {} {}@{}{kv}: {:.0}", p.row, p.press, p.ratio, p.score));
+            }
+        })?;
+        bar.finish_and_clear();
+        let mut results = Vec::with_capacity(self.configs.len());
+        for (config, summary) in self.configs.iter().zip(summaries) {
             let preds = eval::runner::read_own_predictions(config)?;
             let plots = eval::plots::write_all(&config.out, &summary, &preds)?;
             eprintln!("wrote {} plots to {}", plots.len(), config.out.display());

@@ -2,7 +2,8 @@
 //! uncompressed answer and every press and ratio (each compresses a copy of the prefilled cache),
 //! predictions appended and flushed one by one, so an interrupted run resumes where it stopped.
 //! With [`EvalConfig::kv_quant`] every cache an answer is decoded on (the uncompressed one and
-//! each press's) is quantized just before its answer.
+//! each press's) is quantized just before its answer; [`run_all`] runs several KV cache storages
+//! on one prefill and one compression per row.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -45,7 +46,7 @@ pub fn kv_dtype_name(q: Option<KvQuant>) -> &'static str {
     q.map_or("float", |q| q.name())
 }
 
-/// Progress of [`run`].
+/// Progress of [`run`] and [`run_all`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Progress {
     /// The run starts: predictions in all, and how many the output folder already holds.
@@ -119,14 +120,58 @@ pub fn read_own_predictions(cfg: &EvalConfig) -> Result<Vec<Prediction>, EvalErr
 }
 
 /// Runs the evaluation (resuming from `out/predictions.jsonl`), writes `out/summary.json` and
-/// returns the summary.
+/// returns the summary ([`run_all`] with one config).
+///
+/// # Errors
+/// As [`run_all`].
+pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &mut dyn FnMut(Progress)) -> Result<Summary, EvalError> {
+    let mut summaries = run_all(loaded, std::slice::from_ref(cfg), progress)?;
+    Ok(summaries.remove(0))
+}
+
+/// One config's output while [`run_all`] runs: its predictions file, and the keys it holds.
+struct Output<'a> {
+    cfg: &'a EvalConfig,
+    path: PathBuf,
+    file: std::fs::File,
+    done: BTreeSet<(usize, String, String)>,
+}
+
+impl Output<'_> {
+    /// Appends `p` (flushed), records its key and reports it.
+    fn write(&mut self, p: Prediction, progress: &mut dyn FnMut(Progress)) -> Result<(), EvalError> {
+        let line = serde_json::to_string(&p).map_err(|e| EvalError::Data { path: self.path.clone(), line: 0, message: e.to_string() })?;
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|source| EvalError::Io { path: self.path.clone(), source })?;
+        self.done.insert(key(p.row, &p.press, p.ratio));
+        progress(Progress::Done(Box::new(p)));
+        Ok(())
+    }
+}
+
+/// Runs the evaluations of `cfgs`, which differ only in [`EvalConfig::kv_quant`] and
+/// [`EvalConfig::out`] (one per KV cache storage: `kvc-bench eval --kv-dtypes`), row by row: each
+/// row is tokenized, prefilled and compressed by every press and ratio once (KVCompose's scoring
+/// pass once per row), and each config quantizes its own copy of every cache right before its
+/// answer. The predictions equal separate [`run`]s' (the presses score the same full-precision
+/// prefill). Resumes from each `out/predictions.jsonl`, writes each `out/summary.json`, returns
+/// the summaries in `cfgs`' order. Progress counts the predictions of all configs.
 ///
 /// # Errors
 /// Data errors (file and line), press specification errors and a KV cache format the model's
-/// heads cannot hold (before any work), predictions of another kv dtype in the output folder,
-/// I/O errors, model errors. A row longer than the model's window is not an error: it is written as
-/// skipped, with the reason, and the run goes on.
-pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &mut dyn FnMut(Progress)) -> Result<Summary, EvalError> {
+/// heads cannot hold (before any work), predictions of another kv dtype in an output folder,
+/// configs that differ in more than `kv_quant` and `out` or name the same output folder (as
+/// written: `a` and `./a` are not compared) ([`EvalError::Data`], line 0), I/O errors, model
+/// errors. A row longer than the model's window is
+/// not an error: it is written as skipped, with the reason, and the run goes on.
+pub fn run_all<B: KvcBackend>(loaded: &LoadedModel<B>, cfgs: &[EvalConfig], progress: &mut dyn FnMut(Progress)) -> Result<Vec<Summary>, EvalError> {
+    let Some(cfg) = cfgs.first() else { return Ok(Vec::new()) };
+    for (i, c) in cfgs.iter().enumerate() {
+        let same = c.data == cfg.data && c.rows_per_task == cfg.rows_per_task && c.presses == cfg.presses && c.ratios == cfg.ratios && c.prefill_chunk == cfg.prefill_chunk;
+        if !same || cfgs[..i].iter().any(|o| o.out == c.out) {
+            let message = if same { "two evaluations run together write into the same folder" } else { "evaluations run together must differ only in their KV cache dtype and output folder" };
+            return Err(EvalError::Data { path: c.out.clone(), line: 0, message: message.to_string() });
+        }
+    }
     let rows = load_rows(&cfg.data, cfg.rows_per_task)?;
     let specs: Vec<(PressSpec, f64)> = cfg
         .presses
@@ -136,40 +181,39 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
     for (s, _) in &specs {
         s.check()?;
     }
-    if let Some(q) = cfg.kv_quant {
+    for q in cfgs.iter().filter_map(|c| c.kv_quant) {
         q.check(loaded.config.head_dim)?;
     }
-    std::fs::create_dir_all(&cfg.out).map_err(|source| EvalError::Io { path: cfg.out.clone(), source })?;
-    let path = cfg.out.join("predictions.jsonl");
-    let existing = read_own_predictions(cfg)?;
-    let mut done: BTreeSet<(usize, String, String)> = existing.iter().map(|p| key(p.row, &p.press, p.ratio)).collect();
-    let total = rows.len() * (1 + specs.len());
-    let already = rows
+    // every output folder's predictions read and checked before any folder or file is made
+    let dones = cfgs
         .iter()
-        .map(|(i, _)| std::iter::once(key(*i, NONE, 0.0)).chain(specs.iter().map(|(s, r)| key(*i, &s.name, *r))).filter(|k| done.contains(k)).count())
-        .sum();
+        .map(|c| Ok(read_own_predictions(c)?.iter().map(|p| key(p.row, &p.press, p.ratio)).collect::<BTreeSet<_>>()))
+        .collect::<Result<Vec<_>, EvalError>>()?;
+    let mut outputs = Vec::with_capacity(cfgs.len());
+    let (mut total, mut already) = (0, 0);
+    for (c, done) in cfgs.iter().zip(dones) {
+        std::fs::create_dir_all(&c.out).map_err(|source| EvalError::Io { path: c.out.clone(), source })?;
+        let path = c.out.join("predictions.jsonl");
+        total += rows.len() * (1 + specs.len());
+        already += rows
+            .iter()
+            .map(|(i, _)| std::iter::once(key(*i, NONE, 0.0)).chain(specs.iter().map(|(s, r)| key(*i, &s.name, *r))).filter(|k| done.contains(k)).count())
+            .sum::<usize>();
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|source| EvalError::Io { path: path.clone(), source })?;
+        outputs.push(Output { cfg: c, path, file, done });
+    }
     progress(Progress::Start { total, done: already });
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|source| EvalError::Io { path: path.clone(), source })?;
     let pipeline = Pipeline::new(loaded);
     let chat = loaded.tokenizer.chat_template().is_some();
     for (index, row) in &rows {
-        let todo: Vec<&(PressSpec, f64)> = specs.iter().filter(|(s, r)| !done.contains(&key(*index, &s.name, *r))).collect();
-        let none_todo = !done.contains(&key(*index, NONE, 0.0));
-        if todo.is_empty() && !none_todo {
+        // what each output still lacks of this row: the uncompressed answer, and indices into `specs`
+        let none_todo: Vec<bool> = outputs.iter().map(|o| !o.done.contains(&key(*index, NONE, 0.0))).collect();
+        let todo: Vec<BTreeSet<usize>> =
+            outputs.iter().map(|o| specs.iter().enumerate().filter(|(_, (s, r))| !o.done.contains(&key(*index, &s.name, *r))).map(|(i, _)| i).collect()).collect();
+        if todo.iter().all(BTreeSet::is_empty) && !none_todo.contains(&true) {
             continue;
         }
-        let mut write = |p: Prediction, done: &mut BTreeSet<_>| -> Result<(), EvalError> {
-            let line = serde_json::to_string(&p).map_err(|e| EvalError::Data { path: path.clone(), line: 0, message: e.to_string() })?;
-            writeln!(file, "{line}").and_then(|_| file.flush()).map_err(|source| EvalError::Io { path: path.clone(), source })?;
-            done.insert(key(p.row, &p.press, p.ratio));
-            progress(Progress::Done(Box::new(p)));
-            Ok(())
-        };
-        let blank = |press: &str, ratio: f64| Prediction {
+        let blank = |press: &str, ratio: f64, kv_quant: Option<KvQuant>| Prediction {
             row: *index,
             task: row.task.clone(),
             press: press.to_string(),
@@ -184,7 +228,7 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
             kept_per_layer: Vec::new(),
             skipped: None,
             decode: None,
-            kv_dtype: cfg.kv_quant.map(|q| q.name().to_string()),
+            kv_dtype: kv_quant.map(|q| q.name().to_string()),
         };
         let request = Request { context: row.context.clone(), questions: vec![row.question.clone()], chat, answer_prefix: row.answer_prefix.clone(), ..Default::default() };
         let prepared = pipeline.tokenize(&request).map_err(EvalError::from).and_then(|t| {
@@ -207,15 +251,18 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
         let tokens = match prepared {
             Ok(t) => t,
             Err(EvalError::Skip(reason)) => {
-                let skipped = std::iter::once((NONE.to_string(), 0.0)).filter(|_| none_todo).chain(todo.iter().map(|(s, r)| (s.name.clone(), *r)));
-                for (press, ratio) in skipped.collect::<Vec<_>>() {
-                    write(Prediction { skipped: Some(reason.clone()), ..blank(&press, ratio) }, &mut done)?;
+                for (o, out) in outputs.iter_mut().enumerate() {
+                    let skipped = std::iter::once((NONE, 0.0)).filter(|_| none_todo[o]).chain(todo[o].iter().map(|&i| (specs[i].0.name.as_str(), specs[i].1)));
+                    for (press, ratio) in skipped.collect::<Vec<_>>() {
+                        out.write(Prediction { skipped: Some(reason.clone()), ..blank(press, ratio, out.cfg.kv_quant) }, progress)?;
+                    }
                 }
                 continue;
             }
             Err(e) => return Err(e),
         };
-        let needs = todo.iter().map(|(s, _)| s.needs()).try_fold(CaptureSpec::default(), |a, n| n.map(|n| a.merge(n)))?;
+        let union: BTreeSet<usize> = todo.iter().flatten().copied().collect();
+        let needs = union.iter().map(|&i| specs[i].0.needs()).try_fold(CaptureSpec::default(), |a, n| n.map(|n| a.merge(n)))?;
         let prefilled = pipeline.prefill(&tokens.context, needs, cfg.prefill_chunk, &mut |_| {})?;
         let gen = GenerationConfig { max_new_tokens: row.max_new_tokens, prefill_chunk: cfg.prefill_chunk, ..Default::default() };
         let question = &tokens.questions[0];
@@ -229,39 +276,58 @@ pub fn run<B: KvcBackend>(loaded: &LoadedModel<B>, cfg: &EvalConfig, progress: &
         };
         // each answered cache quantized (when asked) right before it is queued; its quantization
         // time counts in the prediction's seconds, and `kv_bytes` are the bytes it then holds
-        let quantized = |mut cache: kvc_core::KvCache<B>| -> Result<(kvc_core::KvCache<B>, f64), EvalError> {
+        let quantized = |mut cache: kvc_core::KvCache<B>, q: Option<KvQuant>| -> Result<(kvc_core::KvCache<B>, f64), EvalError> {
             let start = std::time::Instant::now();
-            if let Some(q) = cfg.kv_quant {
+            if let Some(q) = q {
                 cache.quantize(q)?;
             }
             Ok((cache, start.elapsed().as_secs_f64()))
         };
-        // the row's answers (uncompressed, then every press x ratio) decoded together, at most
-        // BATCH at a time: one pass over the weights per step for all of them
-        let mut jobs: Vec<(Prediction, kvc_core::KvCache<B>, f64)> = Vec::new();
-        if none_todo {
-            let (cache, seconds) = quantized(prefilled.cache.clone())?;
-            jobs.push((Prediction { kv_bytes: cache.bytes(), ..blank(NONE, 0.0) }, cache, seconds));
-        }
+        // the row's caches (uncompressed, then every press x ratio some output lacks) made BATCH at
+        // a time, each once; every output then decodes the answers it lacks on its own copies
+        // together: one pass over the weights per step for all of them
+        let items: Vec<Option<usize>> = std::iter::once(None).filter(|_| none_todo.contains(&true)).chain(union.iter().map(|&i| Some(i))).collect();
         // KVCompose's scoring pass runs once per row, shared by its ratios
         let mut memo = kvc_models::pipeline::ScoreMemo::default();
-        let mut specs = todo.into_iter().peekable();
-        while !jobs.is_empty() || specs.peek().is_some() {
-            while jobs.len() < BATCH {
-                let Some((spec, ratio)) = specs.next() else { break };
-                let c = pipeline.compress_reusing(&prefilled, spec, &mut memo, &mut |_, _| {})?;
-                let (cache, seconds) = quantized(c.cache)?;
-                let p = Prediction { kv_bytes: cache.bytes(), kept_per_layer: c.report.kept_per_layer(), ..blank(&spec.name, *ratio) };
-                jobs.push((p, cache, c.seconds + seconds));
+        let wants = |o: usize, item: Option<usize>| item.map_or(none_todo[o], |i| todo[o].contains(&i));
+        for chunk in items.chunks(BATCH) {
+            let mut made = Vec::with_capacity(chunk.len());
+            for &item in chunk {
+                made.push(match item {
+                    None => (item, Some(prefilled.cache.clone()), Vec::new(), 0.0),
+                    Some(i) => {
+                        let c = pipeline.compress_reusing(&prefilled, &specs[i].0, &mut memo, &mut |_, _| {})?;
+                        (item, Some(c.cache), c.report.kept_per_layer(), c.seconds)
+                    }
+                });
             }
-            let answers = pipeline.answer_batch(&jobs.iter().map(|(_, c, _)| (c, question.as_slice())).collect::<Vec<_>>(), &gen)?;
-            for ((p, _, compress_seconds), a) in jobs.drain(..).zip(answers) {
-                write(scored(p, a.text, compress_seconds + a.seconds, row), &mut done)?;
+            for (o, out) in outputs.iter_mut().enumerate() {
+                let mut jobs: Vec<(Prediction, kvc_core::KvCache<B>, f64)> = Vec::new();
+                for (item, cache, kept, compress_seconds) in &mut made {
+                    if !wants(o, *item) {
+                        continue;
+                    }
+                    let (press, ratio) = item.map_or((NONE, 0.0), |i| (specs[i].0.name.as_str(), specs[i].1));
+                    // the last output that answers on this cache takes it; earlier ones copy it
+                    let last = !(o + 1..cfgs.len()).any(|later| wants(later, *item));
+                    let cache = if last { cache.take() } else { cache.clone() };
+                    let cache = cache.expect("only the last output that answers on a cache takes it");
+                    let (cache, seconds) = quantized(cache, out.cfg.kv_quant)?;
+                    let p = Prediction { kv_bytes: cache.bytes(), kept_per_layer: kept.clone(), ..blank(press, ratio, out.cfg.kv_quant) };
+                    jobs.push((p, cache, *compress_seconds + seconds));
+                }
+                if jobs.is_empty() {
+                    continue;
+                }
+                let answers = pipeline.answer_batch(&jobs.iter().map(|(_, c, _)| (c, question.as_slice())).collect::<Vec<_>>(), &gen)?;
+                for ((p, _, seconds), a) in jobs.drain(..).zip(answers) {
+                    out.write(scored(p, a.text, seconds + a.seconds, row), progress)?;
+                }
             }
         }
     }
-    drop(file);
-    write_summary(cfg)
+    drop(outputs);
+    cfgs.iter().map(write_summary).collect()
 }
 
 /// Summarizes what `cfg.out/predictions.jsonl` holds for `cfg`'s rows and presses (a finished

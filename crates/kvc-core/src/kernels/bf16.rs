@@ -46,18 +46,68 @@ pub fn available() -> bool {
     }
 }
 
-/// `A [m, k] B [k, n]` in bf16 with f32 sums, rounded to bf16 (up to [`MATVEC_ROWS`] rows:
-/// [`matvec`], streaming `B`; more: packed panels and micro-tiles); row-major slices of exactly
-/// `m * k` and `k * n` values. `None` when the CPU lacks AVX512_BF16 or `k` is odd (the pairs of
-/// `A` are read in place), and the caller multiplies another way. Panics only when the slice
-/// lengths disagree with the shape (a caller bug).
+/// Whether bf16 products run on `vdpbf16ps` (attention's [`Packed`] keys and values, [`matmul`]'s
+/// micro-tiles) rather than on f32 FMAs over values widened once per call (exact products either
+/// way; the sums differ in order, and the `vdpbf16ps` attention rounds the probabilities to bf16
+/// before `P V`). `KVC_BF16_PRODUCTS=on` / `off` (also `1` / `0`, `true` / `false`) decides when
+/// set (read once per process; `on` still needs AVX512_BF16; another value is reported on stderr
+/// and ignored); otherwise it is the CPUs with AVX512_BF16 that are not Intel's. Why: on Intel's
+/// cores with AVX512_BF16 (Cooper Lake, Sapphire / Emerald / Granite Rapids) `vdpbf16ps` issues
+/// once per cycle (32 multiply-adds) where the two 512-bit FMA ports do as many in f32, so the
+/// packing is pure cost: on a 2-core Emerald Rapids VM bf16 prefill ran at 0.67-0.74x f32's with
+/// them (docs/speed.md, item 18); on AMD Zen 4 they made it 1.3-1.5x f32's (items 13, 15).
+pub fn products_pay() -> bool {
+    static PAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAY.get_or_init(|| {
+        let auto = available() && !intel();
+        match std::env::var("KVC_BF16_PRODUCTS").map(|v| v.to_ascii_lowercase()).as_deref() {
+            Ok("on" | "1" | "true") => available(),
+            Ok("off" | "0" | "false") => false,
+            Ok(other) => {
+                eprintln!("KVC_BF16_PRODUCTS={other:?} is not on or off: ignored (bf16 products on vdpbf16ps: {auto})");
+                auto
+            }
+            Err(_) => auto,
+        }
+    })
+}
+
+/// Whether the CPU's vendor is Intel (`cpuid` leaf 0: "GenuineIntel").
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).eq(*b"GenuineIntel")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `A [m, k] B [k, n]` in bf16 with f32 sums, rounded to bf16: [`matmul_with`] with
+/// `vdpbf16ps` micro-tiles where they pay ([`products_pay`]).
 pub fn matmul(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Option<Vec<bf16>> {
+    matmul_with(a, b, m, k, n, products_pay())
+}
+
+/// `A [m, k] B [k, n]` in bf16 (exact products, f32 sums, the result rounded once to bf16);
+/// row-major slices of exactly `m * k` and `k * n` values. Up to [`MATVEC_ROWS`] rows:
+/// [`matvec`], streaming `B`; more: packed panels and `vdpbf16ps` micro-tiles when `products`,
+/// the CPU has AVX512_BF16 and `k` is even (the pairs of `A` are read in place), else both
+/// operands widened to f32 (vectorized) and the gemm crate's f32 GEMM on rayon (burn-flex widens
+/// value by value). `None` for an empty product. Panics only when the slice lengths disagree with
+/// the shape (a caller bug).
+pub fn matmul_with(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize, products: bool) -> Option<Vec<bf16>> {
     assert!(a.len() == m * k && b.len() == k * n, "bf16 matmul: slice lengths disagree with the shape");
-    if !available() || !k.is_multiple_of(2) || m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return None;
     }
     if m <= MATVEC_ROWS {
         return Some(matvec(a, b, m, k, n));
+    }
+    if !(products && available() && k.is_multiple_of(2)) {
+        return Some(widened(a, b, m, k, n));
     }
     let packed = pack(b, k, n);
     let mut c = vec![bf16::ZERO; m * n];
@@ -80,6 +130,26 @@ pub fn matmul(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Option<Ve
         }
     });
     Some(c)
+}
+
+/// [`matmul_with`] on f32 FMAs: `A` and `B` widened (exact), one f32 GEMM over rayon's threads,
+/// the result rounded to bf16.
+fn widened(a: &[bf16], b: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+    let (mut aw, mut bw) = (vec![0f32; m * k], vec![0f32; k * n]);
+    super::host::simd::widen_bf16(a, &mut aw);
+    super::host::simd::widen_bf16(b, &mut bw);
+    let mut c = vec![0f32; m * n];
+    // dst C [m, n], lhs A [m, k], rhs B [k, n], all row-major (column stride 1)
+    // SAFETY: every pointer is valid for the given extents and strides.
+    unsafe {
+        gemm::gemm(
+            m, n, k, c.as_mut_ptr(), 1, n as isize, false, aw.as_ptr(), 1, k as isize, bw.as_ptr(), 1, n as isize, 0.0, 1.0, false, false, false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+    let mut out = vec![bf16::ZERO; m * n];
+    narrow(&c, &mut out);
+    out
 }
 
 /// `src` rounded to bf16 into `dst` (same lengths; round to nearest even): 16 values per
@@ -337,26 +407,33 @@ mod tests {
     #[test]
     fn matches_f64_products_rounded_to_bf16() {
         if !available() {
-            println!("no AVX512_BF16 on this CPU: matmul declines (checked below)");
-            assert!(matmul(&vals(4, 1), &vals(4, 2), 2, 2, 2).is_none());
-            return;
+            println!("no AVX512_BF16 on this CPU: the widened f32 path checked only (vdpbf16ps tiles need such a CPU)");
         }
-        // shapes around every edge: one row, partial micro-tiles and tasks, partial panels
+        // shapes around every edge: one row, partial micro-tiles and tasks, partial panels, odd k
         // (m <= MATVEC_ROWS takes the matrix-vector path; 49 and 100 rows span several tasks)
-        for (m, k, n) in [(1, 2, 1), (3, 40, 1100), (4, 6, 513), (5, 8, 7), (12, 64, 32), (13, 66, 33), (49, 576, 70), (100, 130, 200)] {
-            let (a, b) = (vals(m * k, 1), vals(k * n, 2));
-            let c = matmul(&a, &b, m, k, n).unwrap();
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|p| a[i * k + p].to_f64() * b[p * n + j].to_f64()).sum();
-                    let mag: f64 = (0..k).map(|p| (a[i * k + p].to_f64() * b[p * n + j].to_f64()).abs()).sum();
-                    let got = c[i * n + j].to_f64();
-                    // one bf16 rounding of the result (2^-8 relative) plus f32 sums
-                    assert!((got - want).abs() <= want.abs() / 256.0 + mag * 1e-6, "({m}, {k}, {n}) [{i}, {j}]: {got} vs {want}");
+        for products in [true, false] {
+            for (m, k, n) in [(1, 2, 1), (3, 40, 1100), (4, 6, 513), (5, 8, 7), (12, 64, 32), (13, 66, 33), (49, 576, 70), (100, 130, 200), (7, 5, 9)] {
+                let (a, b) = (vals(m * k, 1), vals(k * n, 2));
+                let c = matmul_with(&a, &b, m, k, n, products).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|p| a[i * k + p].to_f64() * b[p * n + j].to_f64()).sum();
+                        let mag: f64 = (0..k).map(|p| (a[i * k + p].to_f64() * b[p * n + j].to_f64()).abs()).sum();
+                        let got = c[i * n + j].to_f64();
+                        // one bf16 rounding of the result (2^-8 relative) plus f32 sums
+                        assert!((got - want).abs() <= want.abs() / 256.0 + mag * 1e-6, "{products} ({m}, {k}, {n}) [{i}, {j}]: {got} vs {want}");
+                    }
                 }
             }
         }
-        assert!(matmul(&vals(3 * 5, 1), &vals(5 * 2, 2), 3, 5, 2).is_none(), "odd k declines");
+        // the two paths differ only in the order of the f32 sums (and vdpbf16ps's subnormals);
+        // without AVX512_BF16 both calls take the widened path and this compares it with itself
+        let (m, k, n) = (30, 64, 40);
+        let (a, b) = (vals(m * k, 3), vals(k * n, 4));
+        let (tiles, wide) = (matmul_with(&a, &b, m, k, n, true).unwrap(), matmul_with(&a, &b, m, k, n, false).unwrap());
+        let close = tiles.iter().zip(&wide).filter(|(x, y)| (x.to_f32() - y.to_f32()).abs() <= x.to_f32().abs() / 128.0 + 1e-3).count();
+        assert_eq!(close, m * n);
+        assert!(matmul(&[], &vals(6, 1), 0, 3, 2).is_none(), "an empty product declines");
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //! see more than [`KEY_TILE`] keys use the online softmax over key tiles, and decode splits the
 //! keys over tasks ([`decode_split`]).
 //!
-//! Keys and values may be f32, f16 or bf16, read where they are. bf16 on a CPU with AVX512_BF16
-//! multiplies in bf16 (`vdpbf16ps`, [`super::bf16::Packed`]: keys and values packed once per call
+//! Keys and values may be f32, f16 or bf16, read where they are. bf16 on a CPU where `vdpbf16ps`
+//! pays ([`super::bf16::products_pay`]) multiplies in bf16 ([`super::bf16::Packed`]: keys and values packed once per call
 //! and head; f32 sums; the probabilities rounded to bf16 for `P V`, as torch's fused CPU
 //! attention (SDPA's flash kernel) in bf16 does; torch's eager path also rounds the scores); f16,
 //! and bf16 elsewhere, are widened to f32 once per call and head.
@@ -104,6 +104,13 @@ struct Block {
 /// Tasks are (batch, KV head, block of [`QUERY_BLOCK`] queries): the `g` query heads of a GQA
 /// group are stacked into one `g * rows`-row GEMM, so each task packs its keys and values once.
 pub fn attention<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
+    attention_with(a, super::bf16::products_pay())
+}
+
+/// [`attention`] with bf16 keys and values multiplied by `vdpbf16ps` when `bf16_products` (and
+/// the CPU has AVX512_BF16), by f32 FMAs on widened values otherwise; [`attention`] passes
+/// [`super::bf16::products_pay`]. Other element types ignore it.
+pub fn attention_with<T: HostFloat>(a: &HostAttention<'_, T>, bf16_products: bool) -> HostOutput {
     let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
     assert!(hkv > 0 && hq % hkv == 0 && c <= len && a.q.len() == b * hq * c * d, "host attention: inconsistent shapes");
     let kv_extent = (b * hkv - 1) * a.kv_stride + len * d;
@@ -114,7 +121,7 @@ pub fn attention<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
     if c == 1 && a.reduce.is_none() && !a.probs && len > KEY_TILE {
         return decode_split(a);
     }
-    blocks(a, g, past)
+    blocks(a, g, past, bf16_products)
 }
 
 /// Float elements the host kernels read and write: f32 as they are; f16 / bf16 widened to f32
@@ -232,20 +239,21 @@ pub fn decode_attention<T: HostFloat>(a: &HostAttention<'_, T>) -> HostOutput {
 
 /// One (batch, KV head) row of keys and values in the form [`attention`]'s products read.
 enum KvRow<'a> {
-    /// f32 values: the cache's own, or f16 / bf16 widened (no AVX512_BF16).
+    /// f32 values: the cache's own, or f16 / bf16 widened (no AVX512_BF16, or it does not pay).
     F32 { k: std::borrow::Cow<'a, [f32]>, v: std::borrow::Cow<'a, [f32]> },
     /// bf16 packed for `vdpbf16ps` products ([`super::bf16::Packed`]).
     Bf16(super::bf16::Packed),
 }
 
 impl<'a> KvRow<'a> {
-    /// The first `len` keys and values of a row (`len * d` values each).
-    fn new<T: HostFloat>(k: &'a [T], v: &'a [T], len: usize, d: usize) -> Self {
+    /// The first `len` keys and values of a row (`len * d` values each); bf16 packed for
+    /// `vdpbf16ps` when `bf16_products` and the CPU has it, widened otherwise.
+    fn new<T: HostFloat>(k: &'a [T], v: &'a [T], len: usize, d: usize, bf16_products: bool) -> Self {
         let (k, v) = (&k[..len * d], &v[..len * d]);
         if let (Some(k), Some(v)) = (T::as_f32(k), T::as_f32(v)) {
             return Self::F32 { k: k.into(), v: v.into() };
         }
-        if let Some(p) = T::as_bf16(k).zip(T::as_bf16(v)).and_then(|(k, v)| super::bf16::Packed::new(k, v, len, d)) {
+        if let Some(p) = T::as_bf16(k).zip(T::as_bf16(v)).filter(|_| bf16_products).and_then(|(k, v)| super::bf16::Packed::new(k, v, len, d)) {
             return Self::Bf16(p);
         }
         let (mut kb, mut vb) = (Vec::new(), Vec::new());
@@ -306,11 +314,11 @@ thread_local! {
 const SCRATCH_KEEP: usize = 16 << 20;
 
 /// [`attention`]'s tasks: (batch, KV head, block of queries).
-fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize) -> HostOutput {
+fn blocks<T: HostFloat>(a: &HostAttention<'_, T>, g: usize, past: usize, bf16_products: bool) -> HostOutput {
     let (b, hq, hkv, c, len, d) = (a.batch, a.q_heads, a.kv_heads, a.chunk, a.len, a.head_dim);
     // every row's keys and values once (in place for f32; packed or widened for f16 / bf16)
     let kv_rows: Vec<KvRow<'_>> =
-        (0..b * hkv).into_par_iter().map(|row| KvRow::new(&a.k[row * a.kv_stride..], &a.v[row * a.kv_stride..], len, d)).collect();
+        (0..b * hkv).into_par_iter().map(|row| KvRow::new(&a.k[row * a.kv_stride..], &a.v[row * a.kv_stride..], len, d, bf16_products)).collect();
     let mut tasks = Vec::new();
     for bi in 0..b {
         for kv in 0..hkv {
@@ -1022,7 +1030,8 @@ mod tests {
     }
 
     /// Prefill / scoring attention on f16 / bf16 caches read in place: f16 (and bf16 on a CPU
-    /// without AVX512_BF16) widened = the f32 kernel on the widened values, bit for bit; bf16 with
+    /// without AVX512_BF16, or with `vdpbf16ps` products off) widened = the f32 kernel on the
+    /// widened values, bit for bit; bf16 with
     /// `vdpbf16ps`: the same scores and probabilities (exact products, f32 sums in another
     /// order), the output within the rounding of the probabilities to bf16 before `P V`.
     #[test]
@@ -1057,8 +1066,10 @@ mod tests {
                 let f16 = attention(&with_kv(&a, &kh, &vh));
                 let want = attention(&HostAttention { k: &khw, v: &vhw, ..a });
                 assert_eq!((f16.out, f16.reduced, f16.probs), (want.out, want.reduced, want.probs), "f16 {:?}", (c, len, d));
-                let got = attention(&with_kv(&a, &kb, &vb));
                 let want = attention(&HostAttention { k: &kbw, v: &vbw, ..a });
+                let widened = attention_with(&with_kv(&a, &kb, &vb), false);
+                assert_eq!((&widened.out, &widened.reduced, &widened.probs), (&want.out, &want.reduced, &want.probs), "bf16 widened {:?}", (c, len, d));
+                let got = attention_with(&with_kv(&a, &kb, &vb), true);
                 if !super::super::bf16::available() || d % 2 == 1 {
                     assert_eq!((got.out, got.reduced, got.probs), (want.out, want.reduced, want.probs), "bf16 widened {:?}", (c, len, d));
                     continue;

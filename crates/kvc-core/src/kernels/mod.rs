@@ -137,8 +137,9 @@ pub trait KvcBackend: Backend {
 
     /// `x W` for rows `x` `[n, in]` and a linear layer's weight `W` `[in, out]` (burn's `Linear`
     /// layout), in their shared dtype: `[n, out]`. `None` (the default): no kernel beyond burn's
-    /// matmul for this case, and the caller runs `Linear::forward`. flex: bf16 on CPUs with
-    /// AVX512_BF16 ([`bf16::matmul`]; burn-flex converts bf16 operands to f32 value by value).
+    /// matmul for this case, and the caller runs `Linear::forward`. flex: bf16 ([`bf16::matmul`]:
+    /// `vdpbf16ps` tiles on CPUs where they pay, vectorized widening and an f32 GEMM elsewhere;
+    /// burn-flex converts bf16 operands to f32 value by value).
     fn kvc_linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
         let _ = (x, w);
         None
