@@ -51,10 +51,10 @@ pub struct EvalArgs {
     /// Prefill chunk (tokens).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
-    /// KV cache storages: `float` (the model's dtype; also f32/f16/bf16), `int8`, `int4` (quantized
-    /// after the press, uncompressed cache included). Several: one prefill and one compression per
-    /// row serve them all, each answers into `<out>/kv-<name>/`, then one table of them side by
-    /// side; one: into `<out>` itself.
+    /// KV cache storages: `float` (the eval model's f32 cache; also `f32`; f16 / bf16 are
+    /// refused), `int8`, `int4` (quantized after the press, uncompressed cache included). Several:
+    /// one prefill and one compression per row serve them all, each answers into
+    /// `<out>/kv-<name>/`, then one table of them side by side; one: into `<out>` itself.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     kv_dtypes: Vec<String>,
     /// Prefill on dense f32 copies of a GGUF's matrices (`WeightStorage::Dense`: the codes kept

@@ -64,7 +64,7 @@ pub fn products_pay() -> bool {
             Ok("on" | "1" | "true") => available(),
             Ok("off" | "0" | "false") => false,
             Ok(other) => {
-                eprintln!("KVC_BF16_PRODUCTS={other:?} is not on or off: ignored (bf16 products on vdpbf16ps: {auto})");
+                eprintln!("KVC_BF16_PRODUCTS={other:?} is not on/off (1/0, true/false): ignored (bf16 products on vdpbf16ps: {auto})");
                 auto
             }
             Err(_) => auto,
