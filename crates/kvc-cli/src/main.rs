@@ -308,7 +308,7 @@ impl backend::BackendJob for GenerateJob {
         if !B::supports_dtype(&device, self.dtype) {
             bail!("--dtype {} is not supported by the {} backend", self.names.1, self.names.0);
         }
-        let storage = if self.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+        let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
         let mut loaded = kvc_models::load_with::<B>(&self.model, &device, Some(self.dtype), storage)
             .with_context(|| format!("loading model {}", self.model.display()))?;
         if self.dense_weights || !B::kvc_has_quant_linear() {

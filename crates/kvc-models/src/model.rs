@@ -52,6 +52,18 @@ pub enum WeightStorage {
     Codes,
 }
 
+impl WeightStorage {
+    /// [`WeightStorage::Dense`] when `dense` (a `--dense-weights` flag), else
+    /// [`WeightStorage::Codes`].
+    pub fn dense_if(dense: bool) -> Self {
+        if dense {
+            Self::Dense
+        } else {
+            Self::Codes
+        }
+    }
+}
+
 /// Self-attention with grouped KV heads.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {

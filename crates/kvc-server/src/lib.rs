@@ -196,7 +196,7 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
     eprintln!("kvc serve: listening on http://{addr}, loading the model");
     let given = config.model.clone().unwrap_or_default();
     let path = kvc_models::default_model::resolve(config.model.as_deref()).map_err(|source| ServeError::Model { path: given, source })?;
-    let storage = if config.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+    let storage = kvc_models::WeightStorage::dense_if(config.dense_weights);
     let mut loaded = kvc_models::load_with::<B>(&path, &device, Some(config.dtype), storage).map_err(|source| ServeError::Model { path: path.clone(), source })?;
     if config.dense_weights || !B::kvc_has_quant_linear() {
         loaded.model.drop_quantized();

@@ -44,6 +44,10 @@ pub struct CompressArgs {
     /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
+    /// Prefill and score on dense copies of a GGUF's matrices (`WeightStorage::Dense`, the codes
+    /// kept beside them) instead of holding the codes only, as `kvc generate` does by default.
+    #[arg(long)]
+    dense_weights: bool,
 }
 
 /// Runs `kvc-bench compress`.
@@ -51,7 +55,7 @@ pub struct CompressArgs {
 /// # Errors
 /// Resolving the model, reading --text, a press option; the backend's errors (an unsupported --dtype, loading, running).
 pub fn run(args: CompressArgs) -> Result<()> {
-    let CompressArgs { model, text, tokens, press, ratio, backend, repeat, chunk, press_options, dtype } = args;
+    let CompressArgs { model, text, tokens, press, ratio, backend, repeat, chunk, press_options, dtype, dense_weights } = args;
     let model = kvc_models::default_model::resolve(model.as_deref())?;
     let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
     let spec = if press == "none" {
@@ -64,7 +68,7 @@ pub fn run(args: CompressArgs) -> Result<()> {
         }
         Some(spec)
     };
-    backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk, dtype: (&dtype, backend::dtype(&dtype)) })?;
+    backend::run(&backend, CompressJob { model: &model, text: &text, tokens, press: &press, spec, ratio, repeat, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights })?;
     Ok(())
 }
 
@@ -79,6 +83,7 @@ struct CompressJob<'a> {
     chunk: usize,
     /// The name and burn dtype of `--dtype`.
     dtype: (&'a str, burn::tensor::DType),
+    dense_weights: bool,
 }
 
 impl backend::BackendJob for CompressJob<'_> {
@@ -88,7 +93,9 @@ impl backend::BackendJob for CompressJob<'_> {
         if !B::supports_dtype(&device, self.dtype.1) {
             bail!("--dtype {} is not supported by this backend", self.dtype.0);
         }
-        let m = kvc_models::load_as::<B>(self.model, &device, Some(self.dtype.1))?;
+        let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
+        let m = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
+        let weights = if self.dense_weights || !B::kvc_has_quant_linear() { "dense" } else { "codes" };
         let ids = context_ids(&m.tokenizer, self.text, self.tokens)?;
         let pipeline = Pipeline::new(&m);
         let spec = self.spec;
@@ -113,7 +120,7 @@ impl backend::BackendJob for CompressJob<'_> {
             "{}",
             serde_json::json!({"tokens": self.tokens, "dtype": self.dtype.0, "press": self.press, "ratio": self.ratio, "chunk": self.chunk, "prefill_s": best_prefill,
                 "compress_s": compress, "total_over_prefill": compress.map(|c| (best_prefill + c) / best_prefill),
-                "kv_bytes_before": bytes.0, "kv_bytes_after": bytes.1, "peak_rss_bytes": peak_rss()})
+                "kv_bytes_before": bytes.0, "kv_bytes_after": bytes.1, "peak_rss_bytes": peak_rss(), "weights": weights})
         );
         Ok(())
     }

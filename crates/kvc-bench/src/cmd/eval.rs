@@ -130,7 +130,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         results
     } else {
-        let storage = if a.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+        let storage = kvc_models::WeightStorage::dense_if(a.dense_weights);
         backend::run(&a.backend, EvalJob { model, configs: configs.clone(), storage })?
     };
     for (config, (summary, _)) in configs.iter().zip(&results) {

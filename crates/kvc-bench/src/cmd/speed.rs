@@ -91,7 +91,7 @@ impl backend::BackendJob for SpeedJob<'_> {
             eprintln!("not run: {} {}: {:?} is not supported by this backend", self.name, self.dtype.0, self.dtype.1);
             return Ok(());
         }
-        let storage = if self.dense_weights { kvc_models::WeightStorage::Dense } else { kvc_models::WeightStorage::Codes };
+        let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
         let mut loaded = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
         if !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
