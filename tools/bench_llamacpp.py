@@ -1,4 +1,4 @@
-"""Reference speed of llama.cpp (llama-cpp-python, CPU) on the default model, for `kvc-bench speed`.
+"""Reference speed of llama.cpp (llama-cpp-python, CPU) on the default model (or `--model qwen15`), for `kvc-bench speed`.
 
 The same Q4_1 GGUF file kvc loads (llama.cpp keeps its weights block-quantized; kvc dequantizes to
 f32), the same token ids (the text tokenized with the reference SmolLM2 tokenizer, as

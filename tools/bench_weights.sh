@@ -10,10 +10,10 @@
 # `kvc generate --model qwen2.5-coder-1.5b-instruct ...` on first use); TOKENS: prompt lengths
 # (default 1024,4096). Without LLAMA_BIN llama.cpp's rows are skipped. DENSE=0 skips the dense-copy
 # rows (8-9 GB of RAM). On the default model, when $PY (default python3) has transformers and
-# kvpress (tools/requirements.txt): transformers' rows (the same GGUF dequantized to f32 by
-# transformers, then cast to bf16; 2 torch threads) and KVCompose at ratio 0.5, kvc against
-# kvpress, prefill + compression at the longest TOKENS length (one run each). llama.cpp's own tools build
-# from the sources inside the llama-cpp-python 0.3.36 sdist, with cmake from PyPI:
+# kvpress (`pip install -r tools/requirements.txt kvpress==0.5.5`): transformers' rows (the same
+# GGUF dequantized to f32 by transformers, then cast to bf16; 2 torch threads) and KVCompose at
+# ratio 0.5, kvc against kvpress, prefill + compression at the longest TOKENS length (one run
+# each). llama.cpp's own tools build from the sources inside the llama-cpp-python 0.3.36 sdist, with cmake from PyPI:
 #   pip install cmake scikit-build-core
 #   pip download --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36
 #   tar xzf llama_cpp_python-0.3.36.tar.gz && cd llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -52,7 +52,7 @@ LONGEST=$(echo "$TOKENS" | tr ',' '\n' | sort -n | tail -1)
 if [ -n "${1:-}" ]; then
   echo "transformers / kvpress rows skipped: they run on the known qwen2.5-coder-1.5b-instruct only"
 elif ! OMP_WAIT_POLICY=PASSIVE "$PY" -c "import transformers, kvpress" 2>/dev/null; then
-  echo "transformers / kvpress rows skipped: $PY lacks transformers or kvpress (tools/requirements.txt; set PY)"
+  echo "transformers / kvpress rows skipped: $PY lacks transformers or kvpress (pip install -r tools/requirements.txt kvpress==0.5.5; set PY)"
 else
   export OMP_WAIT_POLICY=PASSIVE TQDM_DISABLE=1
   echo "== transformers (torch CPU, 2 threads; the GGUF dequantized to f32 by transformers), f32 then bf16"

@@ -10,6 +10,7 @@ can print kvc and kvpress side by side.
         --data ../shared/data/ruler/smollm2_2048_dev.jsonl \
         --presses kvcompose,snapkv,tova,pyramidkv,streaming_llm,knorm,expected_attention \
         --ratios 0.25,0.5,0.75 [--rows-per-task K] --out DIR [--model smollm2|qwen|qwen15]
+        [--quantized-cache 4]
 
 Data: JSONL rows with kvpress's RULER columns `context`, `question`,
 `answer_prefix`, `answer` (list of str), `task`, `max_new_tokens`, `length`.
@@ -96,13 +97,15 @@ from kvpress import (  # noqa: E402
     StreamingLLMPress,
     TOVAPress,
 )
-from transformers import AutoTokenizer, pipeline  # noqa: E402
+from kvpress.utils import extract_keys_and_values  # noqa: E402
+from transformers import AutoTokenizer, QuantizedCache, pipeline  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 torch.set_num_threads(2)
 hf_logging.set_verbosity_error()
 
 TOOL = "kvpress " + (mmf._dist_version("kvpress") or "?")
+KV_FLOAT = "DynamicCache (the model's float type)"
 
 PRESSES = {
     "kvcompose": KVComposePress,
@@ -138,6 +141,9 @@ def load(model_name: str):
 
 
 def layer_lens(cache) -> list[int]:
+    if isinstance(cache, QuantizedCache):  # the quantized part plus the full-precision residual
+        return [int(extract_keys_and_values(cache, i)[0].shape[-2])
+                + (int(layer.keys.shape[-2]) if layer.keys.dim() == 4 else 0) for i, layer in enumerate(cache.layers)]
     return [int(layer.keys.shape[-2]) for layer in cache.layers]
 
 
@@ -262,6 +268,7 @@ def summarize(out: Path, preds: list[dict], meta: dict, planned_rows: list[int])
         "rows": rows_done,
         "uncompressed": unc,
         "presses": presses,
+        "kv_cache": meta.get("kv_cache", KV_FLOAT),
         "seconds_per_run": sum(d["seconds"] for d in preds) / len(preds) if preds else 0.0,
         "notes": notes,
     }
@@ -310,12 +317,22 @@ def main() -> None:
     ap.add_argument("--rows-per-task", type=int, default=None, help="first K rows of each task (file order)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen", "qwen15"])
+    ap.add_argument("--quantized-cache", type=int, choices=[2, 4], default=None, metavar="NBITS",
+                    help="run every prediction on transformers' QuantizedCache(backend='quanto', nbits=NBITS; "
+                         "its defaults: groups of 64 along axis 0, a 128-token full-precision residual) "
+                         "as kvpress's README shows; needs `pip install optimum-quanto ninja` and the venv's "
+                         "bin on PATH (quanto builds a C++ extension); not with kvcompose")
     a = ap.parse_args()
 
     presses = [p.strip() for p in a.presses.split(",") if p.strip()]
     for p in presses:
         if p not in PRESSES:
             raise SystemExit(f"unknown press {p!r}; known: {', '.join(PRESSES)}")
+    if a.quantized_cache and "kvcompose" in presses:
+        # kvpress 0.5.5's KVComposePress rewrites only `layer.keys/values` (on a QuantizedCache: the
+        # residual window), leaving the quantized copy of the context and its length untouched
+        raise SystemExit("kvcompose does not run on a QuantizedCache in kvpress 0.5.5 (its compression "
+                         "rewrites only the full-precision residual): leave it out of --presses")
     ratios = [float(r) for r in a.ratios.split(",") if r.strip()]
     data_path, rows, selected = read_rows(a.data, a.rows_per_task)
 
@@ -333,13 +350,20 @@ def main() -> None:
     model, tok, model_path = load(a.model)
     if old.exists() and json.loads(old.read_text()).get("model") != model_path.name:
         raise SystemExit(f"{out} holds results for another model")
+    kv_cache = (f"transformers QuantizedCache(backend='quanto', nbits={a.quantized_cache}, q_group_size=64, "
+                f"residual_length=128, axis_key=0, axis_value=0), optimum-quanto "
+                f"{mmf._dist_version('optimum-quanto')}") if a.quantized_cache else KV_FLOAT
+    if old.exists() and json.loads(old.read_text()).get("kv_cache", KV_FLOAT) != kv_cache:
+        raise SystemExit(f"{out} holds results for another KV cache ({json.loads(old.read_text()).get('kv_cache', KV_FLOAT)})")
     pipe = make_pipe(model, tok)
     eos = model.generation_config.eos_token_id
     meta = {
+        "kv_cache": kv_cache,
         "model": model_path.name,
         "data": str(data_path),
         "presses": presses,
         "notes": [
+            f"KV cache: {kv_cache}",
             f"model {model_path.name} dequantized to float32 by transformers {mmf._dist_version('transformers')} "
             f"GGUF loader, patched tokenizer as tools/make_model_fixtures.py; CPU, torch "
             f"{torch.__version__}, 2 threads, attn_implementation sdpa (KVComposePress switches to eager for "
@@ -375,8 +399,9 @@ def main() -> None:
             press = None if pname == "none" else PRESSES[pname](compression_ratio=ratio)
             pipe._kvc.clear()
             t0 = time.perf_counter()
+            cache = QuantizedCache("quanto", model.config, nbits=a.quantized_cache) if a.quantized_cache else None
             res = pipe(row["context"], question=row["question"], answer_prefix=row["answer_prefix"],
-                       press=press, max_new_tokens=int(row["max_new_tokens"]))
+                       press=press, max_new_tokens=int(row["max_new_tokens"]), cache=cache)
             dt = time.perf_counter() - t0
             pred = res["answer"]
             d = {"row": ri, "task": row["task"], "press": pname, "ratio": float(ratio), "prediction": pred,

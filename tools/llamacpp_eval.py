@@ -12,8 +12,9 @@ KV cache's side by side).
         --data ../shared/data/ruler/qwen25_4096_dev.jsonl --rows-per-task 1 \
         --cache-types f16,q8_0,q4_0 --out DIR [--llama-bin DIR_OF_LLAMA_SERVER]
 
-Runs in the kvpress venv (tools/requirements.txt): transformers is used for the
-tokenizer only, no model weights are loaded by Python.
+Runs in the kvpress venv (`pip install -r tools/requirements.txt kvpress==0.5.5`): transformers
+is used for the tokenizer only, no model weights are loaded by Python. llama-server comes from
+`--llama-bin` or `$LLAMA_BIN` (how to build it: the header of tools/bench_weights.sh).
 
 Prompt (kvpress's KVPressTextGenerationPipeline.preprocess, as tools/kvpress_eval.py
 runs it): the chat template is applied to `context + separator` as the user message
@@ -48,7 +49,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -58,28 +58,12 @@ import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_model_fixtures as mmf  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import bench_common  # noqa: E402  (the known models' GGUF and reference tokenizer)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
-DEFAULT_BIN = "/tmp/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
-
-
-def load_tokenizer(model_name: str):
-    if model_name == "smollm2":
-        path = mmf.locate_smollm2(None, True)
-        fix = mmf.smollm2_reference_tokenizer
-    elif model_name in ("qwen", "qwen15"):
-        path = (mmf.locate_qwen if model_name == "qwen" else mmf.locate_qwen15)(None, True)
-        fix = mmf.qwen_reference_tokenizer
-    else:
-        raise SystemExit(f"unknown --model {model_name!r} (smollm2|qwen|qwen15)")
-    meta = mmf.gguf_meta(path)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return fix(tok, meta), path
 
 
 def prompt_ids(tok, row: dict) -> tuple[list[int], int]:
@@ -153,6 +137,7 @@ def write_summary(ke, out: Path, preds: list[dict], meta: dict, selected: list[i
     ke.summarize(out, preds, meta, selected)
     s = json.loads((out / "summary.json").read_text())
     s["tool"] = f"llama.cpp llama-server, KV cache {ct} (-ctk/-ctv)"
+    s["kv_cache"] = f"llama.cpp {ct} (-ctk {ct} -ctv {ct})"
     s["notes"] = [n for n in s["notes"] if not n.startswith("single_query_workaround")]
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(s, indent=2) + "\n")
@@ -169,25 +154,28 @@ def main() -> None:
     ap.add_argument("--rows-per-task", type=int, default=None, help="first K rows of each task (file order)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen", "qwen15"])
-    ap.add_argument("--llama-bin", default=os.environ.get("LLAMA_BIN", DEFAULT_BIN),
-                    help="folder holding llama-server (default: $LLAMA_BIN or %(default)s)")
+    ap.add_argument("--llama-bin", default=os.environ.get("LLAMA_BIN"),
+                    help="folder holding llama-server (default: $LLAMA_BIN)")
     a = ap.parse_args()
 
     types_ = [t.strip() for t in a.cache_types.split(",") if t.strip()]
     for t in types_:
         if t not in CACHE_TYPES:
             raise SystemExit(f"unknown cache type {t!r}; known: {', '.join(CACHE_TYPES)}")
+    if not a.llama_bin:
+        raise SystemExit("give --llama-bin or set LLAMA_BIN: the folder of llama.cpp's llama-server (built from the "
+                         "llama-cpp-python 0.3.36 sdist's sources: the header of tools/bench_weights.sh says how)")
     bin_dir = Path(a.llama_bin)
     if not (bin_dir / "llama-server").exists():
-        raise SystemExit(f"no llama-server in {bin_dir} (build llama.cpp from the llama-cpp-python 0.3.36 sdist, "
-                         "see docs/benchmarks.md, or pass --llama-bin)")
+        raise SystemExit(f"no llama-server in {bin_dir} (build llama.cpp from the llama-cpp-python 0.3.36 sdist's "
+                         "sources: the header of tools/bench_weights.sh says how)")
     version = subprocess.run([str(bin_dir / "llama-server"), "--version"], capture_output=True, text=True,
                              env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
     version = " ".join((version.stdout + version.stderr).split())[:200]
 
     data_path, rows, selected = ke.read_rows(a.data, a.rows_per_task)
 
-    tok, gguf = load_tokenizer(a.model)
+    gguf, tok = bench_common.locate(a.model)
     prompts = {i: prompt_ids(tok, rows[i]) for i in selected}
     longest = max(len(p[0]) + int(rows[i]["max_new_tokens"]) for i, p in prompts.items())
     ctx = (longest + 255) // 256 * 256
@@ -225,10 +213,15 @@ def main() -> None:
                 row = rows[ri]
                 ids, n_ctx = prompts[ri]
                 t0 = time.perf_counter()
-                res = post(server.url + "/completion",
-                           {"prompt": ids, "n_predict": int(row["max_new_tokens"]), "temperature": 0.0,
-                            "top_k": 1, "cache_prompt": False, "return_tokens": True, "stream": False},
-                           timeout=3600)
+                try:
+                    res = post(server.url + "/completion",
+                               {"prompt": ids, "n_predict": int(row["max_new_tokens"]), "temperature": 0.0,
+                                "top_k": 1, "cache_prompt": False, "return_tokens": True, "stream": False},
+                               timeout=3600)
+                except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                    detail = e.read().decode(errors="replace")[:300] if isinstance(e, urllib.error.HTTPError) else ""
+                    raise SystemExit(f"{ct}: llama-server failed on row {ri} ({len(ids)} prompt tokens): {e} {detail}; "
+                                     f"see {out / 'server.log'}")
                 dt = time.perf_counter() - t0
                 pred = tok.decode(res.get("tokens", []), skip_special_tokens=True)
                 tm = res.get("timings", {})

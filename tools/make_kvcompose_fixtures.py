@@ -734,8 +734,8 @@ def main() -> None:
     ap.add_argument("--smollm2", help="path to SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model file")
-    ap.add_argument("--timing", action="store_true", help="also time prefill vs prefill+KVCompose (T=1024, 2048)")
-    ap.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--timing", action="store_true", help="also time prefill vs prefill+KVCompose (at --timing-tokens)")
+    ap.add_argument("--timing-only", action="store_true", help="only the timing runs (no fixtures written)")
     ap.add_argument("--timing-worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--timing-dtype", choices=("f32", "bf16"), default="f32",
                     help="model dtype of the timing runs (bf16: as kvc-bench compress --dtype bf16)")

@@ -41,7 +41,7 @@ pub struct EvalArgs {
     /// Output folder (predictions.jsonl is resumed from when present).
     #[arg(long)]
     out: PathBuf,
-    /// A summary.json of the same rows by tools/kvpress_eval.py: printed beside kvc's.
+    /// A summary.json of the same rows by tools/kvpress_eval.py (kvpress) or tools/llamacpp_eval.py (llama.cpp): printed beside kvc's.
     #[arg(long)]
     compare: Option<PathBuf>,
     /// Evaluate nothing: summarize what --out's predictions.jsonl holds (a finished or partial
@@ -308,19 +308,22 @@ fn print_table(s: &eval::summary::Summary) {
     }
 }
 
-/// kvc and kvpress side by side on the press/ratio pairs both measured.
+/// kvc and another tool (kvpress, `tools/kvpress_eval.py`; llama.cpp, `tools/llamacpp_eval.py`)
+/// side by side on the press/ratio pairs both measured; the column is named by the first word of
+/// the other summary's `tool`.
 fn print_compare(ours: &eval::summary::Summary, theirs: &eval::summary::Summary) {
+    let who = theirs.tool.split_whitespace().next().unwrap_or("theirs");
     println!();
     println!("kvc vs {} ({} vs {} rows{})", theirs.tool, ours.rows.len(), theirs.rows.len(), if ours.rows == theirs.rows { ", the same" } else { ", NOT the same rows" });
-    println!("{:<28}{:>8}{:>9}{:>8}", "press @ ratio", "kvc", "kvpress", "diff");
-    println!("{:<28}{:>8.1}{:>9.1}{:>8.1}", "uncompressed", ours.uncompressed.score, theirs.uncompressed.score, ours.uncompressed.score - theirs.uncompressed.score);
+    println!("{:<28}{:>8}{:>10}{:>8}", "press @ ratio", "kvc", who, "diff");
+    println!("{:<28}{:>8.1}{:>10.1}{:>8.1}", "uncompressed", ours.uncompressed.score, theirs.uncompressed.score, ours.uncompressed.score - theirs.uncompressed.score);
     for (name, p) in &ours.presses {
         for (r, sc) in &p.ratios {
             if let Some(t) = theirs.presses.get(name).and_then(|tp| tp.ratios.get(r)) {
                 if t.tasks.keys().eq(sc.tasks.keys()) {
-                    println!("{:<28}{:>8.1}{:>9.1}{:>8.1}", format!("{name} @ {r}"), sc.score, t.score, sc.score - t.score);
+                    println!("{:<28}{:>8.1}{:>10.1}{:>8.1}", format!("{name} @ {r}"), sc.score, t.score, sc.score - t.score);
                 } else {
-                    println!("{:<28}{:>8.1}{:>9}  (kvpress has {} of {} tasks)", format!("{name} @ {r}"), sc.score, "-", t.tasks.len(), sc.tasks.len());
+                    println!("{:<28}{:>8.1}{:>10}  ({who} has {} of {} tasks)", format!("{name} @ {r}"), sc.score, "-", t.tasks.len(), sc.tasks.len());
                 }
             }
         }
