@@ -10,7 +10,7 @@ can print kvc and kvpress side by side.
         --data ../shared/data/ruler/smollm2_2048_dev.jsonl \
         --presses kvcompose,snapkv,tova,pyramidkv,streaming_llm,knorm,expected_attention \
         --ratios 0.25,0.5,0.75 [--rows-per-task K] --out DIR [--model smollm2|qwen|qwen15]
-        [--quantized-cache 4]
+        [--quantized-cache 4]   (every press but kvcompose: see --help)
 
 Data: JSONL rows with kvpress's RULER columns `context`, `question`,
 `answer_prefix`, `answer` (list of str), `task`, `max_new_tokens`, `length`.

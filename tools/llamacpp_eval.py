@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Run llama.cpp's own server (`llama-server`, built from the llama-cpp-python 0.3.36
+r"""Run llama.cpp's own server (`llama-server`, built from the llama-cpp-python 0.3.36
 sdist's sources) on RULER rows with its KV cache stored as f16, q8_0 or q4_0
 (`-ctk/-ctv`), and write the results in the format of tools/kvpress_eval.py, so that
 
-    kvc-bench eval --report-only --compare DIR/q8_0/summary.json
+    kvc-bench eval --data ROWS --rows-per-task 1 --kv-dtypes int8 --out KVC_DIR/kv-int8 \
+        --report-only --compare DIR/q8_0/summary.json   (plus the kvc run's --model/--presses/--ratios)
 
 prints kvc's scores beside llama.cpp's on the same rows (issue 21: the quantized
 KV cache's side by side).
