@@ -94,8 +94,10 @@ impl backend::BackendJob for CompressJob<'_> {
             bail!("--dtype {} is not supported by this backend", self.dtype.0);
         }
         let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
-        let m = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
-        let weights = if self.dense_weights || !B::kvc_has_quant_linear() { "dense" } else { "codes" };
+        let mut m = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
+        if !B::kvc_has_quant_linear() {
+            m.model.drop_quantized();
+        }
         let ids = context_ids(&m.tokenizer, self.text, self.tokens)?;
         let pipeline = Pipeline::new(&m);
         let spec = self.spec;
@@ -120,7 +122,7 @@ impl backend::BackendJob for CompressJob<'_> {
             "{}",
             serde_json::json!({"tokens": self.tokens, "dtype": self.dtype.0, "press": self.press, "ratio": self.ratio, "chunk": self.chunk, "prefill_s": best_prefill,
                 "compress_s": compress, "total_over_prefill": compress.map(|c| (best_prefill + c) / best_prefill),
-                "kv_bytes_before": bytes.0, "kv_bytes_after": bytes.1, "peak_rss_bytes": peak_rss(), "weights": weights})
+                "kv_bytes_before": bytes.0, "kv_bytes_after": bytes.1, "peak_rss_bytes": peak_rss(), "weights": if m.model.codes_only() { "codes" } else { "dense" }})
         );
         Ok(())
     }
