@@ -42,6 +42,13 @@ def model_and_ids(args) -> tuple[Path, list[int], list[int]]:
     path, tok = locate(args.model, args.smollm2)
     ids = tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"]
     lens = [int(x) for x in args.tokens.split(",")]
-    while len(ids) < max(lens):
+    return path, repeated(ids, max(lens)), lens
+
+
+def repeated(ids: list[int], n: int) -> list[int]:
+    """`ids` repeated until there are at least `n` (as `kvc-bench speed/compress --text` repeat a short text)."""
+    if not ids:
+        raise SystemExit("the text has no tokens")
+    while len(ids) < n:
         ids = ids + ids
-    return path, ids, lens
+    return ids

