@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One benchmark run of a GGUF model with its weights held as codes (kvc's default) against a dense f32
-# copy (--dense-weights) and llama.cpp's own llama-bench on the same file: prefill and decode tokens/s,
-# weight bytes held, peak RSS (docs/quantized-weights.md). Machines are noisy: compare figures of one
+# copy (--dense-weights) and llama.cpp's own llama-bench on the same file: prefill and decode tokens/s
+# (decode also with int8 activations, as llama.cpp multiplies), weight bytes held, peak RSS
+# (docs/quantized-weights.md). Machines are noisy: compare figures of one
 # run only, on a quiet machine.
 #
 #   LLAMA_BIN=.../llama.cpp/build/bin [PY=python3] [DENSE=0] bash tools/bench_weights.sh [MODEL] [TOKENS]
@@ -31,8 +32,8 @@ lscpu | grep -E "Model name|^CPU\(s\)|^Model:"
 cargo build --release -q -p kvc-bench -p kvc-cli
 B=./target/release/kvc-bench
 GGUF=$MODEL
-echo "== kvc, weights as codes (default)"
-$B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex
+echo "== kvc, weights as codes (default); decode_tok_s_int8_activations: the same steps with --int8-activations"
+$B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex --int8-activations
 if [ "${DENSE:-1}" != 0 ]; then
   echo "== kvc, dense f32 copy (--dense-weights)"
   $B speed --model "$GGUF" --text $TEXT --tokens "$TOKENS" --decode 32 --backends flex --dense-weights

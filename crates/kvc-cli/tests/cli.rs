@@ -37,6 +37,12 @@ fn generate_on_the_default_model() {
     let d: serde_json::Value = serde_json::from_slice(&dense.stdout).unwrap();
     assert_eq!(d["quantized_decode"], false);
     assert_eq!(d["completion_ids"], v["completion_ids"]);
+    // --int8-activations: decode on int8 rows (said in the JSON); the default is f32
+    assert_eq!(v["activations"], "f32");
+    let int8 = kvc(&["generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json", "--int8-activations"]);
+    assert!(int8.status.success(), "{}", String::from_utf8_lossy(&int8.stderr));
+    let i: serde_json::Value = serde_json::from_slice(&int8.stdout).unwrap();
+    assert_eq!((&i["activations"], &i["new_tokens"], &i["quantized_decode"]), (&serde_json::json!("int8"), &serde_json::json!(8), &serde_json::json!(true)), "{i}");
     // text mode prints the summary
     let out = kvc(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--backend", "ndarray"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -68,6 +74,7 @@ fn bad_input_exits_non_zero_with_a_message() {
     fails_with(&["generate", "--prompt", "hi", "--temperature", "-1"], "temperature");
     fails_with(&["generate", "--model", "no-such-model", "--prompt", "hi"], "one of: smollm2-135m-instruct");
     fails_with(&["generate", "--prompt", "hi", "--top-p", "2"], "top_p");
+    fails_with(&["generate", "--prompt", "hi", "--int8-activations", "--dense-weights"], "usage:cannot be used with");
     // the error names every way to give the context
     fails_with(&["generate"], "usage:--prompt <PROMPT>|--prompt-file <PROMPT_FILE>|--load-cache");
     fails_with(&["generate", "--prompt", "hi", "--backend", "tpu"], "usage:invalid value 'tpu'");

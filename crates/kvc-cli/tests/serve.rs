@@ -340,10 +340,15 @@ fn serve_answers_as_kvc_generate_and_refuses_bad_input() {
     let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000}"#);
     assert_error(st, 400, &v, "max_tokens above the window");
     assert_eq!((&v["error"]["code"], &v["error"]["param"]), (&json!("context_length_exceeded"), &json!("max_tokens")), "{v}");
+    let (st, v) = chat(br#"{"messages": [{"role": "user", "content": "hi"}], "top_p": 0}"#);
+    assert_error(st, 400, &v, "top_p 0");
+    assert_eq!(v["error"]["param"], "top_p", "{v}");
     let (st, v) = chat(br#"{"document": "00000000000000000000000000000000", "messages": [{"role": "user", "content": "hi"}]}"#);
     assert_error(st, 404, &v, "unknown document");
+    assert_eq!(v["error"]["param"], "document", "{v}");
     let (st, v) = chat(br#"{"document": "../../../../etc/passwd", "messages": [{"role": "user", "content": "hi"}]}"#);
     assert_error(st, 400, &v, "document id with ../");
+    assert_eq!(v["error"]["param"], "document", "{v}");
     let (st, _, v, _) = call(&s, "GET", "/v1/documents/..%2F..%2F..%2Fetc%2Fpasswd", None);
     assert_error(st, 400, &v, "document id with ../ in the path");
     let (st, _, v, _) = call(&s, "DELETE", "/v1/documents/ffffffffffffffffffffffffffffffff", None);

@@ -146,7 +146,7 @@ impl KvQuant {
     /// [`CoreError::Unsupported`] for an odd `head_dim` with int4 (two codes per byte) or 0.
     pub fn check(&self, head_dim: usize) -> Result<(), CoreError> {
         if head_dim == 0 || (self.bits == KvBits::Int4 && head_dim % 2 != 0) {
-            return Err(CoreError::Unsupported(format!("a {} KV cache needs an even head_dim (the model has {head_dim})", self.name())));
+            return Err(CoreError::Unsupported(format!("an {} KV cache needs an even head_dim (the model has {head_dim})", self.name())));
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ pub mod select;
 pub use cache::{KvCache, LayerKv};
 pub use capture::{CaptureSpec, PrefillCapture};
 pub use error::CoreError;
-pub use kernels::quant::QuantMatrix;
+pub use kernels::quant::{Activations, QuantMatrix};
 pub use kernels::{KvcBackend, QueryReduce};
 pub use kvquant::{KvBits, KvQuant};
 pub use observer::{AttentionObserver, LayerObservation};

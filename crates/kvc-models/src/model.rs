@@ -8,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 use kvc_core::kernels::observed_attention;
+use kvc_core::Activations;
 use kvc_core::{AttentionObserver, KvCache, KvcBackend, QuantMatrix};
 use std::sync::Arc;
 
@@ -140,6 +141,9 @@ pub struct Decoder<B: Backend> {
     /// Whether small products use [`Decoder::quantized`] ([`Decoder::set_quantized_decode`]).
     #[module(skip)]
     quantized_decode: bool,
+    /// How products on the codes take the activations ([`Decoder::set_activations`]).
+    #[module(skip)]
+    activations: Activations,
     /// The float dtype of the activations and the KV cache (the dense weights' dtype).
     #[module(skip)]
     dtype: DType,
@@ -190,9 +194,10 @@ impl QuantizedWeights {
 /// through their block codes in one call ([`KvcBackend::kvc_quant_linear`]: a fused Q/K/V or
 /// gate/up product) when `x` has at most [`QUANTIZED_MAX_ROWS`] rows or a layer has no dense
 /// weight, every layer has codes and the backend has the kernel; otherwise layer by layer,
-/// each through its codes or its dense weight.
-fn project<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>) -> Result<[Tensor<B, 3>; N]> {
-    project_rows(lins, x, QUANTIZED_MAX_ROWS)
+/// each through its codes or its dense weight. `act`: how the codes' matrix-vector products
+/// take `x` ([`Decoder::set_activations`]).
+fn project<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, act: Activations) -> Result<[Tensor<B, 3>; N]> {
+    project_rows(lins, x, QUANTIZED_MAX_ROWS, act)
 }
 
 /// `max_rows` of [`project_rows`] for a batched decode step ([`Decoder::forward_batch`]): the
@@ -203,7 +208,7 @@ const BATCHED: usize = usize::MAX;
 
 /// As [`project`], reading the codes for up to `max_rows` rows (or [`BATCHED`]: a batched
 /// decode step, every row one sequence's token, the codes read once for up to 32 of them).
-fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, max_rows: usize) -> Result<[Tensor<B, 3>; N]> {
+fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&QuantMatrix>); N], x: Tensor<B, 3>, max_rows: usize, act: Activations) -> Result<[Tensor<B, 3>; N]> {
     let [b, c, i] = x.dims();
     let x = x.reshape([b * c, i]);
     fn codes<'a, B: Backend>(lin: &Projection<B>, w: Option<&'a QuantMatrix>, rows: usize, max_rows: usize) -> Option<&'a QuantMatrix> {
@@ -222,9 +227,9 @@ fn project_rows<B: KvcBackend, const N: usize>(lins: [(&Projection<B>, Option<&Q
     let quant = |x: &Tensor<B, 2>, ws: &[&QuantMatrix]| -> Option<Tensor<B, 2>> {
         let most = kvc_core::kernels::quant::MATVEC_MAX_ROWS;
         if max_rows != BATCHED || rows <= most {
-            return B::kvc_quant_linear(x.clone(), ws);
+            return B::kvc_quant_linear(x.clone(), ws, act);
         }
-        let parts = (0..rows).step_by(most).map(|r| B::kvc_quant_linear(x.clone().narrow(0, r, most.min(rows - r)), ws)).collect::<Option<Vec<_>>>()?;
+        let parts = (0..rows).step_by(most).map(|r| B::kvc_quant_linear(x.clone().narrow(0, r, most.min(rows - r)), ws, act)).collect::<Option<Vec<_>>>()?;
         Some(Tensor::cat(parts, 0))
     };
     if N > 1 {
@@ -420,6 +425,7 @@ impl<B: Backend> Decoder<B> {
             config: config.clone(),
             inv_freq: rope::inv_freq(config),
             quantized_decode: quantized.is_some(),
+            activations: Activations::F32,
             quantized,
             dtype,
         })
@@ -437,6 +443,21 @@ impl<B: Backend> Decoder<B> {
     /// only as codes ([`WeightStorage::Codes`]) keep multiplying their codes.
     pub fn set_quantized_decode(&mut self, on: bool) {
         self.quantized_decode = on && self.quantized.is_some();
+    }
+
+    /// How decode steps' products on the quantized weights take the activations:
+    /// [`Activations::F32`] (the default: the product by the dequantized weights up to f32
+    /// rounding) or [`Activations::Int8`] (rounded to int8 per block of 32 and multiplied by
+    /// `Q4_K` / `Q6_K` codes in integer arithmetic, as llama.cpp does: faster where decode is bound
+    /// by arithmetic, and the logits move by the rounding; `kvc generate --int8-activations`).
+    /// Prefill chunks (more than 32 rows) keep f32 either way.
+    pub fn set_activations(&mut self, act: Activations) {
+        self.activations = act;
+    }
+
+    /// [`Decoder::set_activations`]'s setting.
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
 
     /// Frees the quantized weights (every product then uses the dense ones): for a backend
@@ -669,7 +690,7 @@ impl<B: KvcBackend> Decoder<B> {
             Logits::All => x,
             Logits::Last => x.narrow(1, chunk - 1, 1),
         };
-        let [logits] = project([(&self.lm_head, self.head_codes())], norm(&self.norm, x))?;
+        let [logits] = project([(&self.lm_head, self.head_codes())], norm(&self.norm, x), self.activations)?;
         Ok(logits)
     }
 
@@ -703,19 +724,19 @@ impl<B: KvcBackend> Decoder<B> {
         let mut x = self.embed_ids(tokens, &device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = norm(&layer.input_layernorm, x.clone());
-            let quant = [0, 1, 2, 3].map(|j| self.quant(i, j));
+            let quant = ([0, 1, 2, 3].map(|j| self.quant(i, j)), self.activations);
             let a = layer.self_attn.forward_batch(h, i, &rope_q, &rope_k, caches, quant)?;
             let x1 = x + a;
             let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
-            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, BATCHED)?;
-            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), BATCHED)?;
+            let [gate, up] = project_rows([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, BATCHED, self.activations)?;
+            let [ff] = project_rows([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), BATCHED, self.activations)?;
             x = x1 + ff;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let [logits] = project_rows([(&self.lm_head, self.head_codes())], norm(&self.norm, x), BATCHED)?;
+        let [logits] = project_rows([(&self.lm_head, self.head_codes())], norm(&self.norm, x), BATCHED, self.activations)?;
         Ok(logits.reshape([n, c.vocab_size]))
     }
 
@@ -757,15 +778,15 @@ impl<B: KvcBackend> Decoder<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(xi) = x.take() else { break };
             let h = norm(&layer.input_layernorm, xi.clone());
-            let quant = [0, 1, 2, 3].map(|j| self.quant(i, j));
+            let quant = ([0, 1, 2, 3].map(|j| self.quant(i, j)), self.activations);
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
             let part = if output || i < last { AttentionPart::Output } else if obs.is_some() { AttentionPart::Attention } else { AttentionPart::KeysValues };
             let Some(a) = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, cache, obs, quant, part)? else { break };
             let x1 = xi + a;
             let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
-            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h)?;
-            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up))?;
+            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, self.activations)?;
+            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), self.activations)?;
             x = Some(x1 + ff);
         }
         cache.advance(chunk);
@@ -795,7 +816,7 @@ impl<B: KvcBackend> Attention<B> {
         rope_k: &(Tensor<B, 4>, Tensor<B, 4>),
         cache: &mut KvCache<B>,
         observer: Option<&mut dyn AttentionObserver<B>>,
-        quant: [Option<&QuantMatrix>; 4],
+        (quant, act): ([Option<&QuantMatrix>; 4], Activations),
         part: AttentionPart,
     ) -> Result<Option<Tensor<B, 3>>> {
         let [b, c, _] = x.dims();
@@ -804,7 +825,7 @@ impl<B: KvcBackend> Attention<B> {
         // layout, then heads move to dim 1
         let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, c, heads, d]);
         if part == AttentionPart::KeysValues {
-            let [k, v] = project([(&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x)?;
+            let [k, v] = project([(&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, act)?;
             let mut k = split(k, hkv);
             if let Some(kn) = &self.k_norm {
                 k = norm(kn, k);
@@ -813,7 +834,7 @@ impl<B: KvcBackend> Attention<B> {
             cache.append_with(layer, first, k, split(v, hkv).swap_dims(1, 2), B::kvc_write_slots)?;
             return Ok(None);
         }
-        let [q, k, v] = project([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x)?;
+        let [q, k, v] = project([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, act)?;
         let (mut q, mut k) = (split(q, hq), split(k, hkv));
         let v = split(v, hkv).swap_dims(1, 2);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -842,7 +863,7 @@ impl<B: KvcBackend> Attention<B> {
         if part == AttentionPart::Attention {
             return Ok(None);
         }
-        let [out] = project([(&self.o_proj, quant[3])], out)?;
+        let [out] = project([(&self.o_proj, quant[3])], out, act)?;
         Ok(Some(out))
     }
 }
@@ -860,11 +881,11 @@ impl<B: KvcBackend> Attention<B> {
         rope_q: &(Tensor<B, 4>, Tensor<B, 4>),
         rope_k: &(Tensor<B, 4>, Tensor<B, 4>),
         caches: &mut [&mut KvCache<B>],
-        quant: [Option<&QuantMatrix>; 4],
+        (quant, act): ([Option<&QuantMatrix>; 4], Activations),
     ) -> Result<Tensor<B, 3>> {
         let [_, n, _] = x.dims();
         let (hq, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, BATCHED)?;
+        let [q, k, v] = project_rows([(&self.q_proj, quant[0]), (&self.k_proj, quant[1]), (&self.v_proj, quant[2])], x, BATCHED, act)?;
         let (mut q, mut k, v) = (q.reshape([1, n, hq, d]), k.reshape([1, n, hkv, d]), v.reshape([1, n, hkv, d]));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = norm(qn, q);
@@ -888,7 +909,7 @@ impl<B: KvcBackend> Attention<B> {
             .output;
             outs.push(out.swap_dims(1, 2).reshape([1, 1, hq * d]));
         }
-        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), BATCHED)?;
+        let [out] = project_rows([(&self.o_proj, quant[3])], Tensor::cat(outs, 1), BATCHED, act)?;
         Ok(out)
     }
 }

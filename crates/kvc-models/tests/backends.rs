@@ -227,7 +227,7 @@ fn half_precision_halves_the_cache_and_keeps_the_answer() {
 /// f32 product of the rows' exact values, rounded to their dtype; `None` where the backend has
 /// no kernel or no such dtype.
 fn quant_half<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<(Vec<f32>, Vec<f32>)> {
-    use kvc_core::kernels::quant::{matvec, QuantMatrix};
+    use kvc_core::kernels::quant::{matvec, Activations, QuantMatrix};
     let device = Default::default();
     if !B::kvc_has_quant_linear() || !B::supports_dtype(&device, dtype) {
         return None;
@@ -239,9 +239,9 @@ fn quant_half<B: KvcBackend>(_: &str, dtype: burn::tensor::DType) -> Option<(Vec
     let xs: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
     let x = tensor::<B, 2>(xs, [n, cols]).cast(dtype);
     let exact = floats(x.clone());
-    let y = B::kvc_quant_linear(x, &[&w]).expect("a backend with the kernel takes half-precision rows");
+    let y = B::kvc_quant_linear(x, &[&w], Activations::F32).expect("a backend with the kernel takes half-precision rows");
     assert_eq!((y.dims(), y.dtype()), ([n, rows], dtype));
-    let want = floats(tensor::<B, 2>(matvec(&exact, n, &[&w]), [n, rows]).cast(dtype));
+    let want = floats(tensor::<B, 2>(matvec(&exact, n, &[&w], Activations::F32), [n, rows]).cast(dtype));
     Some((floats(y), want))
 }
 

@@ -65,6 +65,8 @@ pub struct ServeConfig {
     pub backend: String,
     /// Hold dense copies of the weights instead of a GGUF's blocks of codes.
     pub dense_weights: bool,
+    /// Decode steps on int8 activations ([`kvc_models::Decoder::set_activations`]).
+    pub int8_activations: bool,
 }
 
 /// The name of a float dtype as `--dtype` spells it (`f32`, `f16`, `bf16`).
@@ -111,6 +113,9 @@ pub enum ServeError {
     /// The default KV cache format cannot hold the model's heads.
     #[error("--kv-dtype: {0}")]
     KvDtype(String),
+    /// `--int8-activations` on a model without quantized weights in use.
+    #[error("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray); this model multiplies dense weights")]
+    Int8Activations,
     /// The HTTP runtime failed.
     #[error("HTTP server: {0}")]
     Runtime(std::io::Error),
@@ -200,6 +205,12 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
     let mut loaded = kvc_models::load_with::<B>(&path, &device, Some(config.dtype), storage).map_err(|source| ServeError::Model { path: path.clone(), source })?;
     if config.dense_weights || !B::kvc_has_quant_linear() {
         loaded.model.drop_quantized();
+    }
+    if config.int8_activations {
+        if !loaded.model.quantized_decode() {
+            return Err(ServeError::Int8Activations);
+        }
+        loaded.model.set_activations(kvc_core::Activations::Int8);
     }
     if let Some(q) = config.kv_quant {
         q.check(loaded.config.head_dim).map_err(|e| ServeError::KvDtype(e.to_string()))?;

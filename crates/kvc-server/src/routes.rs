@@ -244,9 +244,9 @@ fn chat_prompt(s: &Shared, request: &ChatRequest) -> Result<Prompt, ApiError> {
         messages.push(ChatMessage { role: role.into(), content });
     }
     if let Some(doc) = &request.document {
-        let id = document_id(doc)?;
+        let id = document_id(doc).map_err(|e| e.param("document"))?;
         if s.registry().get(&id).is_none() {
-            return Err(ApiError::no_document(id.as_str()));
+            return Err(ApiError::no_document(id.as_str()).param("document"));
         }
         let question = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone());
         let question = question.filter(|q| !q.trim().is_empty()).ok_or_else(|| ApiError::bad_request("with a document, the last user message is the question: give one", None).param("messages"))?;
@@ -281,7 +281,11 @@ fn generation(s: &Shared, r: &ChatRequest) -> Result<GenerationConfig, ApiError>
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad_request(format!("temperature {temperature} must be in [0, 2]"), None).param("temperature"));
     }
-    let cfg = GenerationConfig { max_new_tokens: max, temperature, top_p: r.top_p.unwrap_or(1.0), seed: r.seed.unwrap_or(0), ..Default::default() };
+    let top_p = r.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_request(format!("top_p {top_p} must be in (0, 1]"), None).param("top_p"));
+    }
+    let cfg = GenerationConfig { max_new_tokens: max, temperature, top_p, seed: r.seed.unwrap_or(0), ..Default::default() };
     cfg.validate().map_err(|e| ApiError::bad_request(e.to_string(), None))?;
     Ok(cfg)
 }

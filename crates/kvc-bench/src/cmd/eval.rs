@@ -63,6 +63,10 @@ pub struct EvalArgs {
     /// the ones a user of `kvc generate` gets.
     #[arg(long)]
     dense_weights: bool,
+    /// Decode answers with int8 activations (`kvc generate --int8-activations`); recorded in
+    /// each prediction, and a folder of the other setting is refused.
+    #[arg(long, conflicts_with = "dense_weights")]
+    int8_activations: bool,
 }
 
 /// `--kv-dtypes` parsed, in the order given.
@@ -131,7 +135,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         results
     } else {
         let storage = kvc_models::WeightStorage::dense_if(a.dense_weights);
-        backend::run(&a.backend, EvalJob { model, configs: configs.clone(), storage })?
+        backend::run(&a.backend, EvalJob { model, configs: configs.clone(), storage, int8_activations: a.int8_activations })?
     };
     for (config, (summary, _)) in configs.iter().zip(&results) {
         if several {
@@ -156,13 +160,20 @@ struct EvalJob {
     model: PathBuf,
     configs: Vec<EvalConfig>,
     storage: kvc_models::WeightStorage,
+    int8_activations: bool,
 }
 
 impl backend::BackendJob for EvalJob {
     type Output = Vec<(Summary, Vec<Prediction>)>;
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<Vec<(Summary, Vec<Prediction>)>> {
-        let loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
+        let mut loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
+        if self.int8_activations {
+            if !loaded.model.quantized_decode() {
+                anyhow::bail!("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray)");
+            }
+            loaded.model.set_activations(kvc_core::Activations::Int8);
+        }
         let several = self.configs.len() > 1;
         let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
         bar.set_style(

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
+use kvc_core::Activations;
 use kvc_core::{KvQuant, KvcBackend};
 use kvc_models::{generate, GenerationConfig};
 
@@ -45,6 +46,12 @@ pub struct SpeedArgs {
     /// holding a GGUF's quantized matrices as their codes only.
     #[arg(long)]
     dense_weights: bool,
+    /// Also decode with int8 activations (`kvc generate --int8-activations`) from the same
+    /// prefilled cache, after the f32 run: `decode_tok_s_int8_activations`, and
+    /// `int8_tokens_as_f32` (how many of its first greedy tokens are the f32 run's). Float caches
+    /// only.
+    #[arg(long)]
+    int8_activations: bool,
     /// KV cache storage for the decode: `float` (--dtype), `int8` or `int4`, quantized after the
     /// prefill (timed apart: `quantize_s`). The dense-weights comparison runs on float caches only.
     #[arg(long, default_value = "float")]
@@ -57,12 +64,12 @@ pub struct SpeedArgs {
 /// An unknown --kv-dtype, resolving the model, reading --text; a backend's errors (loading,
 /// tokenizing, quantizing the cache, running).
 pub fn run(args: SpeedArgs) -> Result<()> {
-    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights, kv_dtype } = args;
+    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights, int8_activations, kv_dtype } = args;
     let kv_quant = KvQuant::parse_for(&kv_dtype, backend::dtype(&dtype)).context("--kv-dtype")?;
     let model = kvc_models::default_model::resolve(model.as_deref())?;
     let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
     for b in backends {
-        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights, kv_quant };
+        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights, int8_activations, kv_quant };
         backend::run(&b, job)?;
     }
     Ok(())
@@ -78,6 +85,7 @@ struct SpeedJob<'a> {
     /// The name and burn dtype of `--dtype`.
     dtype: (&'a str, burn::tensor::DType),
     dense_weights: bool,
+    int8_activations: bool,
     /// `--kv-dtype` (`None`: float).
     kv_quant: Option<KvQuant>,
 }
@@ -131,10 +139,22 @@ impl backend::BackendJob for SpeedJob<'_> {
                 cache.truncate(n);
                 cache.set_next_position(n);
                 loaded.model.set_quantized_decode(false);
-                let dense = generate::decode(&loaded.model, &mut cache, logits, &cfg, &[], |_| true, &device);
+                let dense = generate::decode(&loaded.model, &mut cache, logits.clone(), &cfg, &[], |_| true, &device);
                 loaded.model.set_quantized_decode(true);
                 let dense = dense?;
                 Some((dense.tokens.len().saturating_sub(1)) as f64 / dense.elapsed.as_secs_f64())
+            } else {
+                None
+            };
+            // the same steps with int8 activations (the lever measured in the same run)
+            let int8 = if self.int8_activations && self.kv_quant.is_none() && loaded.model.quantized_decode() {
+                cache.truncate(n);
+                cache.set_next_position(n);
+                loaded.model.set_activations(Activations::Int8);
+                let r = generate::decode(&loaded.model, &mut cache, logits, &cfg, &[], |_| true, &device);
+                loaded.model.set_activations(Activations::F32);
+                let r = r?;
+                Some(((r.tokens.len().saturating_sub(1)) as f64 / r.elapsed.as_secs_f64(), r.tokens.iter().zip(&d.tokens).take_while(|(a, b)| a == b).count()))
             } else {
                 None
             };
@@ -142,7 +162,8 @@ impl backend::BackendJob for SpeedJob<'_> {
                 "{}",
                 serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "kv_dtype": kv_dtype_name, "prompt_tokens": n, "prefill_s": prefill, "quantize_s": quantize_s,
                     "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
-                    "decode_tok_s_dense_weights": dense_tps, "kv_cache_bytes": kv_bytes,
+                    "decode_tok_s_dense_weights": dense_tps, "decode_tok_s_int8_activations": int8.map(|i| i.0),
+                    "int8_tokens_as_f32": int8.map(|i| i.1), "kv_cache_bytes": kv_bytes,
                     "weights": if loaded.model.codes_only() { "codes" } else { "dense" }, "weight_bytes": loaded.model.weight_bytes(),
                     "peak_rss_mb": kvc_bench::batch::peak_rss().map(|b| b as f64 / 1e6)})
             );

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use kvc_core::Activations;
 use kvc_core::KvcBackend;
 use kvc_core::{CaptureSpec, KvQuant, PressSpec};
 use kvc_models::pipeline::{Pipeline, Request};
@@ -110,8 +111,11 @@ pub fn read_own_predictions(cfg: &EvalConfig) -> Result<Vec<Prediction>, EvalErr
             path,
             line: 0,
             message: format!(
-                "holds predictions on a {} KV cache, this run's is {}: pass the same kv dtype or another output folder",
-                p.kv_dtype.as_deref().unwrap_or("float"),
+                "holds predictions on {} KV cache, this run's is {}: pass the same kv dtype or another output folder",
+                match p.kv_dtype.as_deref() {
+                    Some(name) => format!("an {name}"),
+                    None => "a float".to_string(),
+                },
                 kv_dtype_name(cfg.kv_quant)
             ),
         });
@@ -158,7 +162,8 @@ impl Output<'_> {
 ///
 /// # Errors
 /// Data errors (file and line), press specification errors and a KV cache format the model's
-/// heads cannot hold (before any work), predictions of another kv dtype in an output folder,
+/// heads cannot hold (before any work), predictions of another kv dtype or other activations
+/// ([`kvc_models::Decoder::set_activations`]) in an output folder,
 /// configs that differ in more than `kv_quant` and `out` or name the same output folder (as
 /// written: `a` and `./a` are not compared) ([`EvalError::Data`], line 0), I/O errors, model
 /// errors. A row longer than the model's window is
@@ -185,9 +190,18 @@ pub fn run_all<B: KvcBackend>(loaded: &LoadedModel<B>, cfgs: &[EvalConfig], prog
         q.check(loaded.config.head_dim)?;
     }
     // every output folder's predictions read and checked before any folder or file is made
+    let act = (loaded.model.activations() == Activations::Int8).then_some("int8");
     let dones = cfgs
         .iter()
-        .map(|c| Ok(read_own_predictions(c)?.iter().map(|p| key(p.row, &p.press, p.ratio)).collect::<BTreeSet<_>>()))
+        .map(|c| {
+            let preds = read_own_predictions(c)?;
+            if let Some(p) = preds.iter().find(|p| p.activations.as_deref() != act) {
+                let name = |a: Option<&str>| a.unwrap_or("f32").to_string();
+                let message = format!("holds predictions decoded with {} activations, this run's are {}: pass the same setting or another output folder", name(p.activations.as_deref()), name(act));
+                return Err(EvalError::Data { path: c.out.join("predictions.jsonl"), line: 0, message });
+            }
+            Ok(preds.iter().map(|p| key(p.row, &p.press, p.ratio)).collect::<BTreeSet<_>>())
+        })
         .collect::<Result<Vec<_>, EvalError>>()?;
     let mut outputs = Vec::with_capacity(cfgs.len());
     let (mut total, mut already) = (0, 0);
@@ -229,6 +243,7 @@ pub fn run_all<B: KvcBackend>(loaded: &LoadedModel<B>, cfgs: &[EvalConfig], prog
             skipped: None,
             decode: None,
             kv_dtype: kv_quant.map(|q| q.name().to_string()),
+            activations: act.map(str::to_string),
         };
         let request = Request { context: row.context.clone(), questions: vec![row.question.clone()], chat, answer_prefix: row.answer_prefix.clone(), ..Default::default() };
         let prepared = pipeline.tokenize(&request).map_err(EvalError::from).and_then(|t| {

@@ -53,6 +53,10 @@ pub struct Prediction {
     /// [`kvc_core::KvQuant::name`]); absent for a cache in the model's float dtype.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_dtype: Option<String>,
+    /// `int8` when decoded with int8 activations (`kvc-bench eval --int8-activations`:
+    /// [`kvc_models::Decoder::set_activations`]); absent for f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<String>,
 }
 
 /// Mean score overall (mean of per-task means) and per task.
@@ -200,6 +204,7 @@ mod tests {
             skipped: None,
             decode: None,
             kv_dtype: None,
+            activations: None,
         }
     }
 

@@ -109,7 +109,7 @@ impl KvcBackend for burn::backend::Flex {
     /// bf16 rows are widened to f32 first and the result rounded back to their dtype, by the host
     /// kernels' vectorized conversions: burn's casts went value by value, 13% of a bf16 prefill;
     /// `vcvtneps2bf16` rounds subnormal results to zero where burn's cast kept them).
-    fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
+    fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix], act: super::quant::Activations) -> Option<burn::tensor::Tensor<Self, 2>> {
         use burn::tensor::DType;
         let [n, cols] = x.dims();
         if ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
@@ -119,10 +119,10 @@ impl KvcBackend for burn::backend::Flex {
         match x.dtype() {
             DType::F32 => {
                 let p = flex_contiguous::<f32, _>(x);
-                Some(flex_tensor(super::quant::linear(p.as_slice::<f32>()?, n, ws), [n, rows]))
+                Some(flex_tensor(super::quant::linear(p.as_slice::<f32>()?, n, ws, act), [n, rows]))
             }
-            DType::F16 => flex_half_quant_linear::<half::f16>(x, [n, rows], ws),
-            DType::BF16 => flex_half_quant_linear::<half::bf16>(x, [n, rows], ws),
+            DType::F16 => flex_half_quant_linear::<half::f16>(x, [n, rows], ws, act),
+            DType::BF16 => flex_half_quant_linear::<half::bf16>(x, [n, rows], ws, act),
             _ => None,
         }
     }
@@ -228,13 +228,13 @@ fn flex_tensor<E: burn::tensor::Element, const D: usize>(data: Vec<E>, shape: [u
 /// [`super::quant::linear`] on half-precision rows `x [n, cols]`: widened to f32, the result
 /// `[n, rows]` rounded back to `E`.
 #[cfg(feature = "flex")]
-fn flex_half_quant_linear<E>(x: burn::tensor::Tensor<burn::backend::Flex, 2>, [n, rows]: [usize; 2], ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<burn::backend::Flex, 2>>
+fn flex_half_quant_linear<E>(x: burn::tensor::Tensor<burn::backend::Flex, 2>, [n, rows]: [usize; 2], ws: &[&super::quant::QuantMatrix], act: super::quant::Activations) -> Option<burn::tensor::Tensor<burn::backend::Flex, 2>>
 where
     E: super::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
 {
     let p = flex_contiguous::<E, 2>(x);
     let mut buf = Vec::new();
-    let y = super::quant::linear(E::widen(p.as_slice::<E>()?, &mut buf), n, ws);
+    let y = super::quant::linear(E::widen(p.as_slice::<E>()?, &mut buf), n, ws, act);
     let mut out = bytemuck::zeroed_vec::<E>(y.len());
     E::narrow(&y, &mut out);
     Some(flex_tensor(out, [n, rows]))
@@ -323,8 +323,8 @@ impl KvcBackend for burn::backend::NdArray<f32> {
     }
 
     /// [`super::quant::linear`] through copies of `x` and `y`.
-    fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix]) -> Option<burn::tensor::Tensor<Self, 2>> {
-        super::host_quant_linear_copying(x, ws)
+    fn kvc_quant_linear(x: burn::tensor::Tensor<Self, 2>, ws: &[&super::quant::QuantMatrix], act: super::quant::Activations) -> Option<burn::tensor::Tensor<Self, 2>> {
+        super::host_quant_linear_copying(x, ws, act)
     }
 }
 

@@ -127,11 +127,11 @@ pub trait KvcBackend: Backend {
     /// `ws` ([`quant::QuantMatrix`], each `[out_i, in]`): `[n, sum of out_i]`, outputs side by
     /// side (a fused Q/K/V or gate/up projection). Up to 32 rows (decode steps) the
     /// matrix-vector products read 4- to 8-bit codes instead of f32 weights ([`quant::matvec`]);
-    /// longer inputs (prefill chunks) multiply dequantized tiles ([`quant::matmul`]). `None` (the
-    /// default): no such kernel on this backend (a model then loads dense copies and multiplies
-    /// by them).
-    fn kvc_quant_linear(x: Tensor<Self, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<Self, 2>> {
-        let _ = (x, ws);
+    /// longer inputs (prefill chunks) multiply dequantized tiles ([`quant::matmul`]). `act`: how
+    /// the matrix-vector products take `x` ([`quant::Activations`]). `None` (the default): no
+    /// such kernel on this backend (a model then loads dense copies and multiplies by them).
+    fn kvc_quant_linear(x: Tensor<Self, 2>, ws: &[&quant::QuantMatrix], act: quant::Activations) -> Option<Tensor<Self, 2>> {
+        let _ = (x, ws, act);
         None
     }
 
@@ -309,7 +309,7 @@ pub fn host_attention_copying<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionO
 /// [`quant::linear`] on any backend through `into_data` / `from_data` (copies of `x` and `y`,
 /// a few KB for a decode step); `None` unless `x` is a float `[n, cols]` for every matrix (f16 and
 /// bf16 rows are widened to f32, the result rounded back to their dtype).
-pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::QuantMatrix]) -> Option<Tensor<B, 2>> {
+pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::QuantMatrix], act: quant::Activations) -> Option<Tensor<B, 2>> {
     let [n, cols] = x.dims();
     let dtype = x.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || ws.is_empty() || ws.iter().any(|w| w.cols() != cols) {
@@ -317,7 +317,7 @@ pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::Quan
     }
     let device = x.device();
     let data = x.into_data().convert::<f32>().to_vec::<f32>().ok()?;
-    let y = quant::linear(&data, n, ws);
+    let y = quant::linear(&data, n, ws, act);
     let rows = ws.iter().map(|w| w.rows()).sum::<usize>();
     Some(Tensor::<B, 2>::from_data(TensorData::new(y, [n, rows]), &device).cast(dtype))
 }

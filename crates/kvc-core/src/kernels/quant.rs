@@ -9,9 +9,32 @@
 //! `w . x = sum_b scale_b (codes_b . x_b) + sum_b min_b (sum of x_b)`, the product by the
 //! dequantized weights (`code * scale + min`, as ggml's `dequantize_row_*`) up to f32 rounding
 //! of the sums. Chunks of more than 32 rows (prefill) go through [`matmul`]: tiles of the
-//! dequantized weights multiplied by a GEMM. [`linear`] picks one.
+//! dequantized weights multiplied by a GEMM. [`linear`] picks one. With
+//! [`Activations::Int8`], [`matvec`] rounds `x` to int8 and multiplies K-quant codes in integer
+//! arithmetic instead (`int8`: llama.cpp's way, about twice as fast, not the dequantized
+//! product).
 
 use rayon::prelude::*;
+
+mod int8;
+
+/// How [`matvec`] (decode steps: products of at most [`MATVEC_MAX_ROWS`] rows) multiplies the
+/// rows of `x` by a matrix's codes. Prefill chunks ([`matmul`]) always use f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// `x` as it is, times each group's codes widened to f32: the product by the dequantized
+    /// weights up to f32 rounding of the sums (logits as the dense path's).
+    #[default]
+    F32,
+    /// `x` rounded to int8 per block of 32 values with one f32 scale (ggml's `quantize_row_q8_0`:
+    /// each value moves by at most half a step, `max|x_block| / 254`), multiplied by the codes in
+    /// integer arithmetic (AVX-512 VNNI `vpdpbusd` where the CPU has it, plain loops elsewhere),
+    /// as llama.cpp's CPU backend does (with one scale per 256 values for its K-quants): about
+    /// half the instructions per weight, so decode is faster where it is bound by arithmetic
+    /// rather than memory (a 2-core Xeon). Every format kvc reads, in rows of whole kernel steps
+    /// (128 columns for 4-bit codes, 256 for `Q6_K`, 64 for 8-bit codes; others keep f32).
+    Int8,
+}
 
 use crate::error::CoreError;
 
@@ -291,12 +314,13 @@ const ROWS_PER_TASK: usize = 64;
 /// `y = x [W_1; W_2; ...]^T` for `n` rows of `x` (row-major `[n, cols]`) and matrices that all
 /// have `cols` columns (a fused Q/K/V or gate/up projection): returns `[n, sum of rows]`
 /// row-major, the outputs of `ws[0]` first: `sum_b scale_b (codes_b . x_b) + sum_b min_b xsum_b`
-/// per output, the product by the dequantized weights up to f32 rounding. Output rows are split
-/// over the rayon pool, one dispatch for all the matrices.
+/// per output, the product by the dequantized weights up to f32 rounding ([`Activations::F32`];
+/// with [`Activations::Int8`] the K-quant matrices' products of `x` rounded to int8). Output rows
+/// are split over the rayon pool, one dispatch for all the matrices.
 ///
 /// # Panics
 /// When `x.len() != n * cols` of some matrix (a caller's shape bug, not user input).
-pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
+pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec<f32> {
     for w in ws {
         assert_eq!(x.len(), n * w.cols, "x is [n, cols]");
     }
@@ -318,7 +342,21 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
     }
     // per row of x, the sum of each block of 32 (the mins' term: `sum_b min_b * xsum_b`)
     let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect();
-    parts.into_par_iter().for_each(|(w, first, out)| rows_into(x, &xsum, n, w, first, out));
+    // the rows of x rounded to int8, once for every matrix that takes them
+    let cols = ws.first().map_or(0, |w| w.cols);
+    let rounded: Vec<int8::Row> = if act == Activations::Int8 && ws.iter().any(|w| int8::supports(w)) { x.chunks_exact(cols).map(int8::Row::new).collect() } else { Vec::new() };
+    parts.into_par_iter().for_each(|(w, first, out)| {
+        if !rounded.is_empty() && int8::supports(w) {
+            let mut buf = (Vec::new(), Vec::new());
+            for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
+                for (o, xr) in o.iter_mut().zip(&rounded) {
+                    *o = int8::dot(w, first + i, xr, &mut buf);
+                }
+            }
+        } else {
+            rows_into(x, &xsum, n, w, first, out)
+        }
+    });
     if n == 1 {
         return out_t;
     }
@@ -336,14 +374,14 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
 /// ones (prefill chunks) through [`matmul`].
 pub const MATVEC_MAX_ROWS: usize = 32;
 
-/// `x [W_1; W_2; ...]^T` for `n` rows of `x`: [`matvec`] up to [`MATVEC_MAX_ROWS`] rows,
-/// [`matmul`] above.
+/// `x [W_1; W_2; ...]^T` for `n` rows of `x`: [`matvec`] up to [`MATVEC_MAX_ROWS`] rows (with
+/// `act`), [`matmul`] above.
 ///
 /// # Panics
 /// As [`matvec`].
-pub fn linear(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
+pub fn linear(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec<f32> {
     if n <= MATVEC_MAX_ROWS {
-        matvec(x, n, ws)
+        matvec(x, n, ws, act)
     } else {
         matmul(x, n, ws)
     }
@@ -918,7 +956,7 @@ mod tests {
         }
         for n in [1, 2, 3, 4, 7] {
             let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0).collect();
-            let y = matvec(&x, n, &[&w]);
+            let y = matvec(&x, n, &[&w], Activations::F32);
             assert_eq!(y.len(), n * rows);
             for k in 0..n {
                 for r in 0..rows {
@@ -969,9 +1007,9 @@ mod tests {
                 let w = QuantMatrix::from_codes(rows, cols, &c, scale, min).unwrap();
                 for n in [5, 9, 13] {
                     let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.61).sin() * 3.0).collect();
-                    let batch = matvec(&x, n, &[&w]);
+                    let batch = matvec(&x, n, &[&w], Activations::F32);
                     for k in 0..n {
-                        let alone = matvec(&x[k * cols..(k + 1) * cols], 1, &[&w]);
+                        let alone = matvec(&x[k * cols..(k + 1) * cols], 1, &[&w], Activations::F32);
                         let ours: Vec<u32> = batch[k * rows..(k + 1) * rows].iter().map(|v| v.to_bits()).collect();
                         assert_eq!(ours, alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "codes {lo}..{hi}, {blocks} blocks, row {k} of {n}");
                     }
@@ -990,8 +1028,8 @@ mod tests {
         let (a, b, c) = (make(70, 0), make(3, -5), make(129, 2));
         for n in [1, 2] {
             let x: Vec<f32> = (0..n * 64).map(|i| (i as f32 * 0.37).sin()).collect();
-            let fused = matvec(&x, n, &[&a, &b, &c]);
-            let parts = [matvec(&x, n, &[&a]), matvec(&x, n, &[&b]), matvec(&x, n, &[&c])];
+            let fused = matvec(&x, n, &[&a, &b, &c], Activations::F32);
+            let parts = [matvec(&x, n, &[&a], Activations::F32), matvec(&x, n, &[&b], Activations::F32), matvec(&x, n, &[&c], Activations::F32)];
             for k in 0..n {
                 let row: Vec<f32> = [(&parts[0], 70), (&parts[1], 3), (&parts[2], 129)].iter().flat_map(|(p, r)| p[k * r..(k + 1) * r].to_vec()).collect();
                 assert_eq!(&fused[k * 202..(k + 1) * 202], &row[..]);
@@ -1055,12 +1093,12 @@ mod tests {
         let ws = [&q4, &q6, &flat];
         for n in [1, 3, 8, 9, 33, 100] {
             let x: Vec<f32> = (0..n * 512).map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0).collect();
-            let y = linear(&x, n, &ws);
+            let y = linear(&x, n, &ws, Activations::F32);
             assert_product(&y, &x, n, &ws);
             assert_product(&matmul(&x, n, &ws), &x, n, &ws);
             if n <= MATVEC_MAX_ROWS {
                 for k in 0..n {
-                    let alone = matvec(&x[k * 512..(k + 1) * 512], 1, &ws);
+                    let alone = matvec(&x[k * 512..(k + 1) * 512], 1, &ws, Activations::F32);
                     assert_eq!(&y[k * alone.len()..(k + 1) * alone.len()], &alone[..], "row {k} of {n}");
                 }
             }

@@ -1,0 +1,592 @@
+//! Matrix-vector products with int8 activations ([`super::Activations::Int8`]): a row of `x`
+//! is rounded to 8-bit codes per block of 32 with one f32 scale (ggml's `quantize_row_q8_0`:
+//! `dx = max|x| / 127`, codes `round(x / dx)`), and a K-quant weight row's codes are multiplied
+//! by them in integer arithmetic, `u8 x i8` products summed four at a time into 32-bit lanes
+//! (AVX-512 VNNI `vpdpbusd`), then scaled in f32 by `d * sc * dx` per group. llama.cpp's CPU
+//! backend does the same for its K-quants (`ggml_vec_dot_q4_K_q8_K`, with one scale per 256
+//! values of `x` where this keeps one per 32); the f32 kernels of [`super`] instead multiply the
+//! dequantized weights by `x` in f32, about 2x the instructions for the same bytes of codes.
+//!
+//! Formats: `Q4_K` (4-bit codes, 6-bit `sc` and `m` per 32, `d` and `dmin` per 256) and `Q6_K`
+//! (6-bit codes, 8-bit `sc` per 16, `d` per 256) with their integer scales in the kernels; the
+//! formats with f32 scales per block of 32 (`Q4_0`, `Q4_1`: 4-bit codes; `Q5_0`, `Q5_1`, `Q8_0`,
+//! and `Q5_K` with its scales expanded: 8-bit codes, signed ones multiplied as `|code|` times `x`
+//! with the code's sign) with each row's scales as the f32 kernels expand them. [`supports`] says
+//! which matrices. The mins' term uses the exact f32 sums of `x` (it does not need the codes).
+
+use super::{QuantCodes, QuantMatrix, Scales, BLOCK, SUPER_BLOCK};
+
+/// Whether [`dot`] multiplies this matrix: every format kvc reads (K-quants in whole
+/// super-blocks of 256 columns, as their files hold them).
+pub(super) fn supports(w: &QuantMatrix) -> bool {
+    match (&w.scales, w.codes) {
+        (Scales::Super { .. }, _) => w.cols % SUPER_BLOCK == 0,
+        (Scales::Flat { .. }, QuantCodes::Nibbles | QuantCodes::Bytes) => true,
+        (Scales::Flat { .. }, QuantCodes::Sixes) => false,
+    }
+}
+
+/// One row of `x` (`cols` values, a multiple of 256) rounded to int8 per block of 32, laid out
+/// for the kernels.
+pub(super) struct Row {
+    /// Values (columns of the matrices).
+    cols: usize,
+    /// Codes in order, zeros after the last up to a multiple of 64 (the 8-bit kernel's step).
+    q: Vec<i8>,
+    /// The same codes per 4 blocks as nibble matrices pair them with their bytes: the first 16
+    /// of each of the 4 blocks, then the last 16 of each (a last group of fewer than 4 blocks
+    /// padded with zeros).
+    q4: Vec<i8>,
+    /// Per block of 32: `dx`, repeated for each of the kernels' 32-bit lanes over it (4 for
+    /// nibble matrices: `dx4`, 8 for 6- and 8-bit ones: `dx8`); zeros after the last block up to
+    /// 16 lanes (as for the sums below).
+    dx4: Vec<f32>,
+    dx8: Vec<f32>,
+    /// Per block: the f32 sum of `x` over it, a quarter per lane (4 lanes), for the mins.
+    xsum4: Vec<f32>,
+    /// The same, an eighth per lane (8 lanes: 8-bit codes).
+    xsum8: Vec<f32>,
+    /// Per 4 consecutive codes: 32 times their sum (6-bit codes are stored as `code + 32`).
+    bias: Vec<i32>,
+}
+
+impl Row {
+    /// `x` (length a multiple of 256) rounded as ggml's `quantize_row_q8_0`.
+    pub(super) fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / BLOCK;
+        let mut r = Row {
+            cols: x.len(),
+            q: vec![0; x.len().next_multiple_of(2 * BLOCK)],
+            q4: vec![0; x.len().next_multiple_of(4 * BLOCK)],
+            dx4: Vec::with_capacity(4 * blocks),
+            dx8: Vec::with_capacity(8 * blocks),
+            xsum4: Vec::with_capacity(4 * blocks),
+            xsum8: Vec::with_capacity(8 * blocks),
+            bias: Vec::with_capacity(x.len() / 4),
+        };
+        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let dx = amax / 127.0;
+            let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
+            let (four, k) = (b / 4, b % 4);
+            for (j, &v) in xb.iter().enumerate() {
+                let c = (v * inv).round() as i8;
+                r.q[BLOCK * b + j] = c;
+                r.q4[128 * four + 64 * (j / 16) + 16 * k + j % 16] = c;
+            }
+            r.dx4.extend([dx; 4]);
+            r.dx8.extend([dx; 8]);
+            let sum = xb.iter().sum::<f32>();
+            r.xsum4.extend([sum / 4.0; 4]);
+            r.xsum8.extend([sum / 8.0; 8]);
+        }
+        for lanes in [&mut r.dx4, &mut r.dx8, &mut r.xsum4, &mut r.xsum8] {
+            lanes.resize(lanes.len().next_multiple_of(16), 0.0);
+        }
+        r.bias.extend(r.q[..x.len()].chunks_exact(4).map(|c| 32 * c.iter().map(|&v| v as i32).sum::<i32>()));
+        r
+    }
+}
+
+/// Row `r` of `w` (a matrix [`supports`] takes) times `x`: `sum_g scale_g * dx_g * (codes_g .
+/// xq_g)` plus the mins' `sum_g min_g * sum(x_g)` (`scale = d * sc`, `min = -(dmin * m)` for the
+/// K-quants). `buf`: room for a row's expanded scales (formats with f32 scales per block).
+pub(super) fn dot(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>)) -> f32 {
+    dot_with(w, r, x, buf, true)
+}
+
+/// [`dot`], on the AVX-512 kernels where the CPU has them and `simd`, else the plain loops.
+fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), simd: bool) -> f32 {
+    assert!(x.cols == w.cols, "x has the matrix's columns");
+    let simd = simd && cfg!(target_arch = "x86_64");
+    let per_block = w.codes.bytes_per_block();
+    let q = &w.quants[r * (w.cols / BLOCK) * per_block..][..(w.cols / BLOCK) * per_block];
+    let Scales::Super { d, dmin, sc, m } = &w.scales else { return scaled(w, r, q, x, buf, simd) };
+    if w.codes == QuantCodes::Bytes {
+        return scaled(w, r, q, x, buf, simd);
+    }
+    let group = w.codes.group();
+    let (supers, groups) = (w.cols / SUPER_BLOCK, w.cols / group);
+    let d = &d[r * supers..][..supers];
+    let sc = &sc[r * groups..][..groups];
+    match w.codes {
+        QuantCodes::Nibbles => {
+            let (dmin, m) = if w.has_min { (&dmin[r * supers..][..supers], &m[r * groups..][..groups]) } else { (&[][..], &[][..]) };
+            #[cfg(target_arch = "x86_64")]
+            if simd && avx512::has_vnni() {
+                // SAFETY: the CPU has the features; the lengths follow from the matrix's shape.
+                return unsafe { avx512::nibbles(q, d, sc, dmin, m, x) };
+            }
+            generic_nibbles(q, d, sc, dmin, m, x)
+        }
+        QuantCodes::Sixes => {
+            #[cfg(target_arch = "x86_64")]
+            if simd && avx512::has_vbmi() {
+                // SAFETY: as above.
+                return unsafe { avx512::sixes(q, d, sc, x) };
+            }
+            generic_sixes(q, d, sc, x)
+        }
+        QuantCodes::Bytes => unreachable!("8-bit codes go through `scaled`"),
+    }
+}
+
+/// [`dot`] for the formats multiplied with f32 scales and mins per block of 32 (the row's, as
+/// the f32 kernels expand them).
+fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec<f32>), simd: bool) -> f32 {
+    let (s, m) = w.row_scales(r, buf);
+    match w.codes {
+        QuantCodes::Nibbles => {
+            #[cfg(target_arch = "x86_64")]
+            if simd && avx512::has_vnni() {
+                // SAFETY: the CPU has the features; the lengths follow from the matrix's shape.
+                return unsafe { avx512::nibbles_scaled(q, s, m, x) };
+            }
+            generic_scaled(q, s, m, x, nibble)
+        }
+        QuantCodes::Bytes => {
+            #[cfg(target_arch = "x86_64")]
+            if simd && avx512::has_vnni() {
+                // SAFETY: as above.
+                return unsafe { avx512::bytes_scaled(q, s, m, x) };
+            }
+            generic_scaled(q, s, m, x, byte)
+        }
+        QuantCodes::Sixes => unreachable!("int8::supports keeps 6-bit codes to the K-quant kernel"),
+    }
+}
+
+/// [`scaled`] on any CPU (and the AVX-512 kernels' reference): per block of 32 the integer sum
+/// `codes . xq` times `scale * dx`, plus `min * sum(x)`; `m` empty: no mins.
+fn generic_scaled(q: &[u8], s: &[f32], m: &[f32], x: &Row, code: impl Fn(&[u8], usize) -> i32) -> f32 {
+    let per_block = q.len() / s.len().max(1);
+    let (mut acc, mut accm) = (0f32, 0f32);
+    for b in 0..s.len() {
+        let (qb, xq) = (&q[per_block * b..][..per_block], &x.q[BLOCK * b..][..BLOCK]);
+        let isum: i32 = (0..BLOCK).map(|j| code(qb, j) * xq[j] as i32).sum();
+        acc += isum as f32 * (s[b] * x.dx8[8 * b]);
+        if !m.is_empty() {
+            accm += m[b] * (8.0 * x.xsum8[8 * b]);
+        }
+    }
+    acc + accm
+}
+
+/// Code `j` of a 4-bit block (low nibbles: the first 16, high: the last 16).
+fn nibble(q: &[u8], j: usize) -> i32 {
+    if j < 16 {
+        (q[j] & 15) as i32
+    } else {
+        (q[j - 16] >> 4) as i32
+    }
+}
+
+/// Code `j` of an 8-bit block.
+fn byte(q: &[u8], j: usize) -> i32 {
+    q[j] as i8 as i32
+}
+
+/// [`dot`] of a `Q4_K` row on any CPU (and the reference of the AVX-512 kernel): per group of
+/// 32 the integer sum `codes . xq`, scaled by `sc * dx`, per super-block by `d`; `m` empty: no
+/// mins.
+fn generic_nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
+    let (mut acc, mut accm) = (0f32, 0f32);
+    for (s, &ds) in d.iter().enumerate() {
+        let (mut a, mut am) = (0f32, 0f32);
+        for g in 8 * s..8 * s + 8 {
+            let (qb, xq) = (&q[16 * g..][..16], &x.q[BLOCK * g..][..BLOCK]);
+            let mut isum = 0i32;
+            for j in 0..16 {
+                isum += (qb[j] & 15) as i32 * xq[j] as i32 + (qb[j] >> 4) as i32 * xq[j + 16] as i32;
+            }
+            a += isum as f32 * (sc[g] as f32 * x.dx4[4 * g]);
+            if !m.is_empty() {
+                am += m[g] as f32 * (4.0 * x.xsum4[4 * g]);
+            }
+        }
+        acc += a * ds;
+        if !m.is_empty() {
+            accm += am * dmin[s];
+        }
+    }
+    acc - accm
+}
+
+/// [`dot`] of a `Q6_K` row on any CPU (and the AVX-512 kernel's reference): per group of 16 the
+/// integer sum `(code + 32) . xq - 32 sum(xq)`, scaled by `sc * dx`, per super-block by `d`.
+fn generic_sixes(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
+    let mut acc = 0f32;
+    for (s, &ds) in d.iter().enumerate() {
+        let mut a = 0f32;
+        for b in 8 * s..8 * s + 8 {
+            let qb = &q[24 * b..][..24];
+            let words = [u32::from_le_bytes([qb[16], qb[17], qb[18], qb[19]]), u32::from_le_bytes([qb[20], qb[21], qb[22], qb[23]])];
+            for half in 0..2 {
+                let g = 2 * b + half;
+                let mut isum = 0i32;
+                for i in 0..16 {
+                    let lo = if half == 0 { qb[i] & 15 } else { qb[i] >> 4 } as i32;
+                    let u = lo | (((words[half] >> (2 * i)) & 3) as i32) << 4;
+                    isum += u * x.q[16 * g + i] as i32;
+                }
+                isum -= x.bias[4 * g..4 * g + 4].iter().sum::<i32>();
+                a += isum as f32 * (sc[g] as f32 * x.dx8[8 * b]);
+            }
+        }
+        acc += a * ds;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Row;
+    use std::arch::x86_64::*;
+
+    /// AVX-512 (F, BW, VL) with VNNI: the kernels but the 6-bit one.
+    pub fn has_vnni() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// [`has_vnni`] and VBMI (`vpmultishiftqb`: the 6-bit kernel's high bits).
+    pub fn has_vbmi() -> bool {
+        has_vnni() && is_x86_feature_detected!("avx512vbmi")
+    }
+
+    /// Bytes of codes ahead that are prefetched (as the f32 kernels: `super::super::simd`).
+    const PREFETCH: usize = 4096;
+
+    /// 4 bytes (4 groups' integer scales) widened to 16 f32 lanes, each repeated 4 times.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn four_scales(p: *const i8) -> __m512 {
+        let pat = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // SAFETY: the caller's 4 bytes at p.
+        let four = unsafe { _mm_cvtsi32_si128((p as *const i32).read_unaligned()) };
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(four, pat)))
+    }
+
+    /// [`super::generic_nibbles`]: 4 blocks (128 codes, 64 bytes) an iteration, their low
+    /// nibbles and high nibbles each one `vpdpbusd` against [`Row::q4`]; per lane `sc * dx` in
+    /// f32, per super-block `d` (and `dmin` for the mins, from [`Row::xsum4`]).
+    ///
+    /// # Safety
+    /// [`has_vnni`]; `q.len() = 128 d.len()`, `sc` (and `m` unless empty) `8 d.len()`, `dmin`
+    /// `d.len()` unless `m` is empty, `x` of `256 d.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
+        let (mut acc, mut accm) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for s in 0..d.len() {
+            let (mut a, mut am) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for i in 2 * s..2 * s + 2 {
+                // SAFETY: i < 2 d.len(): 64 bytes of codes, 128 of x's codes, 16 lanes of dx and
+                // 4 scales (and mins) at i are in bounds.
+                unsafe {
+                    let p = nibble_products(q, x, i, 4);
+                    let f = _mm512_mul_ps(four_scales(sc.as_ptr().add(4 * i)), _mm512_loadu_ps(x.dx4.as_ptr().add(16 * i)));
+                    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, a);
+                    if !m.is_empty() {
+                        am = _mm512_fmadd_ps(four_scales(m.as_ptr().add(4 * i)), _mm512_loadu_ps(x.xsum4.as_ptr().add(16 * i)), am);
+                    }
+                }
+            }
+            acc = _mm512_fmadd_ps(a, _mm512_set1_ps(d[s]), acc);
+            if !m.is_empty() {
+                accm = _mm512_fmadd_ps(am, _mm512_set1_ps(dmin[s]), accm);
+            }
+        }
+        _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(accm)
+    }
+
+    /// `n` (at most `16 / P`) per-block f32 values at `v` spread over 16 lanes, `P` lanes each
+    /// (`P` 4 or 8); lanes past them 0. Only the `n` values are read (a masked load).
+    #[target_feature(enable = "avx512f,avx512vl")]
+    #[inline]
+    unsafe fn spread<const P: usize>(v: *const f32, n: usize) -> __m512 {
+        let idx = if P == 4 { _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3) } else { _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1) };
+        // SAFETY: the caller's n values at v; the masked-off ones are not read.
+        let vals = unsafe { _mm_maskz_loadu_ps(((1u32 << n) - 1) as u8, v) };
+        _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(vals))
+    }
+
+    /// The mask of the first `n` bytes of 64 (`n <= 64`).
+    #[inline]
+    fn first_bytes(n: usize) -> u64 {
+        if n >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << n) - 1
+        }
+    }
+
+    /// Group `i` of 4 blocks of 4-bit codes (`n` of them there, the rest read as zeros) times
+    /// [`Row::q4`]: per block 4 lanes of integer sums (low nibbles and high nibbles each one
+    /// `vpdpbusd`); the codes 4 KB ahead prefetched.
+    ///
+    /// # Safety
+    /// [`has_vnni`]; `q` holds `16 n` bytes and `x.q4` 128 codes at group `i`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn nibble_products(q: &[u8], x: &Row, i: usize, n: usize) -> __m512i {
+        let mask = _mm512_set1_epi8(15);
+        let (qp, xp) = (q.as_ptr(), x.q4.as_ptr());
+        // SAFETY: the caller's bounds; the masked-off bytes are not read.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(64 * i + PREFETCH) as *const i8);
+            let w = _mm512_maskz_loadu_epi8(first_bytes(16 * n), qp.add(64 * i) as *const i8);
+            let lo = _mm512_and_si512(w, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask);
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp.add(128 * i) as *const _));
+            _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512(xp.add(128 * i + 64) as *const _))
+        }
+    }
+
+    /// The loop both kernels with f32 scales share, over the `s.len()` blocks `16 / P` at a time
+    /// (16 lanes, `P` per block; the last step may hold fewer): the lanes' integer products
+    /// `products(i, n)` (step `i`, `n` blocks there) times the blocks' scales spread over their
+    /// lanes and `dx`; the blocks' mins times their sums of `x` (`xsum`, per lane). Returns both
+    /// sums.
+    ///
+    /// # Safety
+    /// [`has_vnni`]; `m` empty or as long as `s`; `dx` and `xsum` padded to whole steps of 16
+    /// lanes; `products(i, n)` safe for every step.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn scaled_steps<const P: usize>(s: &[f32], m: &[f32], dx: &[f32], xsum: &[f32], products: impl Fn(usize, usize) -> __m512i) -> (f32, f32) {
+        let per = 16 / P;
+        let (mut acc, mut accm) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for i in 0..s.len().div_ceil(per) {
+            let n = per.min(s.len() - per * i);
+            // SAFETY: n scales (and mins) and 16 lanes of dx and xsum at step i are in bounds
+            // (the caller's contract).
+            unsafe {
+                let f = _mm512_mul_ps(spread::<P>(s.as_ptr().add(per * i), n), _mm512_loadu_ps(dx.as_ptr().add(16 * i)));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products(i, n)), f, acc);
+                if !m.is_empty() {
+                    accm = _mm512_fmadd_ps(spread::<P>(m.as_ptr().add(per * i), n), _mm512_loadu_ps(xsum.as_ptr().add(16 * i)), accm);
+                }
+            }
+        }
+        (_mm512_reduce_add_ps(acc), _mm512_reduce_add_ps(accm))
+    }
+
+    /// [`super::generic_scaled`] for 4-bit codes: 4 blocks an iteration as [`nibbles`] (a last
+    /// group of fewer read with a mask), each block's f32 scale (and min) spread over its 4 lanes.
+    ///
+    /// # Safety
+    /// [`has_vnni`]; `q.len() = 16 s.len()`, `m` empty or `s.len()`, `x` of `32 s.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn nibbles_scaled(q: &[u8], s: &[f32], m: &[f32], x: &Row) -> f32 {
+        // SAFETY: 16 n bytes of codes at step i (n blocks there) and the padded x codes.
+        let products = |i: usize, n: usize| unsafe { nibble_products(q, x, i, n) };
+        // SAFETY: the lengths are the caller's contract; x's lanes are padded to whole steps.
+        let (acc, accm) = unsafe { scaled_steps::<4>(s, m, &x.dx4, &x.xsum4, products) };
+        acc + accm
+    }
+
+    /// [`super::generic_scaled`] for 8-bit codes: 2 blocks (64 codes) an iteration (a last odd
+    /// block read with a mask), `|code|` (unsigned) times `x`'s codes negated where the code is
+    /// negative, one `vpdpbusd`; each block's f32 scale (and min) spread over its 8 lanes.
+    ///
+    /// # Safety
+    /// [`has_vnni`]; `q.len() = 32 s.len()`, `m` empty or `s.len()`, `x` of `32 s.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn bytes_scaled(q: &[u8], s: &[f32], m: &[f32], x: &Row) -> f32 {
+        let (qp, xp) = (q.as_ptr(), x.q.as_ptr());
+        let products = |i: usize, n: usize| {
+            // SAFETY: 32 n bytes of codes at step i (n blocks there; the rest not read), 64 of
+            // x's padded codes.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(64 * i + PREFETCH) as *const i8);
+                let c = _mm512_maskz_loadu_epi8(first_bytes(32 * n), qp.add(64 * i) as *const i8);
+                let xv = _mm512_loadu_si512(xp.add(64 * i) as *const _);
+                let xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(c), _mm512_setzero_si512(), xv);
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(c), xs)
+            }
+        };
+        // SAFETY: the lengths are the caller's contract; x's lanes are padded to whole steps.
+        let (acc, accm) = unsafe { scaled_steps::<8>(s, m, &x.dx8, &x.xsum8, products) };
+        acc + accm
+    }
+
+    /// [`super::generic_sixes`]: 2 blocks (64 codes, 48 bytes) an iteration: low nibbles and
+    /// high nibbles of each block's 16 bytes in their 128-bit lanes, the two high bits of each
+    /// code picked out of the block's 8 bytes by `vpmultishiftqb` (code `j`'s at bit `2 j`,
+    /// rotated to bit 4), one `vpdpbusd` against [`Row::q`], minus [`Row::bias`].
+    ///
+    /// # Safety
+    /// [`has_vbmi`]; `q.len() = 192 d.len()`, `sc` `16 d.len()`, `x` of `256 d.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    pub unsafe fn sixes(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
+        let mask = _mm512_set1_epi8(15);
+        let high = _mm512_set1_epi8(0x30);
+        // 16-bit shifts per 128-bit lane: low nibbles, high nibbles, of each block
+        let shifts = _mm512_setr_epi64(0, 0, 0x0004_0004_0004_0004, 0x0004_0004_0004_0004, 0, 0, 0x0004_0004_0004_0004, 0x0004_0004_0004_0004);
+        let ctrl: [u8; 64] = std::array::from_fn(|k| ((2 * (k % 32) + 60) % 64) as u8);
+        // SAFETY: 64 bytes.
+        let ctrl = unsafe { _mm512_loadu_si512(ctrl.as_ptr() as *const _) };
+        let (qp, xp) = (q.as_ptr(), x.q.as_ptr());
+        let mut acc = _mm512_setzero_ps();
+        for s in 0..d.len() {
+            let mut a = _mm512_setzero_ps();
+            for i in 4 * s..4 * s + 4 {
+                // SAFETY: i < 4 d.len(): 48 bytes of codes, 64 of x's codes, 16 lanes of dx and
+                // bias and 4 scales at i are in bounds.
+                unsafe {
+                    let p = qp.add(48 * i);
+                    if i % 2 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    }
+                    let (qa, qb) = (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(p.add(24) as *const __m128i));
+                    let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(qa)), _mm256_broadcastsi128_si256(qb));
+                    let nib = _mm512_and_si512(_mm512_srlv_epi16(v, shifts), mask);
+                    let (ha, hb) = ((p.add(16) as *const i64).read_unaligned(), (p.add(40) as *const i64).read_unaligned());
+                    let h = _mm512_inserti64x4::<1>(_mm512_set1_epi64(ha), _mm256_set1_epi64x(hb));
+                    let u = _mm512_or_si512(nib, _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, h), high));
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(xp.add(64 * i) as *const _));
+                    let dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(x.bias.as_ptr().add(16 * i) as *const _));
+                    let f = _mm512_mul_ps(four_scales(sc.as_ptr().add(4 * i)), _mm512_loadu_ps(x.dx8.as_ptr().add(16 * i)));
+                    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, a);
+                }
+            }
+            acc = _mm512_fmadd_ps(a, _mm512_set1_ps(d[s]), acc);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    /// The formats the kernels take, as test matrices are made.
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        /// `Q4_K`: 4-bit codes, integer scales and mins per 32, `d`/`dmin` per 256.
+        Q4K,
+        /// `Q6_K`: 6-bit codes, integer scales per 16.
+        Q6K,
+        /// `Q5_K`: 5-bit codes (held as bytes), integer scales and mins.
+        Q5K,
+        /// `Q4_1`: 4-bit codes, f32 scale and min per 32.
+        Q41,
+        /// `Q8_0`: signed 8-bit codes, f32 scale per 32, no mins.
+        Q80,
+    }
+
+    const KINDS: [Kind; 5] = [Kind::Q4K, Kind::Q6K, Kind::Q5K, Kind::Q41, Kind::Q80];
+
+    /// A matrix `[rows, cols]` of `kind` with random codes and scales.
+    fn matrix(rows: usize, cols: usize, kind: Kind, seed: &mut u64) -> QuantMatrix {
+        let mut rnd = |n: u32, lo: i32| (lcg(seed) % n) as i32 + lo;
+        let (span, lo) = match kind {
+            Kind::Q4K | Kind::Q41 => (16, 0),
+            Kind::Q6K => (64, -32),
+            Kind::Q5K => (32, 0),
+            Kind::Q80 => (255, -127),
+        };
+        let codes: Vec<i8> = (0..rows * cols).map(|_| rnd(span, lo) as i8).collect();
+        let supers = rows * cols / SUPER_BLOCK;
+        let blocks = rows * cols / BLOCK;
+        let w = match kind {
+            Kind::Q41 | Kind::Q80 => {
+                let scale = (0..blocks).map(|_| rnd(1000, 1) as f32 * 1e-4).collect();
+                let min = (0..blocks).map(|_| if matches!(kind, Kind::Q41) { -(rnd(1000, 0) as f32) * 1e-4 } else { 0.0 }).collect();
+                QuantMatrix::from_codes(rows, cols, &codes, scale, min)
+            }
+            Kind::Q6K => {
+                let d = (0..supers).map(|_| rnd(1000, 10) as f32 * 1e-5).collect();
+                let sc = (0..rows * cols / 16).map(|_| rnd(255, -127) as i8).collect();
+                QuantMatrix::from_k_quants(rows, cols, &codes, 16, d, Vec::new(), sc, Vec::new())
+            }
+            Kind::Q4K | Kind::Q5K => {
+                let d = (0..supers).map(|_| rnd(1000, 10) as f32 * 1e-5).collect();
+                let dmin = (0..supers).map(|_| rnd(1000, 0) as f32 * 1e-5).collect();
+                let sc = (0..blocks).map(|_| rnd(64, 0) as i8).collect();
+                let m = (0..blocks).map(|_| rnd(64, 0) as i8).collect();
+                QuantMatrix::from_k_quants(rows, cols, &codes, BLOCK, d, dmin, sc, m)
+            }
+        };
+        w.unwrap()
+    }
+
+    /// `x`'s values as the kernels see them (each block's codes times its scale).
+    fn rounded(x: &Row) -> Vec<f64> {
+        x.q.iter().enumerate().map(|(i, &c)| c as f64 * x.dx8[8 * (i / BLOCK)] as f64).collect()
+    }
+
+    /// Every kernel, AVX-512 and plain, against the f64 product of the dequantized weights with
+    /// the rounded `x` (the mins with the exact `x`), on random rows of every format; and the
+    /// rounding itself (at most half a step; a block of zeros stays zero).
+    #[test]
+    fn kernels_match_the_dequantized_product_of_rounded_x() {
+        let mut seed = 7u64;
+        for kind in KINDS {
+            // the formats with f32 scales also on a width of 19 blocks (a last partial group)
+            let (rows, cols) = (6, if matches!(kind, Kind::Q41 | Kind::Q80) { 608 } else { 768 });
+            let w = matrix(rows, cols, kind, &mut seed);
+            assert!(supports(&w), "{kind:?}");
+            let dense = w.dequantize();
+            let x: Vec<f32> = (0..cols).map(|i| if i % 97 == 5 || (256..288).contains(&i) { 0.0 } else { (lcg(&mut seed) % 20001) as f32 / 10000.0 - 1.0 }).collect();
+            let row = Row::new(&x);
+            let xr = rounded(&row);
+            for (a, b) in x.iter().zip(&xr) {
+                assert!((*a as f64 - b).abs() <= 1.0 / 254.0 + 1e-6, "{a} rounds to {b}");
+            }
+            let mut buf = (Vec::new(), Vec::new());
+            let mut zero = (Vec::new(), Vec::new());
+            for r in 0..rows {
+                // each block's min (the row's, as the f32 kernels expand them; none: 0)
+                let mins = w.row_scales(r, &mut zero).1.to_vec();
+                let min = |c: usize| mins.get(c / BLOCK).map_or(0.0, |&m| m as f64);
+                let (mut want, mut scale) = (0f64, 0f64);
+                for c in 0..cols {
+                    let (wv, mn) = (dense[r * cols + c] as f64, min(c));
+                    want += (wv - mn) * xr[c] + mn * x[c] as f64;
+                    scale += (wv * xr[c]).abs() + (mn * x[c] as f64).abs();
+                }
+                for simd in [true, false] {
+                    let got = dot_with(&w, r, &row, &mut buf, simd);
+                    assert!((got as f64 - want).abs() <= 1e-5 * scale + 1e-6, "{kind:?} row {r} simd {simd}: {got} vs {want} (scale {scale})");
+                }
+            }
+        }
+    }
+
+    /// Through [`super::super::matvec`]: a batch of rows gives each row what it gets alone, and
+    /// the product stays within the rounding of `x` of the f32 product, for every format.
+    #[test]
+    fn int8_matvec_is_close_to_f32_and_rows_are_independent() {
+        use super::super::{matvec, Activations};
+        let mut seed = 11u64;
+        let ws: Vec<QuantMatrix> = KINDS.iter().map(|&k| matrix(16, 512, k, &mut seed)).collect();
+        let refs: Vec<&QuantMatrix> = ws.iter().collect();
+        let (n, out) = (3, 16 * KINDS.len());
+        let x: Vec<f32> = (0..n * 512).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let y = matvec(&x, n, &refs, Activations::Int8);
+        let exact = matvec(&x, n, &refs, Activations::F32);
+        for k in 0..n {
+            let alone = matvec(&x[k * 512..(k + 1) * 512], 1, &refs, Activations::Int8);
+            assert_eq!(&y[k * out..(k + 1) * out], &alone[..]);
+        }
+        let dense: Vec<f32> = ws.iter().flat_map(QuantMatrix::dequantize).collect();
+        for k in 0..n {
+            for (r, row) in dense.chunks_exact(512).enumerate() {
+                // |w . (x - xq)| <= sum |w| * max rounding error (half a step of each block)
+                let bound: f32 = row
+                    .iter()
+                    .zip(x[k * 512..].chunks_exact(BLOCK).flat_map(|b| [b.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0; BLOCK]))
+                    .map(|(w, e)| w.abs() * e)
+                    .sum();
+                let (got, want) = (y[k * out + r], exact[k * out + r]);
+                assert!((got - want).abs() <= bound * 1.01 + 1e-5, "{:?} row {r}: {got} vs {want} (bound {bound})", KINDS[r / 16]);
+            }
+        }
+        assert_ne!(y, exact, "int8 activations change the products");
+    }
+}
