@@ -237,11 +237,11 @@ struct GenerateArgs {
     #[arg(long)]
     dense_weights: bool,
     /// Decode steps round the activations to int8 (per block of 32 values, one scale each) and
-    /// multiply a GGUF's `Q4_K` / `Q6_K` codes in integer arithmetic (AVX-512 VNNI where the CPU
-    /// has it), as llama.cpp does: faster where decode is bound by arithmetic (about 1.5x on a
-    /// 2-core Xeon), but the logits move by the rounding, so answers may differ from the default
-    /// (the product by the dequantized weights). Prefill is unchanged. Needs the codes (not with
-    /// --dense-weights).
+    /// multiply a GGUF's codes in integer arithmetic (AVX-512 VNNI where the CPU has it), as
+    /// llama.cpp does: faster where decode is bound by arithmetic (about 1.5x for
+    /// Qwen2.5-Coder-1.5B on a 2-core Xeon), but the logits move by the rounding, so answers may
+    /// differ from the default (the product by the dequantized weights). The prefill and the
+    /// questions' tokens keep f32. Needs the codes (not with --dense-weights).
     #[arg(long, conflicts_with = "dense_weights")]
     int8_activations: bool,
     /// Most bytes the KV caches may take (e.g. 2G, 512MiB, 500MB, 1048576); a context that needs more
@@ -331,6 +331,9 @@ impl backend::BackendJob for GenerateJob {
         if self.int8_activations {
             if !loaded.model.quantized_decode() {
                 bail!("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray); {} multiplies dense weights", self.model.display());
+            }
+            if !kvc_core::kernels::quant::int8_kernels_native() {
+                eprintln!("warning: this CPU lacks AVX-512 VNNI/VBMI: --int8-activations runs plain loops (the same numbers), likely slower than the default");
             }
             loaded.model.set_activations(kvc_core::Activations::Int8);
         }

@@ -447,10 +447,13 @@ impl<B: Backend> Decoder<B> {
 
     /// How decode steps' products on the quantized weights take the activations:
     /// [`Activations::F32`] (the default: the product by the dequantized weights up to f32
-    /// rounding) or [`Activations::Int8`] (rounded to int8 per block of 32 and multiplied by
-    /// `Q4_K` / `Q6_K` codes in integer arithmetic, as llama.cpp does: faster where decode is bound
-    /// by arithmetic, and the logits move by the rounding; `kvc generate --int8-activations`).
-    /// Prefill chunks (more than 32 rows) keep f32 either way.
+    /// rounding) or [`Activations::Int8`] (rounded to int8 per block of 32 and multiplied by the
+    /// codes in integer arithmetic, as llama.cpp does: faster where decode is bound by
+    /// arithmetic, and the logits move by the rounding; `kvc generate --int8-activations`).
+    /// Decode steps are [`Decoder::forward`] / [`Decoder::forward_hidden`] on one token per
+    /// sequence and [`Decoder::forward_batch`]; [`Decoder::prefill`], [`Decoder::feed`] and
+    /// forward passes of several tokens (a question) keep f32. No effect on products of dense
+    /// weights (a model without [`Decoder::quantized_decode`]).
     pub fn set_activations(&mut self, act: Activations) {
         self.activations = act;
     }
@@ -647,7 +650,7 @@ impl<B: KvcBackend> Decoder<B> {
         cache.reserve(ids.len());
         for part in ids.chunks(chunk.max(1)) {
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
-            self.forward_layers(crate::generate::token_tensor::<B>(part, &device), cache, obs, false)?;
+            self.forward_layers(crate::generate::token_tensor::<B>(part, &device), cache, obs, false, Activations::F32)?;
         }
         Ok(())
     }
@@ -666,7 +669,7 @@ impl<B: KvcBackend> Decoder<B> {
         let last = (ids.len() - 1) / chunk * chunk;
         self.feed(&ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk)?;
         let device = self.device();
-        self.forward(crate::generate::token_tensor::<B>(&ids[last..], &device), cache, observer, Logits::Last)
+        self.forward_as(crate::generate::token_tensor::<B>(&ids[last..], &device), cache, observer, Logits::Last, Activations::F32)
     }
 
     /// Runs `tokens` (`[batch, chunk]`) through the decoder at positions
@@ -684,13 +687,29 @@ impl<B: KvcBackend> Decoder<B> {
         observer: Option<&mut dyn AttentionObserver<B>>,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
+        let act = self.step_activations(tokens.dims()[1]);
+        self.forward_as(tokens, cache, observer, logits, act)
+    }
+
+    /// [`Decoder::set_activations`]'s setting for a forward pass of `tokens` per sequence: one
+    /// is a decode step; more (a prefill chunk, a question) multiply f32 activations.
+    fn step_activations(&self, tokens: usize) -> Activations {
+        if tokens == 1 {
+            self.activations
+        } else {
+            Activations::F32
+        }
+    }
+
+    /// [`Decoder::forward`] with the products on the codes taking the activations as `act`.
+    fn forward_as(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>, observer: Option<&mut dyn AttentionObserver<B>>, logits: Logits, act: Activations) -> Result<Tensor<B, 3>> {
         let chunk = tokens.dims()[1];
-        let x = self.forward_hidden(tokens, cache, observer)?;
+        let x = self.forward_layers(tokens, cache, observer, true, act)?.ok_or_else(|| ModelError::Config("the decoder has no layers".into()))?;
         let x = match logits {
             Logits::All => x,
             Logits::Last => x.narrow(1, chunk - 1, 1),
         };
-        let [logits] = project([(&self.lm_head, self.head_codes())], norm(&self.norm, x), self.activations)?;
+        let [logits] = project([(&self.lm_head, self.head_codes())], norm(&self.norm, x), act)?;
         Ok(logits)
     }
 
@@ -750,7 +769,8 @@ impl<B: KvcBackend> Decoder<B> {
         cache: &mut KvCache<B>,
         observer: Option<&mut dyn AttentionObserver<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let out = self.forward_layers(tokens, cache, observer, true)?;
+        let act = self.step_activations(tokens.dims()[1]);
+        let out = self.forward_layers(tokens, cache, observer, true, act)?;
         out.ok_or_else(|| ModelError::Config("the decoder has no layers".into()))
     }
 
@@ -764,6 +784,7 @@ impl<B: KvcBackend> Decoder<B> {
         cache: &mut KvCache<B>,
         mut observer: Option<&mut dyn AttentionObserver<B>>,
         output: bool,
+        act: Activations,
     ) -> Result<Option<Tensor<B, 3>>> {
         let [_, chunk] = tokens.dims();
         let device = tokens.device();
@@ -778,15 +799,15 @@ impl<B: KvcBackend> Decoder<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(xi) = x.take() else { break };
             let h = norm(&layer.input_layernorm, xi.clone());
-            let quant = ([0, 1, 2, 3].map(|j| self.quant(i, j)), self.activations);
+            let quant = ([0, 1, 2, 3].map(|j| self.quant(i, j)), act);
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
             let part = if output || i < last { AttentionPart::Output } else if obs.is_some() { AttentionPart::Attention } else { AttentionPart::KeysValues };
             let Some(a) = layer.self_attn.forward(h, i, first, &rope_q, &rope_k, cache, obs, quant, part)? else { break };
             let x1 = xi + a;
             let h = norm(&layer.post_attention_layernorm, x1.clone());
             let m = &layer.mlp;
-            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, self.activations)?;
-            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), self.activations)?;
+            let [gate, up] = project([(&m.gate_proj, self.quant(i, 4)), (&m.up_proj, self.quant(i, 5))], h, act)?;
+            let [ff] = project([(&m.down_proj, self.quant(i, 6))], B::kvc_swiglu(gate, up), act)?;
             x = Some(x1 + ff);
         }
         cache.advance(chunk);

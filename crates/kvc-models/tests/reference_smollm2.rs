@@ -138,14 +138,12 @@ fn quantized_decode_matches_transformers() {
         let (d_flex, same_flex) = int8_activations(&mut flex.model, &fx, p, &ids, &expected);
         let (d_nd, same_nd) = int8_activations(&mut nd.model, &fx, p, &ids, &expected);
         eprintln!("{p}: int8 activations, max |logit diff| vs transformers flex {d_flex:.2e} ndarray {d_nd:.2e}; greedy: first {same_flex} / {same_nd} of {} tokens", expected.len());
-        // measured on a 2-core Xeon: short 5.2 / 2.9 and 31 / 31 tokens, long 2.4 / 2.2 and 11 / 3
-        // (this 135M model's activations have outliers that a block's int8 step blurs; f32:
-        // under 1e-4): a bound on the rounding's effect, and proof that it was taken
+        // measured on a 2-core Xeon (AVX-512 VNNI): short 4.7 / 3.8 and 18 / 31 tokens, long 2.8 /
+        // 2.7 and 3 / 3 (this 135M model's activations have outliers that a block's int8 step
+        // blurs, and where its greedy text turns depends on the last bits; f32: under 1e-4): a
+        // bound on the rounding's effect, and proof that it was taken
         for d in [d_flex, d_nd] {
             assert!(d > 1e-2 && d <= 10.0, "{p}: int8 activations, max |logit diff| {d:.3e}");
-        }
-        if p == "short" {
-            assert!(same_flex.min(same_nd) >= 16, "short: int8 activations, greedy {same_flex} / {same_nd} tokens the reference's");
         }
     }
 }

@@ -210,6 +210,9 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
         if !loaded.model.quantized_decode() {
             return Err(ServeError::Int8Activations);
         }
+        if !kvc_core::kernels::quant::int8_kernels_native() {
+            eprintln!("kvc serve: warning: this CPU lacks AVX-512 VNNI/VBMI: --int8-activations runs plain loops (the same numbers), likely slower than the default");
+        }
         loaded.model.set_activations(kvc_core::Activations::Int8);
     }
     if let Some(q) = config.kv_quant {

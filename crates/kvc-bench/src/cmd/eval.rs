@@ -65,7 +65,7 @@ pub struct EvalArgs {
     dense_weights: bool,
     /// Decode answers with int8 activations (`kvc generate --int8-activations`); recorded in
     /// each prediction, and a folder of the other setting is refused.
-    #[arg(long, conflicts_with = "dense_weights")]
+    #[arg(long)]
     int8_activations: bool,
 }
 
@@ -170,7 +170,7 @@ impl backend::BackendJob for EvalJob {
         let mut loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
         if self.int8_activations {
             if !loaded.model.quantized_decode() {
-                anyhow::bail!("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray)");
+                anyhow::bail!("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray); {} multiplies dense weights", self.model.display());
             }
             loaded.model.set_activations(kvc_core::Activations::Int8);
         }

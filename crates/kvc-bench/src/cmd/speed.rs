@@ -156,6 +156,9 @@ impl backend::BackendJob for SpeedJob<'_> {
                 let r = r?;
                 Some(((r.tokens.len().saturating_sub(1)) as f64 / r.elapsed.as_secs_f64(), r.tokens.iter().zip(&d.tokens).take_while(|(a, b)| a == b).count()))
             } else {
+                if self.int8_activations {
+                    eprintln!("--int8-activations: not measured at {n} tokens (it needs a float KV cache and quantized weights in use)");
+                }
                 None
             };
             println!(

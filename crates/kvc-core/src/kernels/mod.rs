@@ -306,8 +306,8 @@ pub fn host_attention_copying<B: Backend>(a: AttentionArgs<'_, B>) -> AttentionO
     req.run(&q, &k, &v, kv_stride, |data, shape| Tensor::from_data(TensorData::new(data, shape), &device))
 }
 
-/// [`quant::linear`] on any backend through `into_data` / `from_data` (copies of `x` and `y`,
-/// a few KB for a decode step); `None` unless `x` is a float `[n, cols]` for every matrix (f16 and
+/// [`quant::linear`] (with `act`: [`quant::Activations`]) on any backend through `into_data` /
+/// `from_data` (copies of `x` and `y`, a few KB for a decode step); `None` unless `x` is a float `[n, cols]` for every matrix (f16 and
 /// bf16 rows are widened to f32, the result rounded back to their dtype).
 pub fn host_quant_linear_copying<B: Backend>(x: Tensor<B, 2>, ws: &[&quant::QuantMatrix], act: quant::Activations) -> Option<Tensor<B, 2>> {
     let [n, cols] = x.dims();

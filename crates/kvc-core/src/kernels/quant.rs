@@ -10,9 +10,9 @@
 //! dequantized weights (`code * scale + min`, as ggml's `dequantize_row_*`) up to f32 rounding
 //! of the sums. Chunks of more than 32 rows (prefill) go through [`matmul`]: tiles of the
 //! dequantized weights multiplied by a GEMM. [`linear`] picks one. With
-//! [`Activations::Int8`], [`matvec`] rounds `x` to int8 and multiplies K-quant codes in integer
-//! arithmetic instead (`int8`: llama.cpp's way, about twice as fast, not the dequantized
-//! product).
+//! [`Activations::Int8`], [`matvec`] rounds `x` to int8 and multiplies the codes in integer
+//! arithmetic instead (`int8`: llama.cpp's way, about twice as fast on AVX-512 VNNI, not the
+//! dequantized product).
 
 use rayon::prelude::*;
 
@@ -31,12 +31,20 @@ pub enum Activations {
     /// integer arithmetic (AVX-512 VNNI `vpdpbusd` where the CPU has it, plain loops elsewhere),
     /// as llama.cpp's CPU backend does (with one scale per 256 values for its K-quants): about
     /// half the instructions per weight, so decode is faster where it is bound by arithmetic
-    /// rather than memory (a 2-core Xeon). Every format kvc reads, in rows of whole kernel steps
-    /// (128 columns for 4-bit codes, 256 for `Q6_K`, 64 for 8-bit codes; others keep f32).
+    /// rather than memory (a 2-core Xeon). Every format kvc reads (the K-quants in whole
+    /// super-blocks of 256 columns, as their files hold them). Without AVX-512 VNNI (and VBMI
+    /// for `Q6_K`) the plain loops give the same numbers slower: [`int8_kernels_native`].
     Int8,
 }
 
 use crate::error::CoreError;
+
+/// Whether this CPU runs [`Activations::Int8`]'s explicit kernels for every format (AVX-512 F,
+/// BW, VL, VNNI and VBMI). Where it does not, the plain loops run: the same numbers, likely
+/// slower than [`Activations::F32`] (a front end can say so).
+pub fn int8_kernels_native() -> bool {
+    int8::native()
+}
 
 /// Elements per block along the input dimension (ggml's `QK4_0`/`QK8_0`).
 pub const BLOCK: usize = 32;
@@ -315,7 +323,7 @@ const ROWS_PER_TASK: usize = 64;
 /// have `cols` columns (a fused Q/K/V or gate/up projection): returns `[n, sum of rows]`
 /// row-major, the outputs of `ws[0]` first: `sum_b scale_b (codes_b . x_b) + sum_b min_b xsum_b`
 /// per output, the product by the dequantized weights up to f32 rounding ([`Activations::F32`];
-/// with [`Activations::Int8`] the K-quant matrices' products of `x` rounded to int8). Output rows
+/// with [`Activations::Int8`] the products of `x` rounded to int8). Output rows
 /// are split over the rayon pool, one dispatch for all the matrices.
 ///
 /// # Panics

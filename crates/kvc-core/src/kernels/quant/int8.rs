@@ -16,6 +16,16 @@
 
 use super::{QuantCodes, QuantMatrix, Scales, BLOCK, SUPER_BLOCK};
 
+/// Whether the explicit AVX-512 kernels run for every format here ([`super::int8_kernels_native`]).
+pub(super) fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::has_vbmi()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether [`dot`] multiplies this matrix: every format kvc reads (K-quants in whole
 /// super-blocks of 256 columns, as their files hold them).
 pub(super) fn supports(w: &QuantMatrix) -> bool {
@@ -26,7 +36,7 @@ pub(super) fn supports(w: &QuantMatrix) -> bool {
     }
 }
 
-/// One row of `x` (`cols` values, a multiple of 256) rounded to int8 per block of 32, laid out
+/// One row of `x` (`cols` values, a multiple of 32) rounded to int8 per block of 32, laid out
 /// for the kernels.
 pub(super) struct Row {
     /// Values (columns of the matrices).
@@ -41,6 +51,7 @@ pub(super) struct Row {
     /// nibble matrices: `dx4`, 8 for 6- and 8-bit ones: `dx8`); zeros after the last block up to
     /// 16 lanes (as for the sums below).
     dx4: Vec<f32>,
+    /// `dx` over 8 lanes a block (6- and 8-bit codes).
     dx8: Vec<f32>,
     /// Per block: the f32 sum of `x` over it, a quarter per lane (4 lanes), for the mins.
     xsum4: Vec<f32>,
@@ -51,7 +62,7 @@ pub(super) struct Row {
 }
 
 impl Row {
-    /// `x` (length a multiple of 256) rounded as ggml's `quantize_row_q8_0`.
+    /// `x` (length a multiple of 32) rounded as ggml's `quantize_row_q8_0`.
     pub(super) fn new(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut r = Row {
