@@ -680,6 +680,8 @@ impl<B: KvcBackend> Decoder<B> {
     /// chunk itself is causal. For long prompts call this per chunk (see [`Decoder::prefill`]) so
     /// no `chunk x len` score tensor grows beyond one chunk.
     /// The observer, if any, sees each layer's queries/keys/values (and attention if it asks).
+    /// One token per sequence is a decode step: its products on the codes take the activations
+    /// as [`Decoder::set_activations`] says; longer chunks use f32 activations.
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
