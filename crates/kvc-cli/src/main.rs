@@ -237,7 +237,8 @@ struct GenerateArgs {
     #[arg(long)]
     dense_weights: bool,
     /// Decode steps round the activations to int8 (per block of 32 values, one scale each) and
-    /// multiply a GGUF's codes in integer arithmetic (AVX-512 VNNI where the CPU has it), as
+    /// multiply a GGUF's codes in integer arithmetic (AVX-512 VNNI where the CPU has it, else
+    /// AVX2), as
     /// llama.cpp does: faster where decode is bound by arithmetic (1.45-1.97x for
     /// Qwen2.5-Coder-1.5B on a 2-core Xeon), but the logits move by the rounding, so answers may
     /// differ from the default (the product by the dequantized weights); on the small default
@@ -329,14 +330,8 @@ impl backend::BackendJob for GenerateJob {
         if self.dense_weights || !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }
-        if self.int8_activations {
-            if !loaded.model.quantized_decode() {
-                bail!("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray); {} multiplies dense weights", self.model.display());
-            }
-            if !kvc_core::kernels::quant::int8_kernels_native() {
-                eprintln!("warning: this CPU lacks AVX-512 VNNI/VBMI: --int8-activations runs plain loops (the same numbers), likely slower than the default");
-            }
-            loaded.model.set_activations(kvc_core::Activations::Int8);
+        if self.int8_activations && !loaded.model.enable_int8_activations()? {
+            eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
         }
         let load_secs = t_load.elapsed().as_secs_f64();
         let pipeline = Pipeline::new(&loaded);

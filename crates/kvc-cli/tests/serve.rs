@@ -603,6 +603,36 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
     assert_eq!((status, &doc["kv_dtype"]), (201, &json!("int4")), "{doc}");
 }
 
+/// `kvc serve --int8-activations`: decode steps on int8 activations (said in the log), and the
+/// greedy answers on a compressed document equal `kvc generate --int8-activations`'s token for
+/// token, non-streamed and streamed; `--dense-weights` with it is a usage error (exit 2) that
+/// names the conflict.
+#[test]
+fn serve_with_int8_activations_answers_as_kvc_generate() {
+    let _one = ONE_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents();
+    let file = dir.path().join("doc.txt");
+    std::fs::write(&file, &docs[0]).unwrap();
+    let (r, answers) = reference_with(&file, &[Q1, Q3], &["--int8-activations"]);
+    assert_eq!(r["activations"], "int8", "{r}");
+
+    let s = start(&["--int8-activations"], None, dir.path());
+    assert!(log_of(&s).contains("decode steps on int8 activations"), "{}", log_of(&s));
+    let doc = create_document(&s, &docs[0]);
+    let id = doc["id"].as_str().unwrap();
+    for (q, want) in [Q1, Q3].iter().zip(&answers) {
+        let (ids, text, v) = ask(&s, id, q);
+        assert_eq!(&(ids, text.clone()), want, "{q}: the server answers as kvc generate --int8-activations: {v}");
+        assert_eq!(ask_streamed(&s, id, q), text, "{q}: streamed as a whole");
+    }
+    drop(s);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kvc")).args(["serve", "--port", "0", "--int8-activations", "--dense-weights"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("cannot be used with"), "{:?}: {err}", out.status);
+}
+
 /// A small deterministic generator (no dependency): xorshift64*.
 struct Rng(u64);
 

@@ -79,6 +79,10 @@ pub enum ModelError {
     /// No tokenizer could be found or built.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Int8 activations asked of a model whose decode multiplies dense weights
+    /// ([`crate::Decoder::enable_int8_activations`]).
+    #[error("--int8-activations needs a GGUF model's quantized weights in use on a CPU backend (flex, ndarray), without --dense-weights; this model multiplies dense weights")]
+    Int8Activations,
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,

@@ -64,7 +64,7 @@ use burn::tensor::{backend::Backend, DType};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{GenerationConfig, StopReason};
-pub use model::{Decoder, Logits, WeightStorage};
+pub use model::{Decoder, Logits, WeightStorage, INT8_PLAIN_LOOPS_WARNING};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// Summary of a model file for `kvc inspect`.

@@ -113,9 +113,10 @@ pub enum ServeError {
     /// The default KV cache format cannot hold the model's heads.
     #[error("--kv-dtype: {0}")]
     KvDtype(String),
-    /// `--int8-activations` on a model without quantized weights in use.
-    #[error("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray); this model multiplies dense weights")]
-    Int8Activations,
+    /// `--int8-activations` on a model without quantized weights in use
+    /// ([`kvc_models::ModelError::Int8Activations`]).
+    #[error(transparent)]
+    Int8Activations(kvc_models::ModelError),
     /// The HTTP runtime failed.
     #[error("HTTP server: {0}")]
     Runtime(std::io::Error),
@@ -207,13 +208,11 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
         loaded.model.drop_quantized();
     }
     if config.int8_activations {
-        if !loaded.model.quantized_decode() {
-            return Err(ServeError::Int8Activations);
+        let native = loaded.model.enable_int8_activations().map_err(ServeError::Int8Activations)?;
+        eprintln!("kvc serve: decode steps on int8 activations{}", if native { "" } else { " (plain loops)" });
+        if !native {
+            eprintln!("kvc serve: warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
         }
-        if !kvc_core::kernels::quant::int8_kernels_native() {
-            eprintln!("kvc serve: warning: this CPU lacks AVX-512 VNNI/VBMI: --int8-activations runs plain loops (the same numbers), likely slower than the default");
-        }
-        loaded.model.set_activations(kvc_core::Activations::Int8);
     }
     if let Some(q) = config.kv_quant {
         q.check(loaded.config.head_dim).map_err(|e| ServeError::KvDtype(e.to_string()))?;

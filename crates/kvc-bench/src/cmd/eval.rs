@@ -168,11 +168,8 @@ impl backend::BackendJob for EvalJob {
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<Vec<(Summary, Vec<Prediction>)>> {
         let mut loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
-        if self.int8_activations {
-            if !loaded.model.quantized_decode() {
-                anyhow::bail!("--int8-activations needs a GGUF model's quantized weights on a CPU backend (flex, ndarray); {} multiplies dense weights", self.model.display());
-            }
-            loaded.model.set_activations(kvc_core::Activations::Int8);
+        if self.int8_activations && !loaded.model.enable_int8_activations()? {
+            eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
         }
         let several = self.configs.len() > 1;
         let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());

@@ -136,25 +136,16 @@ impl backend::BackendJob for SpeedJob<'_> {
             // caches only: a quantized one cut back to the prompt may hold its slots otherwise
             // than right after `quantize`, codes re-made or residual window moved)
             let dense_tps = if self.kv_quant.is_none() && loaded.model.quantized_decode() && !loaded.model.codes_only() {
-                cache.truncate(n);
-                cache.set_next_position(n);
-                loaded.model.set_quantized_decode(false);
-                let dense = generate::decode(&loaded.model, &mut cache, logits.clone(), &cfg, &[], |_| true, &device);
-                loaded.model.set_quantized_decode(true);
-                let dense = dense?;
-                Some((dense.tokens.len().saturating_sub(1)) as f64 / dense.elapsed.as_secs_f64())
+                let (m, c) = (&mut loaded.model, &mut cache);
+                Some(decode_again(m, c, n, logits.clone(), &cfg, &device, |m, on| m.set_quantized_decode(!on))?.0)
             } else {
                 None
             };
             // the same steps with int8 activations (the lever measured in the same run)
             let int8 = if self.int8_activations && self.kv_quant.is_none() && loaded.model.quantized_decode() {
-                cache.truncate(n);
-                cache.set_next_position(n);
-                loaded.model.set_activations(Activations::Int8);
-                let r = generate::decode(&loaded.model, &mut cache, logits, &cfg, &[], |_| true, &device);
-                loaded.model.set_activations(Activations::F32);
-                let r = r?;
-                Some(((r.tokens.len().saturating_sub(1)) as f64 / r.elapsed.as_secs_f64(), r.tokens.iter().zip(&d.tokens).take_while(|(a, b)| a == b).count()))
+                let set = |m: &mut kvc_models::Decoder<B>, on: bool| m.set_activations(if on { Activations::Int8 } else { Activations::F32 });
+                let (tps, tokens) = decode_again(&mut loaded.model, &mut cache, n, logits, &cfg, &device, set)?;
+                Some((tps, tokens.iter().zip(&d.tokens).take_while(|(a, b)| a == b).count()))
             } else {
                 if self.int8_activations {
                     eprintln!("--int8-activations: not measured at {n} tokens (it needs a float KV cache and quantized weights in use)");
@@ -173,4 +164,26 @@ impl backend::BackendJob for SpeedJob<'_> {
         }
         Ok(())
     }
+}
+
+/// The decode steps measured again from the end of the `n`-token prompt (the cache cut back to
+/// it) with the model changed by `set(model, true)`, undone by `set(model, false)` whatever the
+/// outcome: (tokens/s over the steps after the first token, the tokens).
+#[allow(clippy::too_many_arguments)]
+fn decode_again<B: KvcBackend>(
+    model: &mut kvc_models::Decoder<B>,
+    cache: &mut kvc_core::KvCache<B>,
+    n: usize,
+    logits: burn::tensor::Tensor<B, 3>,
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    set: impl Fn(&mut kvc_models::Decoder<B>, bool),
+) -> Result<(f64, Vec<u32>)> {
+    cache.truncate(n);
+    cache.set_next_position(n);
+    set(model, true);
+    let r = generate::decode(model, cache, logits, cfg, &[], |_| true, device);
+    set(model, false);
+    let r = r?;
+    Ok(((r.tokens.len().saturating_sub(1)) as f64 / r.elapsed.as_secs_f64(), r.tokens))
 }

@@ -11,8 +11,8 @@
 //! of the sums. Chunks of more than 32 rows (prefill) go through [`matmul`]: tiles of the
 //! dequantized weights multiplied by a GEMM. [`linear`] picks one. With
 //! [`Activations::Int8`], [`matvec`] rounds `x` to int8 and multiplies the codes in integer
-//! arithmetic instead (`int8`: llama.cpp's way, about twice as fast on AVX-512 VNNI, not the
-//! dequantized product).
+//! arithmetic instead (`int8`: llama.cpp's way, about twice as fast on AVX-512 VNNI and on AVX2,
+//! not the dequantized product).
 
 use rayon::prelude::*;
 
@@ -28,20 +28,22 @@ pub enum Activations {
     F32,
     /// `x` rounded to int8 per block of 32 values with one f32 scale (ggml's `quantize_row_q8_0`:
     /// each value moves by at most half a step, `max|x_block| / 254`), multiplied by the codes in
-    /// integer arithmetic (AVX-512 VNNI `vpdpbusd` where the CPU has it, plain loops elsewhere),
+    /// integer arithmetic (AVX-512 VNNI `vpdpbusd` where the CPU has it, else AVX2
+    /// `vpmaddubsw` + `vpmaddwd`, plain loops on CPUs with neither),
     /// as llama.cpp's CPU backend does (with one scale per 256 values for its K-quants): about
     /// half the instructions per weight, so decode is faster where it is bound by arithmetic
     /// rather than memory (a 2-core Xeon). Every format kvc reads (the K-quants in whole
-    /// super-blocks of 256 columns, as their files hold them). Without AVX-512 VNNI (and VBMI
-    /// for `Q6_K`) the plain loops give the same numbers slower: [`int8_kernels_native`].
+    /// super-blocks of 256 columns, as their files hold them). Without AVX2 the plain loops
+    /// give the same numbers slower: [`int8_kernels_native`].
     Int8,
 }
 
 use crate::error::CoreError;
 
-/// Whether this CPU runs [`Activations::Int8`]'s explicit kernels for every format (AVX-512 F,
-/// BW, VL, VNNI and VBMI). Where it does not, the plain loops run: the same numbers, likely
-/// slower than [`Activations::F32`] (a front end can say so).
+/// Whether this CPU runs [`Activations::Int8`]'s explicit SIMD kernels for every format
+/// (AVX-512 F, BW, VL and VNNI, with VBMI for `Q6_K`; or AVX2 and FMA). Where it does not, the
+/// plain loops run: the same numbers, likely slower than [`Activations::F32`] (a front end can
+/// say so).
 pub fn int8_kernels_native() -> bool {
     int8::native()
 }
@@ -533,11 +535,16 @@ mod simd {
             // SAFETY: the CPU has AVX-512F; the lengths are checked above.
             return unsafe { avx512::dot_nibbles(q, s, x) } + mins(m, xs);
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::has() {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
+            return unsafe { avx2::dot_nibbles_rows(q, s, [x]) }[0] + mins(m, xs);
+        }
         plain_nibbles(q, s, x) + mins(m, xs)
     }
 
-    // the plain bodies compiled for AVX2+FMA too and chosen at run time (an AVX2-only Zen 3,
-    // decode @1024: 12.3 -> 14.1 tok/s; still below dense weights' 24.4: AVX2 kernels owed)
+    // the plain bodies compiled for AVX2+FMA too and chosen at run time: CPUs without AVX2 (an
+    // AVX2 CPU runs `avx2`'s kernels: these did not vectorize the nibbles well)
     super::super::host::simd::dispatch!(plain_nibbles, generic_nibbles, (q: &[u8], s: &[f32], x: &[f32]) -> f32);
     super::super::host::simd::dispatch!(plain_bytes, generic_bytes, (q: &[u8], s: &[f32], x: &[f32]) -> f32);
 
@@ -623,6 +630,11 @@ mod simd {
             // SAFETY: as above.
             return unsafe { avx512::dot_bytes(q, s, x) } + mins(m, xs);
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::has() {
+            // SAFETY: as above.
+            return unsafe { avx2::dot_bytes_rows(q, s, [x]) }[0] + mins(m, xs);
+        }
         plain_bytes(q, s, x) + mins(m, xs)
     }
 
@@ -638,6 +650,12 @@ mod simd {
             let dots = unsafe { avx512::dot_nibbles_rows(q, s, x) };
             return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::has() {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
+            let dots = unsafe { avx2::dot_nibbles_rows(q, s, x) };
+            return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
+        }
         std::array::from_fn(|r| plain_nibbles(q, s, x[r]) + mins(m, xs[r]))
     }
 
@@ -649,6 +667,12 @@ mod simd {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: as above.
             let dots = unsafe { avx512::dot_bytes_rows(q, s, x) };
+            return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::has() {
+            // SAFETY: as above.
+            let dots = unsafe { avx2::dot_bytes_rows(q, s, x) };
             return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
         }
         std::array::from_fn(|r| plain_bytes(q, s, x[r]) + mins(m, xs[r]))
@@ -665,6 +689,11 @@ mod simd {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the lengths are checked above.
             return unsafe { avx512_6::dot_sixes_rows(q, s, x) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::has() {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
+            return unsafe { avx2::dot_sixes_rows(q, s, x) };
         }
         std::array::from_fn(|r| plain_sixes(q, s, x[r]))
     }
@@ -876,6 +905,165 @@ mod simd {
                     )
                 }
             })
+        }
+    }
+
+    /// Explicit AVX2 + FMA kernels (CPUs without AVX-512: AMD Zen 2 / Zen 3, Intel desktop
+    /// cores): a block's 32 codes widened to four vectors of 8 f32, multiplied by `x` in one
+    /// chain per block, the blocks' sums scaled into two accumulators per row. The plain loops
+    /// compiled for AVX2 (`plain_nibbles`) ran a 2-core AMD EPYC (Zen 3) decode of
+    /// Qwen2.5-Coder-1.5B at under 1 token/s: the per-element code closure did not vectorize.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod avx2 {
+        use std::arch::x86_64::*;
+
+        /// AVX2 and FMA (every x86-64 CPU of the last decade: AMD Zen, Intel since Haswell);
+        /// also what the int8 kernels' AVX2 variants need.
+        pub fn has() -> bool {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        }
+
+        /// Bytes of codes prefetched ahead (as [`super::avx512::PREFETCH`]; also the int8
+        /// kernels').
+        pub(in crate::kernels::quant) const PREFETCH: usize = 4096;
+
+        /// The sum of 8 f32 lanes.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        pub(in crate::kernels::quant) fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+
+        /// 8 bytes at `p` zero- (`signed` false) or sign-extended to 8 i32 lanes.
+        ///
+        /// # Safety
+        /// 8 bytes at `p`.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn widen8(p: *const u8, signed: bool) -> __m256i {
+            // SAFETY: the caller's 8 bytes.
+            let v = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+            if signed {
+                _mm256_cvtepi8_epi32(v)
+            } else {
+                _mm256_cvtepu8_epi32(v)
+            }
+        }
+
+        /// `R` rows of `x` times one weight row: `widen(b)` gives block `b`'s 32 codes as four
+        /// vectors of 8 f32 (elements `8 k..8 k + 8` in vector `k`), read once for every row;
+        /// per row the block's product `c . x_b` is scaled by `s_b` into one of two accumulators
+        /// (even and odd blocks), so every row gets the same operations in the same order as
+        /// when alone (`R = 1`).
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        fn scaled_sum_rows<const R: usize>(s: &[f32], x: [&[f32]; R], widen: impl Fn(usize) -> [__m256; 4]) -> [f32; R] {
+            let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+            let block = |c: &[__m256; 4], x: &[f32], b: usize| {
+                // SAFETY: b < s.len() and x.len() >= 32 s.len() (the callers' contract).
+                unsafe {
+                    let p = x.as_ptr().add(32 * b);
+                    let t = _mm256_mul_ps(c[0], _mm256_loadu_ps(p));
+                    let t = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(p.add(8)), t);
+                    let t = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(p.add(16)), t);
+                    _mm256_fmadd_ps(c[3], _mm256_loadu_ps(p.add(24)), t)
+                }
+            };
+            for b in 0..s.len() {
+                let c = widen(b);
+                let sb = _mm256_set1_ps(s[b]);
+                for r in 0..R {
+                    if b % 2 == 0 {
+                        a0[r] = _mm256_fmadd_ps(sb, block(&c, x[r], b), a0[r]);
+                    } else {
+                        a1[r] = _mm256_fmadd_ps(sb, block(&c, x[r], b), a1[r]);
+                    }
+                }
+            }
+            std::array::from_fn(|r| hsum(_mm256_add_ps(a0[r], a1[r])))
+        }
+
+        /// [`super::dot_nibbles_rows`] without the mins.
+        ///
+        /// # Safety
+        /// [`has`]; `q.len() >= 16 s.len()`, every `x[r].len() >= 32 s.len()`.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_nibbles_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+            let mask = _mm256_set1_epi32(15);
+            let qp = q.as_ptr();
+            scaled_sum_rows(s, x, |b| {
+                if b % 4 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(16 * b + PREFETCH) as *const i8);
+                }
+                // SAFETY: b < s.len(), so 16 bytes at 16 b are in bounds.
+                let (w0, w1) = unsafe { (widen8(qp.add(16 * b), false), widen8(qp.add(16 * b + 8), false)) };
+                [
+                    _mm256_cvtepi32_ps(_mm256_and_si256(w0, mask)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(w1, mask)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(w0)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(w1)),
+                ]
+            })
+        }
+
+        /// [`super::dot_bytes_rows`] without the mins.
+        ///
+        /// # Safety
+        /// [`has`]; `q.len() >= 32 s.len()`, every `x[r].len() >= 32 s.len()`.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_bytes_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+            let qp = q.as_ptr();
+            scaled_sum_rows(s, x, |b| {
+                if b % 2 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(32 * b + PREFETCH) as *const i8);
+                }
+                // SAFETY: b < s.len(), so 32 bytes at 32 b are in bounds.
+                std::array::from_fn(|k| _mm256_cvtepi32_ps(unsafe { widen8(qp.add(32 * b + 8 * k), true) }))
+            })
+        }
+
+        /// [`super::dot_sixes_rows`]: per block the 32 codes unpacked (low nibbles widened, the
+        /// 2-bit high fields shifted out of their broadcast word lane by lane), scaled once by
+        /// their group's scale, then multiplied into two accumulators per row (first and last 16).
+        ///
+        /// # Safety
+        /// [`has`]; `s.len()` even, `q.len() >= 12 s.len()`, every `x[r].len() >= 16 s.len()`.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_sixes_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+            let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+            let qp = q.as_ptr();
+            let (fifteen, three, bias) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3), _mm256_set1_epi32(32));
+            let (first, last) = (_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30));
+            let high = |h: __m256i, shifts: __m256i| _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srlv_epi32(h, shifts), three));
+            for b in 0..s.len() / 2 {
+                // SAFETY: b < s.len() / 2: 24 bytes of codes and 32 floats of each row at b.
+                unsafe {
+                    let p = qp.add(24 * b);
+                    if b % 2 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    }
+                    let (w0, w1) = (widen8(p, false), widen8(p.add(8), false));
+                    let h0 = _mm256_set1_epi32((p.add(16) as *const i32).read_unaligned());
+                    let h1 = _mm256_set1_epi32((p.add(20) as *const i32).read_unaligned());
+                    let (s0, s1) = (_mm256_set1_ps(s[2 * b]), _mm256_set1_ps(s[2 * b + 1]));
+                    let code = |lo: __m256i, hi: __m256i, sc: __m256| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_or_si256(lo, hi), bias)), sc);
+                    let c = [
+                        code(_mm256_and_si256(w0, fifteen), high(h0, first), s0),
+                        code(_mm256_and_si256(w1, fifteen), high(h0, last), s0),
+                        code(_mm256_srli_epi32::<4>(w0), high(h1, first), s1),
+                        code(_mm256_srli_epi32::<4>(w1), high(h1, last), s1),
+                    ];
+                    for r in 0..R {
+                        let xp = x[r].as_ptr().add(32 * b);
+                        // one add per accumulator and block (the products' chains overlap)
+                        a0[r] = _mm256_add_ps(a0[r], _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xp.add(8)), _mm256_mul_ps(c[0], _mm256_loadu_ps(xp))));
+                        a1[r] = _mm256_add_ps(a1[r], _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xp.add(24)), _mm256_mul_ps(c[2], _mm256_loadu_ps(xp.add(16)))));
+                    }
+                }
+            }
+            std::array::from_fn(|r| hsum(_mm256_add_ps(a0[r], a1[r])))
         }
     }
 
@@ -1138,6 +1326,47 @@ mod tests {
             let g = simd::generic_sixes(&q, &s, &x);
             let exact: f64 = c.iter().enumerate().map(|(i, &c)| c as f64 * s[i / 16] as f64 * x[i] as f64).sum();
             assert!((v - g).abs() <= 1e-5 * (1.0 + g.abs()) && (v as f64 - exact).abs() <= 1e-4, "{blocks} blocks: {v} vs {g} vs {exact}");
+        }
+    }
+
+    /// The AVX2 kernels called directly (on an AVX-512 CPU the dispatch would not pick them)
+    /// against the plain ones, one row and 8 rows at once (each of the 8 the bits of its row
+    /// alone), on even and odd block counts, for 4-, 8- and 6-bit codes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_agree_with_the_plain_ones() {
+        if !simd::avx2::has() {
+            eprintln!("skipped: this CPU lacks AVX2/FMA");
+            return;
+        }
+        for blocks in [1, 2, 3, 18, 19] {
+            let q: Vec<u8> = (0..blocks * 32).map(|i| (i * 37 % 256) as u8).collect();
+            let s: Vec<f32> = (0..blocks).map(|b| 0.01 * (b as f32 + 1.0)).collect();
+            let xs: Vec<Vec<f32>> = (0..8).map(|r| (0..blocks * 32).map(|i| (i as f32 * 0.7 + r as f32).cos()).collect()).collect();
+            let x8: [&[f32]; 8] = std::array::from_fn(|r| &xs[r][..]);
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+            let q4 = &q[..blocks * 16];
+            // SAFETY: AVX2 and FMA checked above; the lengths are the kernels' contract.
+            let (n8, b8) = unsafe { (simd::avx2::dot_nibbles_rows(q4, &s, x8), simd::avx2::dot_bytes_rows(&q, &s, x8)) };
+            for r in 0..8 {
+                // SAFETY: as above.
+                let (n1, b1) = unsafe { (simd::avx2::dot_nibbles_rows(q4, &s, [x8[r]]), simd::avx2::dot_bytes_rows(&q, &s, [x8[r]])) };
+                assert_eq!((n1[0].to_bits(), b1[0].to_bits()), (n8[r].to_bits(), b8[r].to_bits()), "{blocks} blocks, row {r}");
+                let (gn, gb) = (simd::generic_nibbles(q4, &s, x8[r]), simd::generic_bytes(&q, &s, x8[r]));
+                assert!(close(n1[0], gn) && close(b1[0], gb), "{blocks} blocks: nibbles {n1:?} vs {gn}, bytes {b1:?} vs {gb}");
+            }
+            let c: Vec<i8> = (0..blocks * 32).map(|i| ((i * 53 + 7) % 64) as i8 - 32).collect();
+            let q6 = pack_sixes(&c);
+            let s6: Vec<f32> = (0..2 * blocks).map(|g| 0.01 * (g as f32 + 1.0)).collect();
+            // SAFETY: as above.
+            let v8 = unsafe { simd::avx2::dot_sixes_rows(&q6, &s6, x8) };
+            for r in 0..8 {
+                // SAFETY: as above.
+                let [v] = unsafe { simd::avx2::dot_sixes_rows(&q6, &s6, [x8[r]]) };
+                assert_eq!(v.to_bits(), v8[r].to_bits(), "{blocks} blocks, row {r}");
+                let exact: f64 = c.iter().enumerate().map(|(i, &c)| c as f64 * s6[i / 16] as f64 * x8[r][i] as f64).sum();
+                assert!((v as f64 - exact).abs() <= 1e-4, "{blocks} blocks, 6-bit: {v} vs {exact}");
+            }
         }
     }
 

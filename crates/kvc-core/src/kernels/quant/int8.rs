@@ -2,7 +2,9 @@
 //! is rounded to 8-bit codes per block of 32 with one f32 scale (ggml's `quantize_row_q8_0`:
 //! `dx = max|x| / 127`, codes `round(x / dx)`), and a K-quant weight row's codes are multiplied
 //! by them in integer arithmetic, `u8 x i8` products summed four at a time into 32-bit lanes
-//! (AVX-512 VNNI `vpdpbusd`), then scaled in f32 by `d * sc * dx` per group. llama.cpp's CPU
+//! (AVX-512 VNNI `vpdpbusd`; on CPUs without it AVX2's `vpmaddubsw` into 16-bit pairs, then
+//! `vpmaddwd` by ones, as ggml's AVX2 kernels), then scaled in f32 by `d * sc * dx` per group
+//! (module `avx2`: the same layouts and sums as `avx512`). llama.cpp's CPU
 //! backend does the same for its K-quants (`ggml_vec_dot_q4_K_q8_K`, with one scale per 256
 //! values of `x` where this keeps one per 32); the f32 kernels of [`super`] instead multiply the
 //! dequantized weights by `x` in f32, about 2x the instructions for the same bytes of codes.
@@ -16,14 +18,53 @@
 
 use super::{QuantCodes, QuantMatrix, Scales, BLOCK, SUPER_BLOCK};
 
-/// Whether the explicit AVX-512 kernels run for every format here ([`super::int8_kernels_native`]).
-pub(super) fn native() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512::has_vbmi()
+/// Which kernels [`dot`] runs: the best this CPU has ([`Kernels::best`]), or in tests each
+/// one the CPU can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernels {
+    /// AVX-512 VNNI (`vpdpbusd`; the 6-bit kernel also needs VBMI, else it takes AVX2's).
+    Avx512,
+    /// AVX2 (`vpmaddubsw` + `vpmaddwd`, ggml's AVX2 way): CPUs without AVX-512 VNNI (AMD Zen 2 /
+    /// Zen 3, Intel before Ice Lake).
+    Avx2,
+    /// Plain loops (any CPU; the kernels' reference).
+    Plain,
+}
+
+impl Kernels {
+    /// The fastest this CPU runs.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512::has_vnni() {
+                return Kernels::Avx512;
+            }
+            if avx2::has() {
+                return Kernels::Avx2;
+            }
+        }
+        Kernels::Plain
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// Whether this CPU can run them.
+    #[cfg(test)]
+    fn runs(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => avx512::has_vnni(),
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 => avx2::has(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernels::Avx512 | Kernels::Avx2 => false,
+            Kernels::Plain => true,
+        }
+    }
+}
+
+/// Whether explicit SIMD kernels run for every format here (AVX-512 VNNI or AVX2;
+/// [`super::int8_kernels_native`]).
+pub(super) fn native() -> bool {
+    Kernels::best() != Kernels::Plain
 }
 
 /// Whether [`dot`] multiplies this matrix: every format kvc reads (K-quants in whole
@@ -103,18 +144,17 @@ impl Row {
 /// xq_g)` plus the mins' `sum_g min_g * sum(x_g)` (`scale = d * sc`, `min = -(dmin * m)` for the
 /// K-quants). `buf`: room for a row's expanded scales (formats with f32 scales per block).
 pub(super) fn dot(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>)) -> f32 {
-    dot_with(w, r, x, buf, true)
+    dot_with(w, r, x, buf, Kernels::best())
 }
 
-/// [`dot`], on the AVX-512 kernels where the CPU has them and `simd`, else the plain loops.
-fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), simd: bool) -> f32 {
+/// [`dot`] on kernels `k` (which the CPU must run: [`Kernels::best`] or one it allows below).
+fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
     assert!(x.cols == w.cols, "x has the matrix's columns");
-    let simd = simd && cfg!(target_arch = "x86_64");
     let per_block = w.codes.bytes_per_block();
     let q = &w.quants[r * (w.cols / BLOCK) * per_block..][..(w.cols / BLOCK) * per_block];
-    let Scales::Super { d, dmin, sc, m } = &w.scales else { return scaled(w, r, q, x, buf, simd) };
+    let Scales::Super { d, dmin, sc, m } = &w.scales else { return scaled(w, r, q, x, buf, k) };
     if w.codes == QuantCodes::Bytes {
-        return scaled(w, r, q, x, buf, simd);
+        return scaled(w, r, q, x, buf, k);
     }
     let group = w.codes.group();
     let (supers, groups) = (w.cols / SUPER_BLOCK, w.cols / group);
@@ -124,17 +164,23 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
         QuantCodes::Nibbles => {
             let (dmin, m) = if w.has_min { (&dmin[r * supers..][..supers], &m[r * groups..][..groups]) } else { (&[][..], &[][..]) };
             #[cfg(target_arch = "x86_64")]
-            if simd && avx512::has_vnni() {
-                // SAFETY: the CPU has the features; the lengths follow from the matrix's shape.
-                return unsafe { avx512::nibbles(q, d, sc, dmin, m, x) };
+            match k {
+                // SAFETY: the CPU has the features (`k`); the lengths follow from the shape.
+                Kernels::Avx512 => return unsafe { avx512::nibbles(q, d, sc, dmin, m, x) },
+                // SAFETY: as above.
+                Kernels::Avx2 => return unsafe { avx2::nibbles(q, d, sc, dmin, m, x) },
+                Kernels::Plain => {}
             }
             generic_nibbles(q, d, sc, dmin, m, x)
         }
         QuantCodes::Sixes => {
             #[cfg(target_arch = "x86_64")]
-            if simd && avx512::has_vbmi() {
-                // SAFETY: as above.
-                return unsafe { avx512::sixes(q, d, sc, x) };
+            match k {
+                // SAFETY: as above (VBMI checked here: AVX-512 VNNI without it takes AVX2's).
+                Kernels::Avx512 if avx512::has_vbmi() => return unsafe { avx512::sixes(q, d, sc, x) },
+                // SAFETY: every AVX-512 CPU has AVX2; the lengths as above.
+                Kernels::Avx512 | Kernels::Avx2 => return unsafe { avx2::sixes(q, d, sc, x) },
+                Kernels::Plain => {}
             }
             generic_sixes(q, d, sc, x)
         }
@@ -144,22 +190,28 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
 
 /// [`dot`] for the formats multiplied with f32 scales and mins per block of 32 (the row's, as
 /// the f32 kernels expand them).
-fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec<f32>), simd: bool) -> f32 {
+fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
     let (s, m) = w.row_scales(r, buf);
     match w.codes {
         QuantCodes::Nibbles => {
             #[cfg(target_arch = "x86_64")]
-            if simd && avx512::has_vnni() {
-                // SAFETY: the CPU has the features; the lengths follow from the matrix's shape.
-                return unsafe { avx512::nibbles_scaled(q, s, m, x) };
+            match k {
+                // SAFETY: the CPU has the features (`k`); the lengths follow from the shape.
+                Kernels::Avx512 => return unsafe { avx512::nibbles_scaled(q, s, m, x) },
+                // SAFETY: as above.
+                Kernels::Avx2 => return unsafe { avx2::nibbles_scaled(q, s, m, x) },
+                Kernels::Plain => {}
             }
             generic_scaled(q, s, m, x, nibble)
         }
         QuantCodes::Bytes => {
             #[cfg(target_arch = "x86_64")]
-            if simd && avx512::has_vnni() {
+            match k {
                 // SAFETY: as above.
-                return unsafe { avx512::bytes_scaled(q, s, m, x) };
+                Kernels::Avx512 => return unsafe { avx512::bytes_scaled(q, s, m, x) },
+                // SAFETY: as above.
+                Kernels::Avx2 => return unsafe { avx2::bytes_scaled(q, s, m, x) },
+                Kernels::Plain => {}
             }
             generic_scaled(q, s, m, x, byte)
         }
@@ -466,6 +518,206 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The kernels for CPUs without AVX-512 VNNI (and the 6-bit one without VBMI); [`has`]:
+    //! the f32 kernels' AVX2 test, with their prefetch distance and lane sum.
+    use super::super::simd::avx2::{hsum, PREFETCH};
+    pub use super::super::simd::avx2::has;
+    use super::Row;
+    use std::arch::x86_64::*;
+
+    /// 4 bytes (4 groups' integer scales) widened to two vectors of 8 f32 lanes: the first two
+    /// scales each over 4 lanes, then the last two.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn four_scales(p: *const i8) -> (__m256, __m256) {
+        // SAFETY: the caller's 4 bytes at p.
+        let four = unsafe { _mm_cvtsi32_si128((p as *const i32).read_unaligned()) };
+        let f = _mm256_castps128_ps256(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(four)));
+        (_mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)), _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)))
+    }
+
+    /// Two f32 values at `v` (the second 0 unless `two`) over 8 lanes, 4 each.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn two_spread(v: *const f32, two: bool) -> __m256 {
+        // SAFETY: the caller's value(s) at v.
+        let (a, b) = unsafe { (*v, if two { *v.add(1) } else { 0.0 }) };
+        _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b))
+    }
+
+    /// `u8` codes times `i8` codes summed 4 at a time into 8 lanes of 32 bits (`vpmaddubsw`,
+    /// pairs into 16 bits, then `vpmaddwd` by ones): the AVX2 form of VNNI's `vpdpbusd`. A pair
+    /// stays within 16 bits for codes up to 128 times `|x| <= 127`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn products(u: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+    }
+
+    /// Two blocks of 4-bit codes (32 bytes at `q`) times their x codes in [`Row::q4`]'s order
+    /// (`lo`: the first 16 of each block, `hi`: the last 16): 4 lanes per block. The low and
+    /// high nibbles' 16-bit pair sums (each <= 2 * 15 * 127) are added before widening.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn nibble_pair(w: __m256i, lo: __m256i, hi: __m256i) -> __m256i {
+        let mask = _mm256_set1_epi8(15);
+        let l = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), lo);
+        let h = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(w), mask), hi);
+        _mm256_madd_epi16(_mm256_add_epi16(l, h), _mm256_set1_epi16(1))
+    }
+
+    /// [`super::generic_nibbles`]: 4 blocks (128 codes, 64 bytes) an iteration, two at a time
+    /// against [`Row::q4`]; per lane `sc * dx` in f32, per super-block `d` (and `dmin` for the
+    /// mins, from [`Row::xsum4`]).
+    ///
+    /// # Safety
+    /// [`has`]; `q.len() = 128 d.len()`, `sc` (and `m` unless empty) `8 d.len()`, `dmin`
+    /// `d.len()` unless `m` is empty, `x` of `256 d.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
+        let (qp, xp) = (q.as_ptr(), x.q4.as_ptr());
+        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for s in 0..d.len() {
+            let (mut a, mut am) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in 2 * s..2 * s + 2 {
+                // SAFETY: i < 2 d.len(): 64 bytes of codes, 128 of x's codes, 16 lanes of dx
+                // and xsum and 4 scales (and mins) at i are in bounds.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(64 * i + PREFETCH) as *const i8);
+                    let (w0, w1) = (_mm256_loadu_si256(qp.add(64 * i) as *const _), _mm256_loadu_si256(qp.add(64 * i + 32) as *const _));
+                    let xq = xp.add(128 * i);
+                    let p0 = nibble_pair(w0, _mm256_loadu_si256(xq as *const _), _mm256_loadu_si256(xq.add(64) as *const _));
+                    let p1 = nibble_pair(w1, _mm256_loadu_si256(xq.add(32) as *const _), _mm256_loadu_si256(xq.add(96) as *const _));
+                    let (s0, s1) = four_scales(sc.as_ptr().add(4 * i));
+                    let dx = x.dx4.as_ptr().add(16 * i);
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, _mm256_loadu_ps(dx)), a);
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, _mm256_loadu_ps(dx.add(8))), a);
+                    if !m.is_empty() {
+                        let (m0, m1) = four_scales(m.as_ptr().add(4 * i));
+                        let xs = x.xsum4.as_ptr().add(16 * i);
+                        am = _mm256_fmadd_ps(m0, _mm256_loadu_ps(xs), am);
+                        am = _mm256_fmadd_ps(m1, _mm256_loadu_ps(xs.add(8)), am);
+                    }
+                }
+            }
+            acc = _mm256_fmadd_ps(a, _mm256_set1_ps(d[s]), acc);
+            if !m.is_empty() {
+                accm = _mm256_fmadd_ps(am, _mm256_set1_ps(dmin[s]), accm);
+            }
+        }
+        hsum(acc) - hsum(accm)
+    }
+
+    /// [`super::generic_scaled`] for 4-bit codes: 2 blocks (32 bytes) an iteration against
+    /// [`Row::q4`] (a last odd block read alone), each block's f32 scale (and min) over its 4
+    /// lanes.
+    ///
+    /// # Safety
+    /// [`has`]; `q.len() = 16 s.len()`, `m` empty or `s.len()`, `x` of `32 s.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn nibbles_scaled(q: &[u8], s: &[f32], m: &[f32], x: &Row) -> f32 {
+        let (qp, xp) = (q.as_ptr(), x.q4.as_ptr());
+        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for p in 0..s.len().div_ceil(2) {
+            let two = 2 * p + 1 < s.len();
+            // SAFETY: blocks 2p (and 2p + 1 when `two`) are in q, s and m; x's codes are padded
+            // to whole groups of 4 blocks and its lanes to 16 per pair of pairs.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(32 * p + PREFETCH) as *const i8);
+                let w = if two { _mm256_loadu_si256(qp.add(32 * p) as *const _) } else { _mm256_zextsi128_si256(_mm_loadu_si128(qp.add(32 * p) as *const _)) };
+                let base = xp.add(128 * (p / 2) + 32 * (p % 2));
+                let prod = nibble_pair(w, _mm256_loadu_si256(base as *const _), _mm256_loadu_si256(base.add(64) as *const _));
+                let f = _mm256_mul_ps(two_spread(s.as_ptr().add(2 * p), two), _mm256_loadu_ps(x.dx4.as_ptr().add(8 * p)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), f, acc);
+                if !m.is_empty() {
+                    accm = _mm256_fmadd_ps(two_spread(m.as_ptr().add(2 * p), two), _mm256_loadu_ps(x.xsum4.as_ptr().add(8 * p)), accm);
+                }
+            }
+        }
+        hsum(acc) + hsum(accm)
+    }
+
+    /// [`super::generic_scaled`] for 8-bit codes: a block (32 codes) an iteration, `|code|`
+    /// (unsigned) times `x`'s codes with the code's sign (`vpsignb`, ggml's way), each block's
+    /// f32 scale and min over 8 lanes.
+    ///
+    /// # Safety
+    /// [`has`]; `q.len() = 32 s.len()`, `m` empty or `s.len()`, `x` of `32 s.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bytes_scaled(q: &[u8], s: &[f32], m: &[f32], x: &Row) -> f32 {
+        let (qp, xp) = (q.as_ptr(), x.q.as_ptr());
+        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..s.len() {
+            // SAFETY: block b is in q, s, m (unless empty) and x's codes and lanes.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(32 * b + PREFETCH) as *const i8);
+                let c = _mm256_loadu_si256(qp.add(32 * b) as *const _);
+                let xv = _mm256_loadu_si256(xp.add(32 * b) as *const _);
+                let prod = products(_mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(s[b] * x.dx8[8 * b]), acc);
+                if !m.is_empty() {
+                    accm = _mm256_fmadd_ps(_mm256_set1_ps(m[b]), _mm256_loadu_ps(x.xsum8.as_ptr().add(8 * b)), accm);
+                }
+            }
+        }
+        hsum(acc) + hsum(accm)
+    }
+
+    /// [`super::generic_sixes`]: a block (32 codes, 24 bytes) an iteration: its 16 bytes read
+    /// into both 128-bit halves, the low nibbles kept in the first and the high ones in the
+    /// second (one shift, one blend); each code's two high bits from the block's 8 bytes (code
+    /// `j`'s at bit `2 j` of its half's 32-bit word: the word shifted by 0, 2, 4, 6 in 4 lanes,
+    /// the bytes gathered by `vpshufb`, masked, moved to bit 4); one product against
+    /// [`Row::q`] minus [`Row::bias`]. The super-block's 16 scales are widened to f32 once and
+    /// each block's two picked by a permute.
+    ///
+    /// # Safety
+    /// [`has`]; `q.len() = 192 d.len()`, `sc` `16 d.len()`, `x` of `256 d.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sixes(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
+        let mask = _mm256_set1_epi8(15);
+        let three = _mm256_set1_epi8(3);
+        let words = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        let shifts = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+        // code t of a half: byte t / 4 of the word shifted by 2 (t % 4)
+        let gather = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let (qp, xp) = (q.as_ptr(), x.q.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        for s in 0..d.len() {
+            // SAFETY: s < d.len(): 16 scales at 16 s.
+            let scales = unsafe { _mm_loadu_si128(sc.as_ptr().add(16 * s) as *const __m128i) };
+            let halves = [_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(scales, scales)))];
+            let mut a = _mm256_setzero_ps();
+            for j in 0..8 {
+                let b = 8 * s + j;
+                // SAFETY: b < 8 d.len(): 24 bytes of codes, 32 of x's codes, 8 lanes of dx and
+                // bias at b are in bounds.
+                unsafe {
+                    let p = qp.add(24 * b);
+                    if b % 2 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    }
+                    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+                    let nib = _mm256_and_si256(_mm256_blend_epi32::<0b1111_0000>(v, _mm256_srli_epi16::<4>(v)), mask);
+                    let h = _mm256_castsi128_si256(_mm_cvtsi64_si128((p.add(16) as *const i64).read_unaligned()));
+                    let h = _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(h, words), shifts);
+                    let h = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_shuffle_epi8(h, gather), three));
+                    let dot = products(_mm256_or_si256(nib, h), _mm256_loadu_si256(xp.add(32 * b) as *const _));
+                    let dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(x.bias.as_ptr().add(8 * b) as *const _));
+                    // groups 2 j and 2 j + 1 of the super-block, 4 lanes each
+                    let pick = _mm256_add_epi32(words, _mm256_set1_epi32(2 * (j % 4) as i32));
+                    let f = _mm256_permutevar8x32_ps(halves[j / 4], pick);
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(f, _mm256_loadu_ps(x.dx8.as_ptr().add(8 * b))), a);
+                }
+            }
+            acc = _mm256_fmadd_ps(a, _mm256_set1_ps(d[s]), acc);
+        }
+        hsum(acc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,9 +813,9 @@ mod tests {
                     want += (wv - mn) * xr[c] + mn * x[c] as f64;
                     scale += (wv * xr[c]).abs() + (mn * x[c] as f64).abs();
                 }
-                for simd in [true, false] {
-                    let got = dot_with(&w, r, &row, &mut buf, simd);
-                    assert!((got as f64 - want).abs() <= 1e-5 * scale + 1e-6, "{kind:?} row {r} simd {simd}: {got} vs {want} (scale {scale})");
+                for k in [Kernels::Avx512, Kernels::Avx2, Kernels::Plain].into_iter().filter(|k| k.runs()) {
+                    let got = dot_with(&w, r, &row, &mut buf, k);
+                    assert!((got as f64 - want).abs() <= 1e-5 * scale + 1e-6, "{kind:?} row {r} {k:?}: {got} vs {want} (scale {scale})");
                 }
             }
         }
