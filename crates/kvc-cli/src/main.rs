@@ -330,7 +330,7 @@ impl backend::BackendJob for GenerateJob {
         if self.dense_weights || !B::kvc_has_quant_linear() {
             loaded.model.drop_quantized();
         }
-        if self.int8_activations && !loaded.model.enable_int8_activations()? {
+        if self.int8_activations && !loaded.model.enable_int8_activations().with_context(|| format!("model {}", self.model.display()))? {
             eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
         }
         let load_secs = t_load.elapsed().as_secs_f64();

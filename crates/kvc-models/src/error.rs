@@ -81,7 +81,7 @@ pub enum ModelError {
     Tokenizer(String),
     /// Int8 activations asked of a model whose decode multiplies dense weights
     /// ([`crate::Decoder::enable_int8_activations`]).
-    #[error("--int8-activations needs a GGUF model's quantized weights in use on a CPU backend (flex, ndarray), without --dense-weights; this model multiplies dense weights")]
+    #[error("--int8-activations needs a GGUF model's quantized weights in use on a CPU backend (flex, ndarray); this model's decode multiplies dense weights")]
     Int8Activations,
     /// The prompt has no tokens.
     #[error("the prompt is empty")]

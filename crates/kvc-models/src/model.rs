@@ -15,10 +15,10 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::rope;
+use crate::weights::WeightSource;
 
 /// What a front end prints when [`Decoder::enable_int8_activations`] returns `false`.
-pub const INT8_PLAIN_LOOPS_WARNING: &str = "this CPU has neither AVX2 nor AVX-512 VNNI: --int8-activations runs plain loops (the same numbers), likely slower than the default";
-use crate::weights::WeightSource;
+pub const INT8_PLAIN_LOOPS_WARNING: &str = "this CPU has neither AVX2 nor AVX-512 VNNI: --int8-activations runs plain loops (the same numbers up to the order of f32 sums), likely slower than the default";
 
 /// Which positions to compute logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -578,13 +578,14 @@ impl<B: KvcBackend> Decoder<B> {
     /// generate`, `kvc serve`, `kvc-bench eval`): the one check and setting every front end
     /// shares. Returns whether this CPU runs explicit SIMD kernels for it
     /// ([`kvc_core::kernels::quant::int8_kernels_native`]: AVX-512 VNNI or AVX2); where it does
-    /// not, plain loops give the same numbers, likely slower than f32 (a front end warns:
+    /// not, plain loops give the same numbers up to the order of f32 sums, likely slower than
+    /// f32 (a front end warns:
     /// [`INT8_PLAIN_LOOPS_WARNING`]).
     ///
     /// # Errors
     /// [`ModelError::Int8Activations`] when decode does not multiply quantized weights (a
-    /// safetensors model, `--dense-weights`, or a backend without the kernel): there are no
-    /// codes for int8 activations to multiply. The setting is left as it was.
+    /// safetensors model, a GPU backend, or the codes dropped: [`Decoder::drop_quantized`]):
+    /// there are no codes for int8 activations to multiply. The setting is left as it was.
     pub fn enable_int8_activations(&mut self) -> Result<bool> {
         if !self.quantized_decode() {
             return Err(ModelError::Int8Activations);

@@ -168,7 +168,7 @@ impl backend::BackendJob for EvalJob {
 
     fn run<B: KvcBackend>(self, device: B::Device) -> Result<Vec<(Summary, Vec<Prediction>)>> {
         let mut loaded = kvc_models::load_with::<B>(&self.model, &device, None, self.storage)?;
-        if self.int8_activations && !loaded.model.enable_int8_activations()? {
+        if self.int8_activations && !loaded.model.enable_int8_activations().with_context(|| format!("model {}", self.model.display()))? {
             eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
         }
         let several = self.configs.len() > 1;

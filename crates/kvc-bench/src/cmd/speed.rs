@@ -169,7 +169,6 @@ impl backend::BackendJob for SpeedJob<'_> {
 /// The decode steps measured again from the end of the `n`-token prompt (the cache cut back to
 /// it) with the model changed by `set(model, true)`, undone by `set(model, false)` whatever the
 /// outcome: (tokens/s over the steps after the first token, the tokens).
-#[allow(clippy::too_many_arguments)]
 fn decode_again<B: KvcBackend>(
     model: &mut kvc_models::Decoder<B>,
     cache: &mut kvc_core::KvCache<B>,

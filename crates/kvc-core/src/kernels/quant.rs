@@ -34,16 +34,16 @@ pub enum Activations {
     /// half the instructions per weight, so decode is faster where it is bound by arithmetic
     /// rather than memory (a 2-core Xeon). Every format kvc reads (the K-quants in whole
     /// super-blocks of 256 columns, as their files hold them). Without AVX2 the plain loops
-    /// give the same numbers slower: [`int8_kernels_native`].
+    /// give the same numbers (up to the order of f32 sums), slower: [`int8_kernels_native`].
     Int8,
 }
 
 use crate::error::CoreError;
 
 /// Whether this CPU runs [`Activations::Int8`]'s explicit SIMD kernels for every format
-/// (AVX-512 F, BW, VL and VNNI, with VBMI for `Q6_K`; or AVX2 and FMA). Where it does not, the
-/// plain loops run: the same numbers, likely slower than [`Activations::F32`] (a front end can
-/// say so).
+/// (AVX-512 F, BW, VL and VNNI, `Q6_K` with VBMI too or else on AVX2's; or AVX2 and FMA). Where
+/// it does not, the plain loops run: the same numbers up to the order of f32 sums, likely slower
+/// than [`Activations::F32`] (a front end can say so).
 pub fn int8_kernels_native() -> bool {
     int8::native()
 }
@@ -540,13 +540,12 @@ mod simd {
             // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
             return unsafe { avx2::dot_nibbles_rows(q, s, [x]) }[0] + mins(m, xs);
         }
-        plain_nibbles(q, s, x) + mins(m, xs)
+        generic_nibbles(q, s, x) + mins(m, xs)
     }
 
-    // the plain bodies compiled for AVX2+FMA too and chosen at run time: CPUs without AVX2 (an
-    // AVX2 CPU runs `avx2`'s kernels: these did not vectorize the nibbles well)
-    super::super::host::simd::dispatch!(plain_nibbles, generic_nibbles, (q: &[u8], s: &[f32], x: &[f32]) -> f32);
-    super::super::host::simd::dispatch!(plain_bytes, generic_bytes, (q: &[u8], s: &[f32], x: &[f32]) -> f32);
+    // CPUs without AVX2 run the plain bodies (`generic_*`); they were also compiled for AVX2 and
+    // chosen at run time until the explicit `avx2` kernels (the compiler did not vectorize the
+    // nibbles well: Qwen2.5-Coder-1.5B decoded at 0.95 tokens/s on a 2-core Zen 3, 6.60 with them)
 
     super::super::host::simd::dispatch!(expand_scales, expand_scales_body, (out: &mut [f32], d: &[f32], q: &[i8], sign: f32) -> ());
 
@@ -635,7 +634,7 @@ mod simd {
             // SAFETY: as above.
             return unsafe { avx2::dot_bytes_rows(q, s, [x]) }[0] + mins(m, xs);
         }
-        plain_bytes(q, s, x) + mins(m, xs)
+        generic_bytes(q, s, x) + mins(m, xs)
     }
 
     /// [`dot_nibbles`] of one weight row with `R` rows of `x` (`xs`: their block sums): each
@@ -656,7 +655,7 @@ mod simd {
             let dots = unsafe { avx2::dot_nibbles_rows(q, s, x) };
             return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
         }
-        std::array::from_fn(|r| plain_nibbles(q, s, x[r]) + mins(m, xs[r]))
+        std::array::from_fn(|r| generic_nibbles(q, s, x[r]) + mins(m, xs[r]))
     }
 
     /// [`dot_nibbles_rows`] for `i8` codes.
@@ -675,7 +674,7 @@ mod simd {
             let dots = unsafe { avx2::dot_bytes_rows(q, s, x) };
             return std::array::from_fn(|r| dots[r] + mins(m, xs[r]));
         }
-        std::array::from_fn(|r| plain_bytes(q, s, x[r]) + mins(m, xs[r]))
+        std::array::from_fn(|r| generic_bytes(q, s, x[r]) + mins(m, xs[r]))
     }
 
     /// One row of [`QuantCodes::Sixes`] codes (one scale per 16 elements: `s` has two a block,
@@ -695,13 +694,10 @@ mod simd {
             // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
             return unsafe { avx2::dot_sixes_rows(q, s, x) };
         }
-        std::array::from_fn(|r| plain_sixes(q, s, x[r]))
+        std::array::from_fn(|r| generic_sixes(q, s, x[r]))
     }
 
-    super::super::host::simd::dispatch!(plain_sixes, generic_sixes, (q: &[u8], s: &[f32], x: &[f32]) -> f32);
-
-    /// [`dot_sixes_rows`] for one row without explicit SIMD (compiled for AVX2 and chosen at run
-    /// time by `plain_sixes`): each block unpacked into 32 weights with fixed-length loops (the
+    /// [`dot_sixes_rows`] for one row without explicit SIMD (CPUs without AVX2): each block unpacked into 32 weights with fixed-length loops (the
     /// compiler vectorizes them), then multiplied into 16 lanes.
     #[inline(always)]
     pub(super) fn generic_sixes(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
@@ -911,8 +907,9 @@ mod simd {
     /// Explicit AVX2 + FMA kernels (CPUs without AVX-512: AMD Zen 2 / Zen 3, Intel desktop
     /// cores): a block's 32 codes widened to four vectors of 8 f32, multiplied by `x` in one
     /// chain per block, the blocks' sums scaled into two accumulators per row. The plain loops
-    /// compiled for AVX2 (`plain_nibbles`) ran a 2-core AMD EPYC (Zen 3) decode of
-    /// Qwen2.5-Coder-1.5B at under 1 token/s: the per-element code closure did not vectorize.
+    /// compiled for AVX2 (`plain_nibbles` then) ran a 2-core AMD EPYC (Zen 3) decode of
+    /// Qwen2.5-Coder-1.5B at 0.95 tokens/s (these kernels: 6.60, back to back): the per-element
+    /// code closure did not vectorize.
     #[cfg(target_arch = "x86_64")]
     pub(super) mod avx2 {
         use std::arch::x86_64::*;

@@ -4,7 +4,7 @@
 //! by them in integer arithmetic, `u8 x i8` products summed four at a time into 32-bit lanes
 //! (AVX-512 VNNI `vpdpbusd`; on CPUs without it AVX2's `vpmaddubsw` into 16-bit pairs, then
 //! `vpmaddwd` by ones, as ggml's AVX2 kernels), then scaled in f32 by `d * sc * dx` per group
-//! (module `avx2`: the same layouts and sums as `avx512`). llama.cpp's CPU
+//! (module `avx2`: the same layouts and integer sums as `avx512`, f32 sums in another order). llama.cpp's CPU
 //! backend does the same for its K-quants (`ggml_vec_dot_q4_K_q8_K`, with one scale per 256
 //! values of `x` where this keeps one per 32); the f32 kernels of [`super`] instead multiply the
 //! dequantized weights by `x` in f32, about 2x the instructions for the same bytes of codes.
@@ -21,11 +21,12 @@ use super::{QuantCodes, QuantMatrix, Scales, BLOCK, SUPER_BLOCK};
 /// Which kernels [`dot`] runs: the best this CPU has ([`Kernels::best`]), or in tests each
 /// one the CPU can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Kernels {
     /// AVX-512 VNNI (`vpdpbusd`; the 6-bit kernel also needs VBMI, else it takes AVX2's).
     Avx512,
     /// AVX2 (`vpmaddubsw` + `vpmaddwd`, ggml's AVX2 way): CPUs without AVX-512 VNNI (AMD Zen 2 /
-    /// Zen 3, Intel before Ice Lake).
+    /// Zen 3, Intel desktop cores, Xeons before Cascade Lake).
     Avx2,
     /// Plain loops (any CPU; the kernels' reference).
     Plain,
@@ -178,8 +179,9 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
             match k {
                 // SAFETY: as above (VBMI checked here: AVX-512 VNNI without it takes AVX2's).
                 Kernels::Avx512 if avx512::has_vbmi() => return unsafe { avx512::sixes(q, d, sc, x) },
-                // SAFETY: every AVX-512 CPU has AVX2; the lengths as above.
-                Kernels::Avx512 | Kernels::Avx2 => return unsafe { avx2::sixes(q, d, sc, x) },
+                // SAFETY: AVX2 and FMA checked here; the lengths as above.
+                Kernels::Avx512 | Kernels::Avx2 if avx2::has() => return unsafe { avx2::sixes(q, d, sc, x) },
+                Kernels::Avx512 | Kernels::Avx2 => {}
                 Kernels::Plain => {}
             }
             generic_sixes(q, d, sc, x)
@@ -191,6 +193,8 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
 /// [`dot`] for the formats multiplied with f32 scales and mins per block of 32 (the row's, as
 /// the f32 kernels expand them).
 fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = k;
     let (s, m) = w.row_scales(r, buf);
     match w.codes {
         QuantCodes::Nibbles => {
@@ -219,7 +223,7 @@ fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec
     }
 }
 
-/// [`scaled`] on any CPU (and the AVX-512 kernels' reference): per block of 32 the integer sum
+/// [`scaled`] on any CPU (and the SIMD kernels' reference): per block of 32 the integer sum
 /// `codes . xq` times `scale * dx`, plus `min * sum(x)`; `m` empty: no mins.
 fn generic_scaled(q: &[u8], s: &[f32], m: &[f32], x: &Row, code: impl Fn(&[u8], usize) -> i32) -> f32 {
     let per_block = q.len() / s.len().max(1);
@@ -249,7 +253,7 @@ fn byte(q: &[u8], j: usize) -> i32 {
     q[j] as i8 as i32
 }
 
-/// [`dot`] of a `Q4_K` row on any CPU (and the reference of the AVX-512 kernel): per group of
+/// [`dot`] of a `Q4_K` row on any CPU (and the SIMD kernels' reference): per group of
 /// 32 the integer sum `codes . xq`, scaled by `sc * dx`, per super-block by `d`; `m` empty: no
 /// mins.
 fn generic_nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
@@ -275,7 +279,7 @@ fn generic_nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &R
     acc - accm
 }
 
-/// [`dot`] of a `Q6_K` row on any CPU (and the AVX-512 kernel's reference): per group of 16 the
+/// [`dot`] of a `Q6_K` row on any CPU (and the SIMD kernels' reference): per group of 16 the
 /// integer sum `(code + 32) . xq - 32 sum(xq)`, scaled by `sc * dx`, per super-block by `d`.
 fn generic_sixes(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
     let mut acc = 0f32;
@@ -783,7 +787,7 @@ mod tests {
         x.q.iter().enumerate().map(|(i, &c)| c as f64 * x.dx8[8 * (i / BLOCK)] as f64).collect()
     }
 
-    /// Every kernel, AVX-512 and plain, against the f64 product of the dequantized weights with
+    /// Every kernel the CPU runs, AVX-512, AVX2 and plain, against the f64 product of the dequantized weights with
     /// the rounded `x` (the mins with the exact `x`), on random rows of every format; and the
     /// rounding itself (at most half a step; a block of zeros stays zero).
     #[test]
