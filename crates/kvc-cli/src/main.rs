@@ -242,7 +242,7 @@ struct GenerateArgs {
     /// llama.cpp does: faster where decode is bound by arithmetic (1.45-1.97x for
     /// Qwen2.5-Coder-1.5B on a 2-core Xeon), but the logits move by the rounding, so answers may
     /// differ from the default (the product by the dequantized weights); on the small default
-    /// model they can change from the first token, for 1.1x. The prefill and the
+    /// model they can change from the first token, for 1.1-1.2x. The prefill and the
     /// questions' tokens keep f32. Needs the codes (not with --dense-weights).
     #[arg(long, conflicts_with = "dense_weights")]
     int8_activations: bool,

@@ -18,7 +18,7 @@ use crate::rope;
 use crate::weights::WeightSource;
 
 /// What a front end prints when [`Decoder::enable_int8_activations`] returns `false`.
-pub const INT8_PLAIN_LOOPS_WARNING: &str = "this CPU has neither AVX2 nor AVX-512 VNNI: --int8-activations runs plain loops (the same numbers up to the order of f32 sums), likely slower than the default";
+pub const INT8_PLAIN_LOOPS_WARNING: &str = "this CPU has neither AVX2+FMA nor AVX-512 VNNI: --int8-activations runs plain loops (the same numbers up to the order of f32 sums), likely slower than the default";
 
 /// Which positions to compute logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
