@@ -324,12 +324,9 @@ impl backend::BackendJob for GenerateJob {
         if !B::supports_dtype(&device, self.dtype) {
             bail!("--dtype {} is not supported by the {} backend", self.names.1, self.names.0);
         }
-        let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
+        let storage = kvc_models::WeightStorage::dense_only_if(self.dense_weights);
         let mut loaded = kvc_models::load_with::<B>(&self.model, &device, Some(self.dtype), storage)
             .with_context(|| format!("loading model {}", self.model.display()))?;
-        if self.dense_weights || !B::kvc_has_quant_linear() {
-            loaded.model.drop_quantized();
-        }
         if self.int8_activations && !loaded.model.enable_int8_activations().with_context(|| format!("model {}", self.model.display()))? {
             eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
         }

@@ -45,8 +45,11 @@ pub struct Projection<B: Backend> {
 pub enum WeightStorage {
     /// Dense copies in the model's dtype on the device (every backend); a GGUF's blocks of codes
     /// kept beside them for decode steps where the backend has the kernel. Prefill chunks
-    /// multiply the dense copies. (`kvc generate --dense-weights`.)
+    /// multiply the dense copies. (`kvc-bench speed --dense-weights`.)
     Dense,
+    /// Dense copies only: every product, decode steps too, multiplies them; the codes are
+    /// dropped after loading. (`kvc generate --dense-weights`, `kvc serve --dense-weights`.)
+    DenseOnly,
     /// A GGUF's blocks of codes only, as the file holds them ([`QuantMatrix`]): no dense copy of
     /// any quantized matrix (the embedding included: rows are dequantized per token); decode
     /// reads the codes, prefill chunks multiply dequantized tiles ([`kvc_core::kernels::quant::matmul`]).
@@ -62,6 +65,15 @@ impl WeightStorage {
     pub fn dense_if(dense: bool) -> Self {
         if dense {
             Self::Dense
+        } else {
+            Self::Codes
+        }
+    }
+
+    /// [`WeightStorage::DenseOnly`] when `dense`, else [`WeightStorage::Codes`].
+    pub fn dense_only_if(dense: bool) -> Self {
+        if dense {
+            Self::DenseOnly
         } else {
             Self::Codes
         }
@@ -597,14 +609,19 @@ impl<B: KvcBackend> Decoder<B> {
     /// As [`Decoder::from_source_as`], with the matrices where `storage` puts them:
     /// [`WeightStorage::Codes`] holds a GGUF's quantized matrices only as their codes when this
     /// backend has the kernel ([`KvcBackend::kvc_has_quant_linear`]), and loads dense
-    /// otherwise.
+    /// otherwise. Codes a backend without the kernel cannot use, and those of
+    /// [`WeightStorage::DenseOnly`], are not kept ([`Decoder::drop_quantized`]).
     ///
     /// # Errors
     /// As [`Decoder::from_source`].
     pub fn from_source_with(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: Option<DType>, storage: WeightStorage) -> Result<Self> {
         // the host kernels compute in f32 from f32, f16 or bf16 activations
         let float = matches!(dtype, None | Some(DType::F32 | DType::F16 | DType::BF16));
-        Self::build(config, source, device, dtype, storage == WeightStorage::Codes && B::kvc_has_quant_linear() && float)
+        let mut model = Self::build(config, source, device, dtype, storage == WeightStorage::Codes && B::kvc_has_quant_linear() && float)?;
+        if storage == WeightStorage::DenseOnly || !B::kvc_has_quant_linear() {
+            model.drop_quantized();
+        }
+        Ok(model)
     }
 
     /// The quantized matrix `index` (`q, k, v, o, gate, up, down`) of `layer` when in use

@@ -202,11 +202,8 @@ pub fn serve<B: KvcBackend>(config: ServeConfig, device: B::Device) -> Result<()
     eprintln!("kvc serve: listening on http://{addr}, loading the model");
     let given = config.model.clone().unwrap_or_default();
     let path = kvc_models::default_model::resolve(config.model.as_deref()).map_err(|source| ServeError::Model { path: given, source })?;
-    let storage = kvc_models::WeightStorage::dense_if(config.dense_weights);
+    let storage = kvc_models::WeightStorage::dense_only_if(config.dense_weights);
     let mut loaded = kvc_models::load_with::<B>(&path, &device, Some(config.dtype), storage).map_err(|source| ServeError::Model { path: path.clone(), source })?;
-    if config.dense_weights || !B::kvc_has_quant_linear() {
-        loaded.model.drop_quantized();
-    }
     if config.int8_activations {
         let native = loaded.model.enable_int8_activations().map_err(ServeError::Int8Activations)?;
         eprintln!("kvc serve: decode steps on int8 activations{}", if native { "" } else { " (plain loops)" });

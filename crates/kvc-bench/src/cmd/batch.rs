@@ -78,10 +78,7 @@ impl backend::BackendJob for BatchJob<'_> {
         if !B::supports_dtype(&device, dtype) {
             bail!("{} does not support --dtype {}", a.backend, a.dtype);
         }
-        let mut loaded = kvc_models::load_with::<B>(self.model, &device, Some(dtype), kvc_models::WeightStorage::Codes)?;
-        if !B::kvc_has_quant_linear() {
-            loaded.model.drop_quantized();
-        }
+        let loaded = kvc_models::load_with::<B>(self.model, &device, Some(dtype), kvc_models::WeightStorage::Codes)?;
         let ids = context_ids(&loaded.tokenizer, self.text, a.tokens + 1)?;
         let (context, question) = ids.split_at(a.tokens);
         let mut print = |r: &kvc_bench::batch::BatchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());

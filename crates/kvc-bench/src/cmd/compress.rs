@@ -94,10 +94,7 @@ impl backend::BackendJob for CompressJob<'_> {
             bail!("--dtype {} is not supported by this backend", self.dtype.0);
         }
         let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
-        let mut m = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
-        if !B::kvc_has_quant_linear() {
-            m.model.drop_quantized();
-        }
+        let m = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
         let ids = context_ids(&m.tokenizer, self.text, self.tokens)?;
         let pipeline = Pipeline::new(&m);
         let spec = self.spec;

@@ -101,9 +101,6 @@ impl backend::BackendJob for SpeedJob<'_> {
         }
         let storage = kvc_models::WeightStorage::dense_if(self.dense_weights);
         let mut loaded = kvc_models::load_with::<B>(self.model, &device, Some(self.dtype.1), storage)?;
-        if !B::kvc_has_quant_linear() {
-            loaded.model.drop_quantized();
-        }
         if let Some(q) = self.kv_quant {
             q.check(loaded.config.head_dim)?;
         }

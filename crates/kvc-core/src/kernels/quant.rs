@@ -65,6 +65,13 @@ pub enum QuantCodes {
     /// [`QuantCodes::Nibbles`], then the high 2 bits as two little-endian `u32`, element `i` of
     /// each half in bits `2i..2i + 2`.
     Sixes,
+    /// The codes of [`QuantCodes::Sixes`] packed per pair of blocks (64 elements, 48 bytes) in
+    /// ggml's `Q6_K` arrangement, which AVX2 unpacks with fewer instructions: byte `j` of the
+    /// first 32 holds the low 4 bits of `code + 32` of element `j` (low nibble) and of element
+    /// `j + 32` (high nibble); byte `32 + t` of the last 16 holds the high 2 bits of elements
+    /// `t`, `t + 16`, `t + 32`, `t + 48` in bits `0..2`, `2..4`, `4..6`, `6..8`. Matrices are
+    /// packed so on CPUs without the AVX-512 kernels of `Sixes` (VNNI and VBMI).
+    SixPairs,
 }
 
 impl QuantCodes {
@@ -73,14 +80,14 @@ impl QuantCodes {
         match self {
             QuantCodes::Nibbles => BLOCK / 2,
             QuantCodes::Bytes => BLOCK,
-            QuantCodes::Sixes => 24,
+            QuantCodes::Sixes | QuantCodes::SixPairs => 24,
         }
     }
 
     /// Elements that share one scale (and min).
     pub fn group(self) -> usize {
         match self {
-            QuantCodes::Sixes => 16,
+            QuantCodes::Sixes | QuantCodes::SixPairs => 16,
             _ => BLOCK,
         }
     }
@@ -149,7 +156,8 @@ impl QuantMatrix {
     /// `Q6_K`) an integer `sc` (and `m`): the weight is `code * (d * sc) - dmin * m`. `dmin` and
     /// `m` empty: no mins. Held with both levels (`d`, `dmin` as f32; `sc`, `m` a byte each):
     /// 4.75 bits a weight for `Q4_K` (the file: 4.5), 6.63 for `Q6_K` (codes packed as
-    /// [`QuantCodes::Sixes`]; the file: 6.56), instead of 6 and 10 with f32 scales per group.
+    /// [`QuantCodes::Sixes`] or [`QuantCodes::SixPairs`], whichever this CPU's kernels read
+    /// faster; the file: 6.56), instead of 6 and 10 with f32 scales per group.
     ///
     /// # Errors
     /// [`CoreError::Shape`] when `cols` is not a multiple of 256, `group` not 16 or 32 (16 only
@@ -157,6 +165,13 @@ impl QuantMatrix {
     /// or a `d` / `dmin` is not finite.
     #[allow(clippy::too_many_arguments)]
     pub fn from_k_quants(rows: usize, cols: usize, codes: &[i8], group: usize, d: Vec<f32>, dmin: Vec<f32>, sc: Vec<i8>, m: Vec<i8>) -> Result<Self, CoreError> {
+        Self::k_quants_packed(rows, cols, codes, group, d, dmin, sc, m, six_packing())
+    }
+
+    /// [`Self::from_k_quants`] with 6-bit codes packed as `sixes` ([`QuantCodes::Sixes`] or
+    /// [`QuantCodes::SixPairs`]; tests pack both on any CPU).
+    #[allow(clippy::too_many_arguments)]
+    fn k_quants_packed(rows: usize, cols: usize, codes: &[i8], group: usize, d: Vec<f32>, dmin: Vec<f32>, sc: Vec<i8>, m: Vec<i8>, sixes: QuantCodes) -> Result<Self, CoreError> {
         let supers = rows.checked_mul(cols / SUPER_BLOCK);
         let groups = rows.checked_mul(cols / group.max(1));
         let mins_ok = (dmin.is_empty() && m.is_empty()) || (group == BLOCK && Some(dmin.len()) == supers && Some(m.len()) == groups);
@@ -178,7 +193,7 @@ impl QuantMatrix {
             if let Some(bad) = codes.iter().find(|c| !(-32..32).contains(*c)) {
                 return Err(CoreError::Shape(format!("a code of {bad} in a matrix of 6-bit codes (-32..=31)")));
             }
-            (QuantCodes::Sixes, pack_sixes(codes))
+            (sixes, if sixes == QuantCodes::SixPairs { pack_six_pairs(codes) } else { pack_sixes(codes) })
         } else {
             pack(codes, false)
         };
@@ -283,15 +298,44 @@ impl QuantMatrix {
     }
 }
 
-/// Code `j` (of 32) of a [`QuantCodes::Sixes`] block `q` (24 bytes): the reference the kernels
-/// are tested against.
-#[cfg(test)]
+/// The 6-bit packing this CPU's kernels read faster: [`QuantCodes::Sixes`] where the AVX-512
+/// kernels for it run (VNNI and VBMI for int8 activations; F for f32), [`QuantCodes::SixPairs`]
+/// elsewhere (AVX2 kernels, or plain loops).
+fn six_packing() -> QuantCodes {
+    if int8::avx512_sixes() {
+        QuantCodes::Sixes
+    } else {
+        QuantCodes::SixPairs
+    }
+}
+
+/// Element `i` of a row of 6-bit codes `q` packed as `kind` ([`QuantCodes::Sixes`] or
+/// [`QuantCodes::SixPairs`]), as stored: `code + 32` (`0..=63`). The plain int8 loops' and the
+/// tests' reference.
 #[inline(always)]
-fn six(q: &[u8], j: usize) -> i32 {
-    let lo = if j < 16 { q[j] & 15 } else { q[j - 16] >> 4 } as i32;
-    let w = 16 + 4 * (j / 16);
-    let word = u32::from_le_bytes([q[w], q[w + 1], q[w + 2], q[w + 3]]);
-    (lo | (((word >> (2 * (j % 16))) & 3) as i32) << 4) - 32
+fn six_biased(kind: QuantCodes, q: &[u8], i: usize) -> i32 {
+    if kind == QuantCodes::SixPairs {
+        let (p, j) = (&q[48 * (i / 64)..][..48], i % 64);
+        let lo = if j < 32 { p[j] & 15 } else { p[j - 32] >> 4 };
+        (lo | ((p[32 + j % 16] >> (2 * (j / 16))) & 3) << 4) as i32
+    } else {
+        let (b, j) = (&q[24 * (i / 32)..][..24], i % 32);
+        let lo = if j < 16 { b[j] & 15 } else { b[j - 16] >> 4 } as i32;
+        let w = 16 + 4 * (j / 16);
+        let word = u32::from_le_bytes([b[w], b[w + 1], b[w + 2], b[w + 3]]);
+        lo | (((word >> (2 * (j % 16))) & 3) as i32) << 4
+    }
+}
+
+/// Codes `-32..=31` in the [`QuantCodes::SixPairs`] layout (a multiple of 64 of them).
+fn pack_six_pairs(codes: &[i8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(codes.len() / 64 * 48);
+    for p in codes.chunks_exact(2 * BLOCK) {
+        let u: [u8; 64] = std::array::from_fn(|j| (p[j] as i32 + 32) as u8);
+        out.extend((0..32).map(|j| u[j] & 15 | (u[j + 32] & 15) << 4));
+        out.extend((0..16).map(|t| (0..4).fold(0u8, |h, k| h | (u[t + 16 * k] >> 4) << (2 * k))));
+    }
+    out
 }
 
 /// Codes `-32..=31` in the [`QuantCodes::Sixes`] layout.
@@ -503,7 +547,7 @@ fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, o
             let dots = match w.codes {
                 QuantCodes::Nibbles => simd::dot_nibbles_rows(q, s, m, xs, xr),
                 QuantCodes::Bytes => simd::dot_bytes_rows(q, s, m, xs, xr),
-                QuantCodes::Sixes => simd::dot_sixes_rows(q, s, xr),
+                QuantCodes::Sixes | QuantCodes::SixPairs => simd::dot_sixes_rows(w.codes, q, s, xr),
             };
             o[k..k + ROWS_AT_ONCE].copy_from_slice(&dots);
             k += ROWS_AT_ONCE;
@@ -513,7 +557,7 @@ fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, o
             *o = match w.codes {
                 QuantCodes::Nibbles => simd::dot_nibbles(q, s, m, xs, xr),
                 QuantCodes::Bytes => simd::dot_bytes(q, s, m, xs, xr),
-                QuantCodes::Sixes => simd::dot_sixes_rows(q, s, [xr])[0],
+                QuantCodes::Sixes | QuantCodes::SixPairs => simd::dot_sixes_rows(w.codes, q, s, [xr])[0],
             };
         }
     }
@@ -582,6 +626,23 @@ mod simd {
     /// (prefill dequantizes every weight once per chunk: [`super::matmul`]).
     #[inline(always)]
     fn dequantize_row_body(kind: QuantCodes, q: &[u8], s: &[f32], m: &[f32], out: &mut [f32]) {
+        if kind == QuantCodes::SixPairs {
+            for (p, (o, q)) in out.chunks_exact_mut(2 * BLOCK).zip(q.chunks_exact(48)).enumerate() {
+                let o: &mut [f32; 2 * BLOCK] = o.try_into().expect("pairs of blocks");
+                // elements 16 k + t: the low nibbles (k < 2) or the high ones of byte 16 k % 32
+                // + t, the high bits in bits 2 k of byte 32 + t; group 4 p + k
+                for k in 0..4 {
+                    let sk = s[4 * p + k];
+                    for t in 0..16 {
+                        let n = q[16 * (k % 2) + t];
+                        let lo = if k < 2 { n & 15 } else { n >> 4 };
+                        let code = (lo | ((q[32 + t] >> (2 * k)) & 3) << 4) as i32 - 32;
+                        o[16 * k + t] = code as f32 * sk + -0.0;
+                    }
+                }
+            }
+            return;
+        }
         let per_block = kind.bytes_per_block();
         for (b, (o, q)) in out.chunks_exact_mut(BLOCK).zip(q.chunks_exact(per_block)).enumerate() {
             let o: &mut [f32; BLOCK] = o.try_into().expect("blocks of 32");
@@ -599,6 +660,7 @@ mod simd {
                         }
                     }
                 }
+                QuantCodes::SixPairs => unreachable!("pairs of blocks above"),
                 QuantCodes::Sixes => {
                     let words = [u32::from_le_bytes([q[16], q[17], q[18], q[19]]), u32::from_le_bytes([q[20], q[21], q[22], q[23]])];
                     for half in 0..2 {
@@ -677,36 +739,43 @@ mod simd {
         std::array::from_fn(|r| generic_bytes(q, s, x[r]) + mins(m, xs[r]))
     }
 
-    /// One row of [`QuantCodes::Sixes`] codes (one scale per 16 elements: `s` has two a block,
-    /// no mins) times `R` rows of `x`: `sum_g s_g (codes_g . x_g)`, each code unpacked and
-    /// scaled once (to the dequantized weight, exactly) for all `R`; a row's result does not
-    /// depend on the others.
-    pub fn dot_sixes_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+    /// One row of 6-bit codes packed as `kind` ([`QuantCodes::Sixes`] or
+    /// [`QuantCodes::SixPairs`]; one scale per 16 elements: `s` has two a block, no mins) times
+    /// `R` rows of `x`: `sum_g s_g (codes_g . x_g)`, each code unpacked and scaled once (to the
+    /// dequantized weight, exactly) for all `R`; a row's result does not depend on the others.
+    pub fn dot_sixes_rows<const R: usize>(kind: QuantCodes, q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
         let n = s.len() / 2;
-        assert!(s.len() % 2 == 0 && q.len() >= n * 24 && x.iter().all(|x| x.len() >= n * 32), "6-bit row lengths");
+        let pairs = kind == QuantCodes::SixPairs;
+        assert!(s.len() % if pairs { 4 } else { 2 } == 0 && q.len() >= n * 24 && x.iter().all(|x| x.len() >= n * 32), "6-bit row lengths");
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if !pairs && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the lengths are checked above.
             return unsafe { avx512_6::dot_sixes_rows(q, s, x) };
         }
         #[cfg(target_arch = "x86_64")]
-        if avx2::has() {
+        if pairs && avx2::has() {
             // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
-            return unsafe { avx2::dot_sixes_rows(q, s, x) };
+            return unsafe { avx2::dot_six_pairs_rows(q, s, x) };
         }
-        std::array::from_fn(|r| generic_sixes(q, s, x[r]))
+        std::array::from_fn(|r| generic_sixes(kind, q, s, x[r]))
     }
 
-    /// [`dot_sixes_rows`] for one row without explicit SIMD (CPUs without AVX2): each block unpacked into 32 weights with fixed-length loops (the
-    /// compiler vectorizes them), then multiplied into 16 lanes.
+    /// [`dot_sixes_rows`] for one row without explicit SIMD (CPUs without AVX2, and packings
+    /// the CPU has no kernel for: tests): each block (`Sixes`) or pair of blocks (`SixPairs`)
+    /// unpacked into weights with fixed-length loops (the compiler vectorizes them), then
+    /// multiplied into 16 lanes.
     #[inline(always)]
-    pub(super) fn generic_sixes(q: &[u8], s: &[f32], x: &[f32]) -> f32 {
+    pub(super) fn generic_sixes(kind: QuantCodes, q: &[u8], s: &[f32], x: &[f32]) -> f32 {
+        let blocks = if kind == QuantCodes::SixPairs { 2 } else { 1 };
         let mut acc = [0f32; 16];
-        let mut w = [0f32; BLOCK];
-        for (b, (qb, xb)) in q.chunks_exact(24).zip(x.chunks_exact(BLOCK)).take(s.len() / 2).enumerate() {
-            dequantize_row_body(QuantCodes::Sixes, qb, &s[2 * b..2 * b + 2], &[], &mut w);
-            for j in 0..16 {
-                acc[j] += w[j] * xb[j] + w[j + 16] * xb[j + 16];
+        let mut w = [0f32; 2 * BLOCK];
+        let w = &mut w[..BLOCK * blocks];
+        for (b, (qb, xb)) in q.chunks_exact(24 * blocks).zip(x.chunks_exact(BLOCK * blocks)).take(s.len() / (2 * blocks)).enumerate() {
+            dequantize_row_body(kind, qb, &s[2 * blocks * b..][..2 * blocks], &[], w);
+            for (w, xb) in w.chunks_exact(BLOCK).zip(xb.chunks_exact(BLOCK)) {
+                for j in 0..16 {
+                    acc[j] += w[j] * xb[j] + w[j + 16] * xb[j + 16];
+                }
             }
         }
         sum_lanes(&acc)
@@ -1021,42 +1090,61 @@ mod simd {
             })
         }
 
-        /// [`super::dot_sixes_rows`]: per block the 32 codes unpacked (low nibbles widened, the
-        /// 2-bit high fields shifted out of their broadcast word lane by lane), scaled once by
-        /// their group's scale, then multiplied into two accumulators per row (first and last 16).
+        /// A [`crate::kernels::quant::QuantCodes::SixPairs`] pair's 64 codes plus 32 (`0..=63`) as bytes in order,
+        /// elements `0..32` in the first vector and `32..64` in the second: the nibbles masked
+        /// (or shifted and masked), the high bits' 16 bytes in both 128-bit lanes, the second
+        /// lane's 64-bit halves shifted right by 2 (elements `t + 16`, `t + 48` there), each
+        /// field moved to bits 4..6 and masked. 11 instructions for 64 codes.
         ///
         /// # Safety
-        /// [`has`]; `s.len()` even, `q.len() >= 12 s.len()`, every `x[r].len() >= 16 s.len()`.
+        /// [`has`]; 48 bytes at `p`.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dot_sixes_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
+        #[inline]
+        pub(in crate::kernels::quant) unsafe fn six_pair_codes(p: *const u8) -> [__m256i; 2] {
+            let (mask, high) = (_mm256_set1_epi8(15), _mm256_set1_epi8(48));
+            // SAFETY: the caller's 48 bytes.
+            let (n, h) = unsafe { (_mm256_loadu_si256(p as *const __m256i), _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(32) as *const __m128i))) };
+            // bits a byte's right neighbour shifts in (and any the 16-bit shifts move across a
+            // byte) land outside bits 4..6 and are masked off
+            let h = _mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 0, 2, 2));
+            let first = _mm256_or_si256(_mm256_and_si256(n, mask), _mm256_and_si256(_mm256_slli_epi16::<4>(h), high));
+            let last = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(n), mask), _mm256_and_si256(h, high));
+            [first, last]
+        }
+
+        /// [`super::dot_sixes_rows`] for [`crate::kernels::quant::QuantCodes::SixPairs`]: per pair
+        /// of blocks the 64 codes unpacked as bytes ([`six_pair_codes`]), 32 subtracted, widened
+        /// 8 at a time to f32; per row each group of 16 codes multiplied by `x` in one chain,
+        /// then scaled by the group's scale into one of two accumulators (first and last 16 of
+        /// each block), as the 4-bit kernels scale per block (the `Sixes` kernels scale every
+        /// code: 4 FMAs more a block).
+        ///
+        /// # Safety
+        /// [`has`]; `s.len()` a multiple of 4, `q.len() >= 12 s.len()`, every
+        /// `x[r].len() >= 16 s.len()`.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_six_pairs_rows<const R: usize>(q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
             let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-            let qp = q.as_ptr();
-            let (fifteen, three, bias) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3), _mm256_set1_epi32(32));
-            let (first, last) = (_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30));
-            let high = |h: __m256i, shifts: __m256i| _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srlv_epi32(h, shifts), three));
-            for b in 0..s.len() / 2 {
-                // SAFETY: b < s.len() / 2: 24 bytes of codes and 32 floats of each row at b.
+            let (qp, bias) = (q.as_ptr(), _mm256_set1_epi8(32));
+            for p in 0..s.len() / 4 {
+                // SAFETY: p < s.len() / 4: 48 bytes of codes and 64 floats of each row at p.
                 unsafe {
-                    let p = qp.add(24 * b);
-                    if b % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-                    }
-                    let (w0, w1) = (widen8(p, false), widen8(p.add(8), false));
-                    let h0 = _mm256_set1_epi32((p.add(16) as *const i32).read_unaligned());
-                    let h1 = _mm256_set1_epi32((p.add(20) as *const i32).read_unaligned());
-                    let (s0, s1) = (_mm256_set1_ps(s[2 * b]), _mm256_set1_ps(s[2 * b + 1]));
-                    let code = |lo: __m256i, hi: __m256i, sc: __m256| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_or_si256(lo, hi), bias)), sc);
-                    let c = [
-                        code(_mm256_and_si256(w0, fifteen), high(h0, first), s0),
-                        code(_mm256_and_si256(w1, fifteen), high(h0, last), s0),
-                        code(_mm256_srli_epi32::<4>(w0), high(h1, first), s1),
-                        code(_mm256_srli_epi32::<4>(w1), high(h1, last), s1),
-                    ];
-                    for r in 0..R {
-                        let xp = x[r].as_ptr().add(32 * b);
-                        // one add per accumulator and block (the products' chains overlap)
-                        a0[r] = _mm256_add_ps(a0[r], _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xp.add(8)), _mm256_mul_ps(c[0], _mm256_loadu_ps(xp))));
-                        a1[r] = _mm256_add_ps(a1[r], _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xp.add(24)), _mm256_mul_ps(c[2], _mm256_loadu_ps(xp.add(16)))));
+                    let base = qp.add(48 * p);
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH) as *const i8);
+                    for (h, c) in six_pair_codes(base).into_iter().enumerate() {
+                        let b = 2 * p + h;
+                        let c = _mm256_sub_epi8(c, bias);
+                        let (lo, hi) = (_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+                        let w = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                        let c = [w(lo), w(_mm_srli_si128::<8>(lo)), w(hi), w(_mm_srli_si128::<8>(hi))];
+                        let (s0, s1) = (_mm256_set1_ps(s[2 * b]), _mm256_set1_ps(s[2 * b + 1]));
+                        for r in 0..R {
+                            let xp = x[r].as_ptr().add(32 * b);
+                            let d0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xp.add(8)), _mm256_mul_ps(c[0], _mm256_loadu_ps(xp)));
+                            let d1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xp.add(24)), _mm256_mul_ps(c[2], _mm256_loadu_ps(xp.add(16))));
+                            a0[r] = _mm256_fmadd_ps(d0, s0, a0[r]);
+                            a1[r] = _mm256_fmadd_ps(d1, s1, a1[r]);
+                        }
                     }
                 }
             }
@@ -1232,7 +1320,7 @@ mod tests {
 
     /// A K-quant matrix (`[rows, 512]`, two super-blocks a row): `Q4_K`-like (nibbles, groups
     /// of 32 with mins) or `Q6_K`-like (6-bit codes, groups of 16, no mins).
-    fn k_quant(rows: usize, q6: bool) -> QuantMatrix {
+    fn k_quant(rows: usize, q6: bool, sixes: QuantCodes) -> QuantMatrix {
         let cols = 512;
         let group = if q6 { 16 } else { 32 };
         let (lo, hi) = if q6 { (-32, 31) } else { (0, 15) };
@@ -1242,8 +1330,8 @@ mod tests {
         let d: Vec<f32> = (0..supers).map(|i| 0.001 + (i % 5) as f32 * 0.0007).collect();
         let sc: Vec<i8> = (0..groups).map(|g| if q6 { (g % 200) as i8 } else { (g % 64) as i8 }).collect();
         let (dmin, m) = if q6 { (vec![], vec![]) } else { ((0..supers).map(|i| 0.002 + (i % 3) as f32 * 0.001).collect(), (0..groups).map(|g| (g * 7 % 64) as i8).collect()) };
-        let w = QuantMatrix::from_k_quants(rows, cols, &c, group, d.clone(), dmin.clone(), sc.clone(), m.clone()).unwrap();
-        assert_eq!(w.codes(), if q6 { QuantCodes::Sixes } else { QuantCodes::Nibbles });
+        let w = QuantMatrix::k_quants_packed(rows, cols, &c, group, d.clone(), dmin.clone(), sc.clone(), m.clone(), sixes).unwrap();
+        assert_eq!(w.codes(), if q6 { sixes } else { QuantCodes::Nibbles });
         // exactly ggml's `d * sc * q - dmin * m` per element
         let dense = w.dequantize();
         for (i, (&v, &code)) in dense.iter().zip(&c).enumerate() {
@@ -1278,7 +1366,16 @@ mod tests {
     /// flat-scale matrices in one fused call.
     #[test]
     fn k_quants_and_prefill_products_match_the_dequantized_product() {
-        let (q4, q6) = (k_quant(70, false), k_quant(131, true));
+        for sixes in [QuantCodes::Sixes, QuantCodes::SixPairs] {
+            k_quants_and_prefill_products(sixes);
+        }
+        assert!([QuantCodes::Sixes, QuantCodes::SixPairs].contains(&k_quant(1, true, six_packing()).codes()));
+    }
+
+    /// [`k_quants_and_prefill_products_match_the_dequantized_product`] with 6-bit codes packed
+    /// as `sixes`.
+    fn k_quants_and_prefill_products(sixes: QuantCodes) {
+        let (q4, q6) = (k_quant(70, false, sixes), k_quant(131, true, sixes));
         let flat = {
             let c = codes(9 * 512, -128, 127, 3);
             QuantMatrix::from_codes(9, 512, &c, vec![0.003; 9 * 16], vec![0.0; 9 * 16]).unwrap()
@@ -1309,20 +1406,34 @@ mod tests {
         assert!(QuantMatrix::from_k_quants(1, 256, &[32; 256], 16, vec![1.0], vec![], vec![1; 16], vec![]).is_err());
     }
 
-    /// The 6-bit kernel with explicit SIMD (where the CPU has it) and the plain one agree, and
-    /// the packing round-trips every code.
+    /// The 6-bit kernels with explicit SIMD (where the CPU has them) and the plain ones agree, for
+    /// both packings, and the packings round-trip every code (`Sixes` against its own bit
+    /// formula, `SixPairs` against ggml's `Q6_K` arrangement of a pair of blocks).
     #[test]
     fn sixes_kernels_agree() {
-        for blocks in [1, 2, 5, 16] {
+        for blocks in [2, 4, 10, 16] {
             let c: Vec<i8> = (0..blocks * 32).map(|i| ((i * 37) % 64) as i8 - 32).collect();
-            let q = pack_sixes(&c);
-            assert_eq!((0..c.len()).map(|i| six(&q[i / 32 * 24..], i % 32) as i8).collect::<Vec<_>>(), c);
             let s: Vec<f32> = (0..2 * blocks).map(|g| 0.01 * (g as f32 + 1.0)).collect();
             let x: Vec<f32> = (0..blocks * 32).map(|i| (i as f32 * 0.7).cos()).collect();
-            let [v] = simd::dot_sixes_rows(&q, &s, [&x]);
-            let g = simd::generic_sixes(&q, &s, &x);
-            let exact: f64 = c.iter().enumerate().map(|(i, &c)| c as f64 * s[i / 16] as f64 * x[i] as f64).sum();
-            assert!((v - g).abs() <= 1e-5 * (1.0 + g.abs()) && (v as f64 - exact).abs() <= 1e-4, "{blocks} blocks: {v} vs {g} vs {exact}");
+            for (kind, q) in [(QuantCodes::Sixes, pack_sixes(&c)), (QuantCodes::SixPairs, pack_six_pairs(&c))] {
+                assert_eq!(q.len(), 24 * blocks);
+                assert_eq!((0..c.len()).map(|i| (six_biased(kind, &q, i) - 32) as i8).collect::<Vec<_>>(), c, "{kind:?}");
+                let [v] = simd::dot_sixes_rows(kind, &q, &s, [&x]);
+                let g = simd::generic_sixes(kind, &q, &s, &x);
+                let exact: f64 = c.iter().enumerate().map(|(i, &c)| c as f64 * s[i / 16] as f64 * x[i] as f64).sum();
+                assert!((v - g).abs() <= 1e-5 * (1.0 + g.abs()) && (v as f64 - exact).abs() <= 1e-4, "{kind:?}, {blocks} blocks: {v} vs {g} vs {exact}");
+            }
+            // ggml's `Q6_K` (dequantize_row_q6_K) per 128 elements: ql[l] low nibbles for l and
+            // l + 64 ... ; per pair of blocks here: byte j = elements j, j + 32; byte 32 + t =
+            // the high bits of t + 16 k at bits 2 k
+            let q = pack_six_pairs(&c);
+            for (p, pair) in q.chunks_exact(48).enumerate() {
+                for j in 0..64 {
+                    let u = (c[64 * p + j] as i32 + 32) as u8;
+                    let nib = if j < 32 { pair[j] & 15 } else { pair[j - 32] >> 4 };
+                    assert_eq!((nib, (pair[32 + j % 16] >> (2 * (j / 16))) & 3), (u & 15, u >> 4), "pair {p} element {j}");
+                }
+            }
         }
     }
 
@@ -1352,17 +1463,20 @@ mod tests {
                 let (gn, gb) = (simd::generic_nibbles(q4, &s, x8[r]), simd::generic_bytes(&q, &s, x8[r]));
                 assert!(close(n1[0], gn) && close(b1[0], gb), "{blocks} blocks: nibbles {n1:?} vs {gn}, bytes {b1:?} vs {gb}");
             }
-            let c: Vec<i8> = (0..blocks * 32).map(|i| ((i * 53 + 7) % 64) as i8 - 32).collect();
-            let q6 = pack_sixes(&c);
-            let s6: Vec<f32> = (0..2 * blocks).map(|g| 0.01 * (g as f32 + 1.0)).collect();
+            // 6-bit codes in pairs of blocks (an even count)
+            let even = blocks / 2 * 2;
+            let c: Vec<i8> = (0..even * 32).map(|i| ((i * 53 + 7) % 64) as i8 - 32).collect();
+            let q6 = pack_six_pairs(&c);
+            let s6: Vec<f32> = (0..2 * even).map(|g| 0.01 * (g as f32 + 1.0) * if g % 3 == 1 { -1.0 } else { 1.0 }).collect();
             // SAFETY: as above.
-            let v8 = unsafe { simd::avx2::dot_sixes_rows(&q6, &s6, x8) };
+            let v8 = unsafe { simd::avx2::dot_six_pairs_rows(&q6, &s6, x8) };
             for r in 0..8 {
                 // SAFETY: as above.
-                let [v] = unsafe { simd::avx2::dot_sixes_rows(&q6, &s6, [x8[r]]) };
+                let [v] = unsafe { simd::avx2::dot_six_pairs_rows(&q6, &s6, [x8[r]]) };
                 assert_eq!(v.to_bits(), v8[r].to_bits(), "{blocks} blocks, row {r}");
                 let exact: f64 = c.iter().enumerate().map(|(i, &c)| c as f64 * s6[i / 16] as f64 * x8[r][i] as f64).sum();
-                assert!((v as f64 - exact).abs() <= 1e-4, "{blocks} blocks, 6-bit: {v} vs {exact}");
+                assert!((v as f64 - exact).abs() <= 1e-4, "{even} blocks, 6-bit: {v} vs {exact}");
+                assert!((v - simd::generic_sixes(QuantCodes::SixPairs, &q6, &s6, x8[r])).abs() <= 1e-5 * (1.0 + v.abs()));
             }
         }
     }

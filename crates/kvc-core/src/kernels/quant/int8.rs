@@ -23,7 +23,8 @@ use super::{QuantCodes, QuantMatrix, Scales, BLOCK, SUPER_BLOCK};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Kernels {
-    /// AVX-512 VNNI (`vpdpbusd`; the 6-bit kernel also needs VBMI, else it takes AVX2's).
+    /// AVX-512 VNNI (`vpdpbusd`; 6-bit codes are packed for its kernel only with VBMI too, else
+    /// for AVX2's: [`avx512_sixes`]).
     Avx512,
     /// AVX2 (`vpmaddubsw` + `vpmaddwd`, ggml's AVX2 way): CPUs without AVX-512 VNNI (AMD Zen 2 /
     /// Zen 3, Intel desktop cores, Xeons before Cascade Lake).
@@ -62,6 +63,16 @@ impl Kernels {
     }
 }
 
+/// Whether this CPU runs the AVX-512 kernels of [`QuantCodes::Sixes`] (int8: VNNI and VBMI; the
+/// f32 one needs AVX-512F, which they imply): 6-bit matrices are packed so here, else as
+/// [`QuantCodes::SixPairs`] for the AVX2 kernels.
+pub(super) fn avx512_sixes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512::has_vbmi();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether explicit SIMD kernels run for every format here (AVX-512 VNNI or AVX2;
 /// [`super::int8_kernels_native`]).
 pub(super) fn native() -> bool {
@@ -74,7 +85,7 @@ pub(super) fn supports(w: &QuantMatrix) -> bool {
     match (&w.scales, w.codes) {
         (Scales::Super { .. }, _) => w.cols % SUPER_BLOCK == 0,
         (Scales::Flat { .. }, QuantCodes::Nibbles | QuantCodes::Bytes) => true,
-        (Scales::Flat { .. }, QuantCodes::Sixes) => false,
+        (Scales::Flat { .. }, QuantCodes::Sixes | QuantCodes::SixPairs) => false,
     }
 }
 
@@ -174,17 +185,17 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
             }
             generic_nibbles(q, d, sc, dmin, m, x)
         }
-        QuantCodes::Sixes => {
+        QuantCodes::Sixes | QuantCodes::SixPairs => {
             #[cfg(target_arch = "x86_64")]
-            match k {
-                // SAFETY: as above (VBMI checked here: AVX-512 VNNI without it takes AVX2's).
-                Kernels::Avx512 if avx512::has_vbmi() => return unsafe { avx512::sixes(q, d, sc, x) },
+            match (k, w.codes) {
+                // SAFETY: as above (VBMI checked here: matrices are packed as `Sixes` only where
+                // it runs, see `super::six_packing`).
+                (Kernels::Avx512, QuantCodes::Sixes) if avx512::has_vbmi() => return unsafe { avx512::sixes(q, d, sc, x) },
                 // SAFETY: AVX2 and FMA checked here; the lengths as above.
-                Kernels::Avx512 | Kernels::Avx2 if avx2::has() => return unsafe { avx2::sixes(q, d, sc, x) },
-                Kernels::Avx512 | Kernels::Avx2 => {}
-                Kernels::Plain => {}
+                (Kernels::Avx512 | Kernels::Avx2, QuantCodes::SixPairs) if avx2::has() => return unsafe { avx2::six_pairs(q, d, sc, x) },
+                _ => {}
             }
-            generic_sixes(q, d, sc, x)
+            generic_sixes(w.codes, q, d, sc, x)
         }
         QuantCodes::Bytes => unreachable!("8-bit codes go through `scaled`"),
     }
@@ -219,7 +230,7 @@ fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec
             }
             generic_scaled(q, s, m, x, byte)
         }
-        QuantCodes::Sixes => unreachable!("int8::supports keeps 6-bit codes to the K-quant kernel"),
+        QuantCodes::Sixes | QuantCodes::SixPairs => unreachable!("int8::supports keeps 6-bit codes to the K-quant kernel"),
     }
 }
 
@@ -279,26 +290,17 @@ fn generic_nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &R
     acc - accm
 }
 
-/// [`dot`] of a `Q6_K` row on any CPU (and the SIMD kernels' reference): per group of 16 the
-/// integer sum `(code + 32) . xq - 32 sum(xq)`, scaled by `sc * dx`, per super-block by `d`.
-fn generic_sixes(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
+/// [`dot`] of a `Q6_K` row packed as `kind` on any CPU (and the SIMD kernels' reference): per
+/// group of 16 the integer sum `(code + 32) . xq - 32 sum(xq)`, scaled by `sc * dx`, per
+/// super-block by `d`.
+fn generic_sixes(kind: QuantCodes, q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
     let mut acc = 0f32;
     for (s, &ds) in d.iter().enumerate() {
         let mut a = 0f32;
-        for b in 8 * s..8 * s + 8 {
-            let qb = &q[24 * b..][..24];
-            let words = [u32::from_le_bytes([qb[16], qb[17], qb[18], qb[19]]), u32::from_le_bytes([qb[20], qb[21], qb[22], qb[23]])];
-            for half in 0..2 {
-                let g = 2 * b + half;
-                let mut isum = 0i32;
-                for i in 0..16 {
-                    let lo = if half == 0 { qb[i] & 15 } else { qb[i] >> 4 } as i32;
-                    let u = lo | (((words[half] >> (2 * i)) & 3) as i32) << 4;
-                    isum += u * x.q[16 * g + i] as i32;
-                }
-                isum -= x.bias[4 * g..4 * g + 4].iter().sum::<i32>();
-                a += isum as f32 * (sc[g] as f32 * x.dx8[8 * b]);
-            }
+        for g in 16 * s..16 * s + 16 {
+            let mut isum: i32 = (16 * g..16 * g + 16).map(|i| super::six_biased(kind, q, i) * x.q[i] as i32).sum();
+            isum -= x.bias[4 * g..4 * g + 4].iter().sum::<i32>();
+            a += isum as f32 * (sc[g] as f32 * x.dx8[8 * (g / 2)]);
         }
         acc += a * ds;
     }
@@ -669,24 +671,17 @@ mod avx2 {
         hsum(acc) + hsum(accm)
     }
 
-    /// [`super::generic_sixes`]: a block (32 codes, 24 bytes) an iteration: its 16 bytes read
-    /// into both 128-bit halves, the low nibbles kept in the first and the high ones in the
-    /// second (one shift, one blend); each code's two high bits from the block's 8 bytes (code
-    /// `j`'s at bit `2 j` of its half's 32-bit word: the word shifted by 0, 2, 4, 6 in 4 lanes,
-    /// the bytes gathered by `vpshufb`, masked, moved to bit 4); one product against
+    /// [`super::generic_sixes`] for [`QuantCodes::SixPairs`]: a pair of blocks (64 codes, 48
+    /// bytes) an iteration, unpacked as bytes by the f32 kernels' `six_pair_codes` (11
+    /// instructions; the `Sixes` packing took 10 a block); per block one product against
     /// [`Row::q`] minus [`Row::bias`]. The super-block's 16 scales are widened to f32 once and
     /// each block's two picked by a permute.
     ///
     /// # Safety
     /// [`has`]; `q.len() = 192 d.len()`, `sc` `16 d.len()`, `x` of `256 d.len()` values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn sixes(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
-        let mask = _mm256_set1_epi8(15);
-        let three = _mm256_set1_epi8(3);
+    pub unsafe fn six_pairs(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
         let words = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        let shifts = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-        // code t of a half: byte t / 4 of the word shifted by 2 (t % 4)
-        let gather = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         let (qp, xp) = (q.as_ptr(), x.q.as_ptr());
         let mut acc = _mm256_setzero_ps();
         for s in 0..d.len() {
@@ -694,26 +689,22 @@ mod avx2 {
             let scales = unsafe { _mm_loadu_si128(sc.as_ptr().add(16 * s) as *const __m128i) };
             let halves = [_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(scales, scales)))];
             let mut a = _mm256_setzero_ps();
-            for j in 0..8 {
-                let b = 8 * s + j;
-                // SAFETY: b < 8 d.len(): 24 bytes of codes, 32 of x's codes, 8 lanes of dx and
-                // bias at b are in bounds.
+            for j in 0..4 {
+                let p = 4 * s + j;
+                // SAFETY: p < 4 d.len(): 48 bytes of codes; 64 of x's codes, 16 lanes of dx and
+                // bias at 2 p are in bounds.
                 unsafe {
-                    let p = qp.add(24 * b);
-                    if b % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    let base = qp.add(48 * p);
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH) as *const i8);
+                    for (h, c) in super::super::simd::avx2::six_pair_codes(base).into_iter().enumerate() {
+                        let (b, k) = (2 * p + h, 2 * j + h);
+                        let dot = products(c, _mm256_loadu_si256(xp.add(32 * b) as *const _));
+                        let dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(x.bias.as_ptr().add(8 * b) as *const _));
+                        // groups 2 k and 2 k + 1 of the super-block, 4 lanes each
+                        let pick = _mm256_add_epi32(words, _mm256_set1_epi32(2 * (k % 4) as i32));
+                        let f = _mm256_permutevar8x32_ps(halves[k / 4], pick);
+                        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(f, _mm256_loadu_ps(x.dx8.as_ptr().add(8 * b))), a);
                     }
-                    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
-                    let nib = _mm256_and_si256(_mm256_blend_epi32::<0b1111_0000>(v, _mm256_srli_epi16::<4>(v)), mask);
-                    let h = _mm256_castsi128_si256(_mm_cvtsi64_si128((p.add(16) as *const i64).read_unaligned()));
-                    let h = _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(h, words), shifts);
-                    let h = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_shuffle_epi8(h, gather), three));
-                    let dot = products(_mm256_or_si256(nib, h), _mm256_loadu_si256(xp.add(32 * b) as *const _));
-                    let dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(x.bias.as_ptr().add(8 * b) as *const _));
-                    // groups 2 j and 2 j + 1 of the super-block, 4 lanes each
-                    let pick = _mm256_add_epi32(words, _mm256_set1_epi32(2 * (j % 4) as i32));
-                    let f = _mm256_permutevar8x32_ps(halves[j / 4], pick);
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(f, _mm256_loadu_ps(x.dx8.as_ptr().add(8 * b))), a);
                 }
             }
             acc = _mm256_fmadd_ps(a, _mm256_set1_ps(d[s]), acc);
@@ -736,8 +727,11 @@ mod tests {
     enum Kind {
         /// `Q4_K`: 4-bit codes, integer scales and mins per 32, `d`/`dmin` per 256.
         Q4K,
-        /// `Q6_K`: 6-bit codes, integer scales per 16.
+        /// `Q6_K`: 6-bit codes, integer scales per 16, packed in pairs of blocks
+        /// ([`QuantCodes::SixPairs`]: CPUs without the AVX-512 6-bit kernels).
         Q6K,
+        /// `Q6_K` packed per block ([`QuantCodes::Sixes`]: CPUs with AVX-512 VNNI and VBMI).
+        Q6KBlocks,
         /// `Q5_K`: 5-bit codes (held as bytes), integer scales and mins.
         Q5K,
         /// `Q4_1`: 4-bit codes, f32 scale and min per 32.
@@ -746,14 +740,14 @@ mod tests {
         Q80,
     }
 
-    const KINDS: [Kind; 5] = [Kind::Q4K, Kind::Q6K, Kind::Q5K, Kind::Q41, Kind::Q80];
+    const KINDS: [Kind; 6] = [Kind::Q4K, Kind::Q6K, Kind::Q6KBlocks, Kind::Q5K, Kind::Q41, Kind::Q80];
 
     /// A matrix `[rows, cols]` of `kind` with random codes and scales.
     fn matrix(rows: usize, cols: usize, kind: Kind, seed: &mut u64) -> QuantMatrix {
         let mut rnd = |n: u32, lo: i32| (lcg(seed) % n) as i32 + lo;
         let (span, lo) = match kind {
             Kind::Q4K | Kind::Q41 => (16, 0),
-            Kind::Q6K => (64, -32),
+            Kind::Q6K | Kind::Q6KBlocks => (64, -32),
             Kind::Q5K => (32, 0),
             Kind::Q80 => (255, -127),
         };
@@ -766,10 +760,11 @@ mod tests {
                 let min = (0..blocks).map(|_| if matches!(kind, Kind::Q41) { -(rnd(1000, 0) as f32) * 1e-4 } else { 0.0 }).collect();
                 QuantMatrix::from_codes(rows, cols, &codes, scale, min)
             }
-            Kind::Q6K => {
+            Kind::Q6K | Kind::Q6KBlocks => {
                 let d = (0..supers).map(|_| rnd(1000, 10) as f32 * 1e-5).collect();
                 let sc = (0..rows * cols / 16).map(|_| rnd(255, -127) as i8).collect();
-                QuantMatrix::from_k_quants(rows, cols, &codes, 16, d, Vec::new(), sc, Vec::new())
+                let sixes = if matches!(kind, Kind::Q6K) { QuantCodes::SixPairs } else { QuantCodes::Sixes };
+                QuantMatrix::k_quants_packed(rows, cols, &codes, 16, d, Vec::new(), sc, Vec::new(), sixes)
             }
             Kind::Q4K | Kind::Q5K => {
                 let d = (0..supers).map(|_| rnd(1000, 10) as f32 * 1e-5).collect();
