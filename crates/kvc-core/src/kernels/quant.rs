@@ -401,12 +401,7 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
     let rounded: Vec<int8::Row> = if act == Activations::Int8 && ws.iter().any(|w| int8::supports(w)) { x.chunks_exact(cols).map(int8::Row::new).collect() } else { Vec::new() };
     parts.into_par_iter().for_each(|(w, first, out)| {
         if !rounded.is_empty() && int8::supports(w) {
-            let mut buf = (Vec::new(), Vec::new());
-            for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
-                for (o, xr) in o.iter_mut().zip(&rounded) {
-                    *o = int8::dot(w, first + i, xr, &mut buf);
-                }
-            }
+            int8::rows_into(w, first, &rounded, out)
         } else {
             rows_into(x, &xsum, n, w, first, out)
         }

@@ -18,7 +18,7 @@
 
 use super::{QuantCodes, QuantMatrix, Scales, BLOCK, SUPER_BLOCK};
 
-/// Which kernels [`dot`] runs: the best this CPU has ([`Kernels::best`]), or in tests each
+/// Which kernels [`rows_into`] runs: the best this CPU has ([`Kernels::best`]), or in tests each
 /// one the CPU can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -79,7 +79,7 @@ pub(super) fn native() -> bool {
     Kernels::best() != Kernels::Plain
 }
 
-/// Whether [`dot`] multiplies this matrix: every format kvc reads (K-quants in whole
+/// Whether [`rows_into`] multiplies this matrix: every format kvc reads (K-quants in whole
 /// super-blocks of 256 columns, as their files hold them).
 pub(super) fn supports(w: &QuantMatrix) -> bool {
     match (&w.scales, w.codes) {
@@ -108,6 +108,9 @@ pub(super) struct Row {
     dx8: Vec<f32>,
     /// Per block: the f32 sum of `x` over it, a quarter per lane (4 lanes), for the mins.
     xsum4: Vec<f32>,
+    /// The same, one value a block (zeros after the last up to a multiple of 8: a super-block's
+    /// 8 blocks in one vector).
+    xsum: Vec<f32>,
     /// The same, an eighth per lane (8 lanes: 8-bit codes).
     xsum8: Vec<f32>,
     /// Per 4 consecutive codes: 32 times their sum (6-bit codes are stored as `code + 32`).
@@ -125,6 +128,7 @@ impl Row {
             dx4: Vec::with_capacity(4 * blocks),
             dx8: Vec::with_capacity(8 * blocks),
             xsum4: Vec::with_capacity(4 * blocks),
+            xsum: Vec::with_capacity(blocks.next_multiple_of(8)),
             xsum8: Vec::with_capacity(8 * blocks),
             bias: Vec::with_capacity(x.len() / 4),
         };
@@ -142,8 +146,10 @@ impl Row {
             r.dx8.extend([dx; 8]);
             let sum = xb.iter().sum::<f32>();
             r.xsum4.extend([sum / 4.0; 4]);
+            r.xsum.push(sum);
             r.xsum8.extend([sum / 8.0; 8]);
         }
+        r.xsum.resize(blocks.next_multiple_of(8), 0.0);
         for lanes in [&mut r.dx4, &mut r.dx8, &mut r.xsum4, &mut r.xsum8] {
             lanes.resize(lanes.len().next_multiple_of(16), 0.0);
         }
@@ -152,14 +158,23 @@ impl Row {
     }
 }
 
-/// Row `r` of `w` (a matrix [`supports`] takes) times `x`: `sum_g scale_g * dx_g * (codes_g .
+/// Rows `first..first + out.len() / xs.len()` of `w` (a matrix [`supports`] takes) times each
+/// row of `xs`, into `out` (`[rows, xs.len()]`): per row `sum_g scale_g * dx_g * (codes_g .
 /// xq_g)` plus the mins' `sum_g min_g * sum(x_g)` (`scale = d * sc`, `min = -(dmin * m)` for the
-/// K-quants). `buf`: room for a row's expanded scales (formats with f32 scales per block).
-pub(super) fn dot(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>)) -> f32 {
-    dot_with(w, r, x, buf, Kernels::best())
+/// K-quants). The kernels are picked once for all the rows (per row it cost 5% of a decode step).
+pub(super) fn rows_into(w: &QuantMatrix, first: usize, xs: &[Row], out: &mut [f32]) {
+    let k = Kernels::best();
+    // room for a row's expanded scales (formats with f32 scales per block)
+    let mut buf = (Vec::new(), Vec::new());
+    for (i, o) in out.chunks_exact_mut(xs.len().max(1)).enumerate() {
+        for (o, x) in o.iter_mut().zip(xs) {
+            *o = dot_with(w, first + i, x, &mut buf, k);
+        }
+    }
 }
 
-/// [`dot`] on kernels `k` (which the CPU must run: [`Kernels::best`] or one it allows below).
+/// Row `r` of `w` times `x` ([`rows_into`]) on kernels `k` (which the CPU must run:
+/// [`Kernels::best`] or one it allows below). `buf`: room for a row's expanded scales.
 fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
     assert!(x.cols == w.cols, "x has the matrix's columns");
     let per_block = w.codes.bytes_per_block();
@@ -201,7 +216,7 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
     }
 }
 
-/// [`dot`] for the formats multiplied with f32 scales and mins per block of 32 (the row's, as
+/// [`dot_with`] for the formats multiplied with f32 scales and mins per block of 32 (the row's, as
 /// the f32 kernels expand them).
 fn scaled(w: &QuantMatrix, r: usize, q: &[u8], x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
     #[cfg(not(target_arch = "x86_64"))]
@@ -264,7 +279,7 @@ fn byte(q: &[u8], j: usize) -> i32 {
     q[j] as i8 as i32
 }
 
-/// [`dot`] of a `Q4_K` row on any CPU (and the SIMD kernels' reference): per group of
+/// [`dot_with`] of a `Q4_K` row on any CPU (and the SIMD kernels' reference): per group of
 /// 32 the integer sum `codes . xq`, scaled by `sc * dx`, per super-block by `d`; `m` empty: no
 /// mins.
 fn generic_nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
@@ -290,7 +305,7 @@ fn generic_nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &R
     acc - accm
 }
 
-/// [`dot`] of a `Q6_K` row packed as `kind` on any CPU (and the SIMD kernels' reference): per
+/// [`dot_with`] of a `Q6_K` row packed as `kind` on any CPU (and the SIMD kernels' reference): per
 /// group of 16 the integer sum `(code + 32) . xq - 32 sum(xq)`, scaled by `sc * dx`, per
 /// super-block by `d`.
 fn generic_sixes(kind: QuantCodes, q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
@@ -533,17 +548,6 @@ mod avx2 {
     use super::Row;
     use std::arch::x86_64::*;
 
-    /// 4 bytes (4 groups' integer scales) widened to two vectors of 8 f32 lanes: the first two
-    /// scales each over 4 lanes, then the last two.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn four_scales(p: *const i8) -> (__m256, __m256) {
-        // SAFETY: the caller's 4 bytes at p.
-        let four = unsafe { _mm_cvtsi32_si128((p as *const i32).read_unaligned()) };
-        let f = _mm256_castps128_ps256(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(four)));
-        (_mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)), _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)))
-    }
-
     /// Two f32 values at `v` (the second 0 unless `two`) over 8 lanes, 4 each.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -574,9 +578,24 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_add_epi16(l, h), _mm256_set1_epi16(1))
     }
 
+    /// [`nibble_pair`] with the 16-bit sums multiplied by `scales` (16 lanes of 16 bits: the first
+    /// block's `sc` in the first 8, the second's in the last) in the widening instead of by ones:
+    /// 4 lanes per block of `sc * (codes . xq)`, each within 32 bits (`2 * 7620 * 63`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn nibble_pair_scaled(w: __m256i, lo: __m256i, hi: __m256i, scales: __m256i) -> __m256i {
+        let mask = _mm256_set1_epi8(15);
+        let l = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), lo);
+        let h = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(w), mask), hi);
+        _mm256_madd_epi16(_mm256_add_epi16(l, h), scales)
+    }
+
     /// [`super::generic_nibbles`]: 4 blocks (128 codes, 64 bytes) an iteration, two at a time
-    /// against [`Row::q4`]; per lane `sc * dx` in f32, per super-block `d` (and `dmin` for the
-    /// mins, from [`Row::xsum4`]).
+    /// against [`Row::q4`]. The low and high nibbles' 16-bit pair sums are multiplied by the
+    /// blocks' integer `sc` in the widening `vpmaddwd` (ggml's way; the super-block's 8 scales
+    /// widened to 16 bits once, each pair of blocks' two spread over the 128-bit halves by one
+    /// `vpshufb`), then by `dx` per lane in f32, per super-block by `d`. The mins once per
+    /// super-block: its 8 `m` times the blocks' sums of `x` ([`Row::xsum`]), times `dmin`.
     ///
     /// # Safety
     /// [`has`]; `q.len() = 128 d.len()`, `sc` (and `m` unless empty) `8 d.len()`, `dmin`
@@ -585,32 +604,35 @@ mod avx2 {
     pub unsafe fn nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
         let (qp, xp) = (q.as_ptr(), x.q4.as_ptr());
         let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        // pair k of a super-block's blocks: 16-bit scale 2 k in the first half, 2 k + 1 in the second
+        let spread: [__m256i; 4] = std::array::from_fn(|k| {
+            let (a, b) = (4 * k as i8, 4 * k as i8 + 2);
+            _mm256_setr_epi8(a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1)
+        });
         for s in 0..d.len() {
-            let (mut a, mut am) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            // SAFETY: s < d.len(): 8 scales (and mins) and 8 block sums of x at 8 s.
+            let scales = unsafe { _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(sc.as_ptr().add(8 * s) as *const __m128i))) };
+            let mut a = _mm256_setzero_ps();
             for i in 2 * s..2 * s + 2 {
-                // SAFETY: i < 2 d.len(): 64 bytes of codes, 128 of x's codes, 16 lanes of dx
-                // and xsum and 4 scales (and mins) at i are in bounds.
+                // SAFETY: i < 2 d.len(): 64 bytes of codes, 128 of x's codes and 16 lanes of dx
+                // at i are in bounds.
                 unsafe {
                     _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(64 * i + PREFETCH) as *const i8);
                     let (w0, w1) = (_mm256_loadu_si256(qp.add(64 * i) as *const _), _mm256_loadu_si256(qp.add(64 * i + 32) as *const _));
                     let xq = xp.add(128 * i);
-                    let p0 = nibble_pair(w0, _mm256_loadu_si256(xq as *const _), _mm256_loadu_si256(xq.add(64) as *const _));
-                    let p1 = nibble_pair(w1, _mm256_loadu_si256(xq.add(32) as *const _), _mm256_loadu_si256(xq.add(96) as *const _));
-                    let (s0, s1) = four_scales(sc.as_ptr().add(4 * i));
+                    let k = 2 * (i - 2 * s);
+                    let p0 = nibble_pair_scaled(w0, _mm256_loadu_si256(xq as *const _), _mm256_loadu_si256(xq.add(64) as *const _), _mm256_shuffle_epi8(scales, spread[k]));
+                    let p1 = nibble_pair_scaled(w1, _mm256_loadu_si256(xq.add(32) as *const _), _mm256_loadu_si256(xq.add(96) as *const _), _mm256_shuffle_epi8(scales, spread[k + 1]));
                     let dx = x.dx4.as_ptr().add(16 * i);
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, _mm256_loadu_ps(dx)), a);
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, _mm256_loadu_ps(dx.add(8))), a);
-                    if !m.is_empty() {
-                        let (m0, m1) = four_scales(m.as_ptr().add(4 * i));
-                        let xs = x.xsum4.as_ptr().add(16 * i);
-                        am = _mm256_fmadd_ps(m0, _mm256_loadu_ps(xs), am);
-                        am = _mm256_fmadd_ps(m1, _mm256_loadu_ps(xs.add(8)), am);
-                    }
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dx), a);
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dx.add(8)), a);
                 }
             }
             acc = _mm256_fmadd_ps(a, _mm256_set1_ps(d[s]), acc);
             if !m.is_empty() {
-                accm = _mm256_fmadd_ps(am, _mm256_set1_ps(dmin[s]), accm);
+                // SAFETY: as above.
+                let (m8, xs) = unsafe { (_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(m.as_ptr().add(8 * s) as *const __m128i))), _mm256_loadu_ps(x.xsum.as_ptr().add(8 * s))) };
+                accm = _mm256_fmadd_ps(_mm256_mul_ps(m8, xs), _mm256_set1_ps(dmin[s]), accm);
             }
         }
         hsum(acc) - hsum(accm)
