@@ -50,6 +50,9 @@ enum Command {
     /// Batched decoding: aggregate decode tokens/s and step latency for several batch sizes,
     /// every sequence on its own copy of one context's (compressed) KV cache.
     Batch(cmd::batch::BatchArgs),
+    /// The decode kernels alone: one matrix-vector product on `Q4_K`- and `Q6_K`-like matrices
+    /// of random codes, f32 and int8 activations, the best of `--calls` calls.
+    Products(cmd::products::ProductsArgs),
 }
 
 fn main() {
@@ -71,5 +74,6 @@ fn real_main() -> Result<()> {
         Command::Backends(a) => cmd::backends::run(a),
         Command::Scaling(a) => cmd::scaling::run(a),
         Command::Batch(a) => cmd::batch::run(a),
+        Command::Products(a) => cmd::products::run(a),
     }
 }

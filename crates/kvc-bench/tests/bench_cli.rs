@@ -1,7 +1,7 @@
 //! The `kvc-bench` binary's speed-side subcommands on small inputs: `backends` (the side-by-side
-//! table agrees with itself across CPU backends), `scaling` (table and plot) and `speed` with a
-//! quantized KV cache. They run the default model (SmolLM2-135M-Instruct, fetched into ~/.cache/kvc
-//! when absent).
+//! table agrees with itself across CPU backends), `scaling` (table and plot), `speed` with a
+//! quantized KV cache and `products` (the decode kernels alone). They run the default model
+//! (SmolLM2-135M-Instruct, fetched into ~/.cache/kvc when absent).
 
 use std::process::Command;
 
@@ -68,4 +68,21 @@ fn speed_quantizes_the_cache_when_asked() {
     let bad = bench().args(["speed", "--text", &text(), "--kv-dtype", "int2"]).output().unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("--kv-dtype") && err.contains("int8, int4"), "{err}");
+}
+
+/// `kvc-bench products`: a line per format and activations with a positive time, a table; a
+/// width that is not whole super-blocks is an error, not a panic.
+#[test]
+fn products_times_the_decode_kernels() {
+    let out = bench().args(["products", "--rows", "64", "--cols", "512", "--calls", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<(String, String)> = lines.iter().map(|v| (v["format"].as_str().unwrap().into(), v["activations"].as_str().unwrap().into())).collect();
+    assert_eq!(kinds, [("Q4_K", "f32"), ("Q4_K", "int8"), ("Q6_K", "f32"), ("Q6_K", "int8")].map(|(a, b)| (a.to_string(), b.to_string())));
+    assert!(lines.iter().all(|v| v["best_ms"].as_f64().unwrap() > 0.0 && v["codes_gb_s"].as_f64().unwrap() > 0.0), "{text}");
+    assert!(text.contains("| matrix 64 x 512 |"), "{text}");
+    let bad = bench().args(["products", "--cols", "300"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 256"));
 }

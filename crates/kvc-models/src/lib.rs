@@ -217,7 +217,8 @@ fn load_source<B: Backend>(path: &Path, build: impl FnOnce(&ModelConfig, &dyn we
 /// [`model::WeightStorage::Codes`] holds a GGUF's quantized matrices only as their codes on a
 /// backend with the kernels (flex, ndarray), so the process holds about the file's bytes and no
 /// dense f32 copy (Qwen2.5-Coder-1.5B `Q4_K_M`: 1.16 GB instead of a 7.1 GB dense f32 copy); elsewhere, and for
-/// [`model::WeightStorage::Dense`], it loads as [`load_as`] does.
+/// [`model::WeightStorage::Dense`], it loads as [`load_as`] does. The codes are not kept on a
+/// backend without the kernels, nor with [`model::WeightStorage::DenseOnly`].
 ///
 /// # Errors
 /// As [`load_as`].

@@ -45,7 +45,7 @@ pub struct Projection<B: Backend> {
 pub enum WeightStorage {
     /// Dense copies in the model's dtype on the device (every backend); a GGUF's blocks of codes
     /// kept beside them for decode steps where the backend has the kernel. Prefill chunks
-    /// multiply the dense copies. (`kvc-bench speed --dense-weights`.)
+    /// multiply the dense copies. (`kvc-bench speed`, `compress` and `eval` with `--dense-weights`.)
     Dense,
     /// Dense copies only: every product, decode steps too, multiplies them; the codes are
     /// dropped after loading. (`kvc generate --dense-weights`, `kvc serve --dense-weights`.)

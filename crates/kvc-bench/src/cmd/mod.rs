@@ -11,6 +11,7 @@ pub mod batch;
 pub mod compress;
 pub mod eval;
 pub mod needle;
+pub mod products;
 pub mod scaling;
 pub mod speed;
 

@@ -310,9 +310,9 @@ fn six_packing() -> QuantCodes {
 }
 
 /// Element `i` of a row of 6-bit codes `q` packed as `kind` ([`QuantCodes::Sixes`] or
-/// [`QuantCodes::SixPairs`]), as stored: `code + 32` (`0..=63`). The plain int8 loops' and the
-/// tests' reference.
-#[inline(always)]
+/// [`QuantCodes::SixPairs`]), as stored: `code + 32` (`0..=63`). The tests' reference, bit by
+/// bit from each packing's description.
+#[cfg(test)]
 fn six_biased(kind: QuantCodes, q: &[u8], i: usize) -> i32 {
     if kind == QuantCodes::SixPairs {
         let (p, j) = (&q[48 * (i / 64)..][..48], i % 64);
@@ -325,6 +325,33 @@ fn six_biased(kind: QuantCodes, q: &[u8], i: usize) -> i32 {
         let word = u32::from_le_bytes([b[w], b[w + 1], b[w + 2], b[w + 3]]);
         lo | (((word >> (2 * (j % 16))) & 3) as i32) << 4
     }
+}
+
+/// The 64 codes of 48 bytes of a row of 6-bit codes packed as `kind` (two blocks of
+/// [`QuantCodes::Sixes`], one pair of [`QuantCodes::SixPairs`]), as stored (`code + 32`): the
+/// plain int8 loops unpack them so, once per 64.
+#[inline(always)]
+fn six_biased_64(kind: QuantCodes, q: &[u8]) -> [u8; 64] {
+    let mut u = [0u8; 64];
+    if kind == QuantCodes::SixPairs {
+        for k in 0..4 {
+            for t in 0..16 {
+                let n = q[16 * (k % 2) + t];
+                u[16 * k + t] = if k < 2 { n & 15 } else { n >> 4 } | ((q[32 + t] >> (2 * k)) & 3) << 4;
+            }
+        }
+    } else {
+        for (b, q) in q.chunks_exact(24).enumerate() {
+            for half in 0..2 {
+                let word = u32::from_le_bytes([q[16 + 4 * half], q[17 + 4 * half], q[18 + 4 * half], q[19 + 4 * half]]);
+                for i in 0..16 {
+                    let lo = if half == 0 { q[i] & 15 } else { q[i] >> 4 };
+                    u[32 * b + 16 * half + i] = lo | (((word >> (2 * i)) & 3) as u8) << 4;
+                }
+            }
+        }
+    }
+    u
 }
 
 /// Codes `-32..=31` in the [`QuantCodes::SixPairs`] layout (a multiple of 64 of them).
@@ -736,8 +763,10 @@ mod simd {
 
     /// One row of 6-bit codes packed as `kind` ([`QuantCodes::Sixes`] or
     /// [`QuantCodes::SixPairs`]; one scale per 16 elements: `s` has two a block, no mins) times
-    /// `R` rows of `x`: `sum_g s_g (codes_g . x_g)`, each code unpacked and scaled once (to the
-    /// dequantized weight, exactly) for all `R`; a row's result does not depend on the others.
+    /// `R` rows of `x`: `sum_g s_g (codes_g . x_g)`, each code unpacked once for all `R` (and by
+    /// the `Sixes` and plain kernels scaled to the dequantized weight, exactly; the AVX2
+    /// `SixPairs` kernel scales each group's product); a row's result does not depend on the
+    /// others.
     pub fn dot_sixes_rows<const R: usize>(kind: QuantCodes, q: &[u8], s: &[f32], x: [&[f32]; R]) -> [f32; R] {
         let n = s.len() / 2;
         let pairs = kind == QuantCodes::SixPairs;
@@ -1364,7 +1393,14 @@ mod tests {
         for sixes in [QuantCodes::Sixes, QuantCodes::SixPairs] {
             k_quants_and_prefill_products(sixes);
         }
-        assert!([QuantCodes::Sixes, QuantCodes::SixPairs].contains(&k_quant(1, true, six_packing()).codes()));
+        // the public constructor packs as this CPU's kernels read: the same weights either way
+        let c = codes(2 * 512, -32, 31, 5);
+        let sc: Vec<i8> = (0..2 * 512 / 16).map(|g| (g % 90) as i8 - 45).collect();
+        let made = |sixes| QuantMatrix::k_quants_packed(2, 512, &c, 16, vec![0.01, 0.02, 0.03, 0.04], vec![], sc.clone(), vec![], sixes).unwrap().dequantize();
+        let public = QuantMatrix::from_k_quants(2, 512, &c, 16, vec![0.01, 0.02, 0.03, 0.04], vec![], sc.clone(), vec![]).unwrap();
+        assert_eq!(public.codes(), six_packing());
+        assert_eq!(public.dequantize(), made(QuantCodes::Sixes));
+        assert_eq!(public.dequantize(), made(QuantCodes::SixPairs));
     }
 
     /// [`k_quants_and_prefill_products_match_the_dequantized_product`] with 6-bit codes packed
@@ -1407,12 +1443,15 @@ mod tests {
     #[test]
     fn sixes_kernels_agree() {
         for blocks in [2, 4, 10, 16] {
-            let c: Vec<i8> = (0..blocks * 32).map(|i| ((i * 37) % 64) as i8 - 32).collect();
+            // codes that differ from pair to pair (37 i alone repeats every 64)
+            let c: Vec<i8> = (0..blocks * 32).map(|i| ((i * 37 + i / 64 * 11) % 64) as i8 - 32).collect();
             let s: Vec<f32> = (0..2 * blocks).map(|g| 0.01 * (g as f32 + 1.0)).collect();
             let x: Vec<f32> = (0..blocks * 32).map(|i| (i as f32 * 0.7).cos()).collect();
             for (kind, q) in [(QuantCodes::Sixes, pack_sixes(&c)), (QuantCodes::SixPairs, pack_six_pairs(&c))] {
                 assert_eq!(q.len(), 24 * blocks);
                 assert_eq!((0..c.len()).map(|i| (six_biased(kind, &q, i) - 32) as i8).collect::<Vec<_>>(), c, "{kind:?}");
+                let unpacked: Vec<i8> = q.chunks_exact(48).flat_map(|p| six_biased_64(kind, p)).map(|u| u as i8 - 32).collect();
+                assert_eq!(unpacked, c, "{kind:?}, 64 at a time");
                 let [v] = simd::dot_sixes_rows(kind, &q, &s, [&x]);
                 let g = simd::generic_sixes(kind, &q, &s, &x);
                 let exact: f64 = c.iter().enumerate().map(|(i, &c)| c as f64 * s[i / 16] as f64 * x[i] as f64).sum();

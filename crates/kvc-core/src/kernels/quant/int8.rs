@@ -4,7 +4,9 @@
 //! by them in integer arithmetic, `u8 x i8` products summed four at a time into 32-bit lanes
 //! (AVX-512 VNNI `vpdpbusd`; on CPUs without it AVX2's `vpmaddubsw` into 16-bit pairs, then
 //! `vpmaddwd` by ones, as ggml's AVX2 kernels), then scaled in f32 by `d * sc * dx` per group
-//! (module `avx2`: the same layouts and integer sums as `avx512`, f32 sums in another order). llama.cpp's CPU
+//! (module `avx2`: the same integer sums as `avx512` but for `Q4_K`, whose integer `sc` enters
+//! the sum as in ggml's AVX2 kernel, and `Q6_K`, read from its AVX2 packing; f32 sums in another
+//! order). llama.cpp's CPU
 //! backend does the same for its K-quants (`ggml_vec_dot_q4_K_q8_K`, with one scale per 256
 //! values of `x` where this keeps one per 32); the f32 kernels of [`super`] instead multiply the
 //! dequantized weights by `x` in f32, about 2x the instructions for the same bytes of codes.
@@ -312,10 +314,15 @@ fn generic_sixes(kind: QuantCodes, q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f
     let mut acc = 0f32;
     for (s, &ds) in d.iter().enumerate() {
         let mut a = 0f32;
-        for g in 16 * s..16 * s + 16 {
-            let mut isum: i32 = (16 * g..16 * g + 16).map(|i| super::six_biased(kind, q, i) * x.q[i] as i32).sum();
-            isum -= x.bias[4 * g..4 * g + 4].iter().sum::<i32>();
-            a += isum as f32 * (sc[g] as f32 * x.dx8[8 * (g / 2)]);
+        // 64 codes (48 bytes in either packing) unpacked at a time, 4 groups of 16
+        for p in 4 * s..4 * s + 4 {
+            let u = super::six_biased_64(kind, &q[48 * p..][..48]);
+            for (k, u) in u.chunks_exact(16).enumerate() {
+                let g = 4 * p + k;
+                let mut isum: i32 = u.iter().zip(&x.q[16 * g..16 * g + 16]).map(|(&u, &xq)| u as i32 * xq as i32).sum();
+                isum -= x.bias[4 * g..4 * g + 4].iter().sum::<i32>();
+                a += isum as f32 * (sc[g] as f32 * x.dx8[8 * (g / 2)]);
+            }
         }
         acc += a * ds;
     }
