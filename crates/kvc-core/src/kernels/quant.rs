@@ -650,16 +650,12 @@ mod simd {
     fn dequantize_row_body(kind: QuantCodes, q: &[u8], s: &[f32], m: &[f32], out: &mut [f32]) {
         if kind == QuantCodes::SixPairs {
             for (p, (o, q)) in out.chunks_exact_mut(2 * BLOCK).zip(q.chunks_exact(48)).enumerate() {
-                let o: &mut [f32; 2 * BLOCK] = o.try_into().expect("pairs of blocks");
-                // elements 16 k + t: the low nibbles (k < 2) or the high ones of byte 16 k % 32
-                // + t, the high bits in bits 2 k of byte 32 + t; group 4 p + k
-                for k in 0..4 {
+                let u = super::six_biased_64(kind, q);
+                // group 4 p + k: elements 16 k .. 16 k + 16
+                for (k, (o, u)) in o.chunks_exact_mut(16).zip(u.chunks_exact(16)).enumerate() {
                     let sk = s[4 * p + k];
                     for t in 0..16 {
-                        let n = q[16 * (k % 2) + t];
-                        let lo = if k < 2 { n & 15 } else { n >> 4 };
-                        let code = (lo | ((q[32 + t] >> (2 * k)) & 3) << 4) as i32 - 32;
-                        o[16 * k + t] = code as f32 * sk + -0.0;
+                        o[t] = (u[t] as i32 - 32) as f32 * sk + -0.0;
                     }
                 }
             }
