@@ -50,8 +50,9 @@ enum Command {
     /// Batched decoding: aggregate decode tokens/s and step latency for several batch sizes,
     /// every sequence on its own copy of one context's (compressed) KV cache.
     Batch(cmd::batch::BatchArgs),
-    /// The decode kernels alone: one matrix-vector product on `Q4_K`- and `Q6_K`-like matrices
-    /// of random codes, f32 and int8 activations, the best of `--calls` calls.
+    /// The kernels on the codes alone: one product of `--tokens` rows of activations (1: a
+    /// decode step) on `Q4_K`- and `Q6_K`-like matrices of random codes, f32 and int8
+    /// activations, the best of `--calls` calls.
     Products(cmd::products::ProductsArgs),
 }
 

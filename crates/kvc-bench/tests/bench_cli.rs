@@ -50,7 +50,7 @@ fn scaling_writes_a_table_and_a_plot() {
 #[test]
 fn speed_quantizes_the_cache_when_asked() {
     let line = |kv: &str| -> serde_json::Value {
-        let out = bench().args(["speed", "--text", &text(), "--tokens", "96", "--decode", "3", "--backends", "flex", "--kv-dtype", kv]).output().unwrap();
+        let out = bench().args(["speed", "--text", &text(), "--tokens", "96", "--decode", "3", "--backends", "flex", "--kv-dtype", kv, "--int8-prefill"]).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
@@ -60,6 +60,9 @@ fn speed_quantizes_the_cache_when_asked() {
     let (float, int8) = (line("float"), line("int8"));
     assert_eq!(float["kv_dtype"], "float");
     assert!(float["quantize_s"].is_null(), "{float}");
+    // --int8-prefill: the same prompt again on int8 rows, its last logits near the f32 prefill's
+    let diff = float["int8_prefill_logit_diff"].as_f64().unwrap();
+    assert!(float["prefill_tok_s_int8"].as_f64().unwrap() > 0.0 && diff > 0.0 && diff < 10.0, "{float}");
     assert_eq!(int8["kv_dtype"], "int8");
     assert!(int8["quantize_s"].as_f64().unwrap() > 0.0 && int8["decode_tokens"] == 3, "{int8}");
     let bytes = |v: &serde_json::Value| v["kv_cache_bytes"].as_f64().unwrap();
@@ -70,19 +73,24 @@ fn speed_quantizes_the_cache_when_asked() {
     assert!(!bad.status.success() && err.contains("--kv-dtype") && err.contains("int8, int4"), "{err}");
 }
 
-/// `kvc-bench products`: a line per format and activations with a positive time, a table; a
-/// width that is not whole super-blocks is an error, not a panic.
+/// `kvc-bench products`: a line per format and activations with a positive time, a table, for
+/// one row of activations (a decode step) and for 40 (a prefill chunk's path); a width that is
+/// not whole super-blocks, or no tokens, is an error, not a panic.
 #[test]
 fn products_times_the_decode_kernels() {
-    let out = bench().args(["products", "--rows", "64", "--cols", "512", "--calls", "2"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<serde_json::Value> = text.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
-    let kinds: Vec<(String, String)> = lines.iter().map(|v| (v["format"].as_str().unwrap().into(), v["activations"].as_str().unwrap().into())).collect();
-    assert_eq!(kinds, [("Q4_K", "f32"), ("Q4_K", "int8"), ("Q6_K", "f32"), ("Q6_K", "int8")].map(|(a, b)| (a.to_string(), b.to_string())));
-    assert!(lines.iter().all(|v| v["best_ms"].as_f64().unwrap() > 0.0 && v["codes_gb_s"].as_f64().unwrap() > 0.0), "{text}");
-    assert!(text.contains("| matrix 64 x 512 |"), "{text}");
-    let bad = bench().args(["products", "--cols", "300"]).output().unwrap();
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 256"));
+    for tokens in ["1", "40"] {
+        let out = bench().args(["products", "--rows", "64", "--cols", "512", "--calls", "2", "--tokens", tokens]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<serde_json::Value> = text.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+        let kinds: Vec<(String, String)> = lines.iter().map(|v| (v["format"].as_str().unwrap().into(), v["activations"].as_str().unwrap().into())).collect();
+        assert_eq!(kinds, [("Q4_K", "f32"), ("Q4_K", "int8"), ("Q6_K", "f32"), ("Q6_K", "int8")].map(|(a, b)| (a.to_string(), b.to_string())));
+        assert!(lines.iter().all(|v| v["best_ms"].as_f64().unwrap() > 0.0 && v["gmac_s"].as_f64().unwrap() > 0.0 && v["tokens"] == serde_json::json!(tokens.parse::<u64>().unwrap())), "{text}");
+        assert!(text.contains(&format!("| matrix 64 x 512, {tokens} token(s) |")), "{text}");
+    }
+    for bad in [["--cols", "300"], ["--tokens", "0"]] {
+        let out = bench().arg("products").args(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 256"));
+    }
 }

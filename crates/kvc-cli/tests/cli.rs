@@ -43,6 +43,10 @@ fn generate_on_the_default_model() {
     assert!(int8.status.success(), "{}", String::from_utf8_lossy(&int8.stderr));
     let i: serde_json::Value = serde_json::from_slice(&int8.stdout).unwrap();
     assert_eq!((&i["activations"], &i["new_tokens"], &i["quantized_decode"]), (&serde_json::json!("int8"), &serde_json::json!(8), &serde_json::json!(true)), "{i}");
+    // the summary says which activations decoded
+    let out = kvc(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--int8-activations"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("tokens/s, int8 activations"), "{text}");
     // text mode prints the summary
     let out = kvc(&["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--backend", "ndarray"]);
     let text = String::from_utf8_lossy(&out.stdout);

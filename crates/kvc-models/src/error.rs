@@ -83,6 +83,10 @@ pub enum ModelError {
     /// ([`crate::Decoder::enable_int8_activations`]).
     #[error("--int8-activations needs a GGUF model's quantized weights in use on a CPU backend (flex, ndarray); this model's decode multiplies dense weights")]
     Int8Activations,
+    /// Int8 prefill asked of a model whose prefill multiplies dense weights
+    /// ([`crate::Decoder::enable_int8_prefill`]).
+    #[error("--int8-prefill needs a GGUF model's quantized weights held as codes only on a CPU backend (flex, ndarray; not --dense-weights); this model's prefill multiplies dense weights")]
+    Int8Prefill,
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,

@@ -159,6 +159,10 @@ pub struct Decoder<B: Backend> {
     /// How products on the codes take the activations ([`Decoder::set_activations`]).
     #[module(skip)]
     activations: Activations,
+    /// How products on the codes of several tokens per sequence take the activations
+    /// ([`Decoder::set_prefill_activations`]).
+    #[module(skip)]
+    prefill_activations: Activations,
     /// The float dtype of the activations and the KV cache (the dense weights' dtype).
     #[module(skip)]
     dtype: DType,
@@ -441,6 +445,7 @@ impl<B: Backend> Decoder<B> {
             inv_freq: rope::inv_freq(config),
             quantized_decode: quantized.is_some(),
             activations: Activations::F32,
+            prefill_activations: Activations::F32,
             quantized,
             dtype,
         })
@@ -467,7 +472,8 @@ impl<B: Backend> Decoder<B> {
     /// arithmetic, and the logits move by the rounding; `kvc generate --int8-activations`).
     /// Decode steps are [`Decoder::forward`] / [`Decoder::forward_hidden`] on one token per
     /// sequence and [`Decoder::forward_batch`]; [`Decoder::prefill`], [`Decoder::feed`] and
-    /// forward passes of several tokens (a question) keep f32. No effect on products of dense
+    /// forward passes of several tokens (a question) take [`Decoder::set_prefill_activations`]'s
+    /// (f32 by default). No effect on products of dense
     /// weights (a model without [`Decoder::quantized_decode`]).
     pub fn set_activations(&mut self, act: Activations) {
         self.activations = act;
@@ -476,6 +482,23 @@ impl<B: Backend> Decoder<B> {
     /// [`Decoder::set_activations`]'s setting.
     pub fn activations(&self) -> Activations {
         self.activations
+    }
+
+    /// How forward passes of several tokens per sequence ([`Decoder::prefill`], [`Decoder::feed`],
+    /// a question) take the activations in products on the codes: [`Activations::F32`] (the
+    /// default: the product by the dequantized weights, so the KV cache the presses score is the
+    /// dense model's up to f32 rounding) or [`Activations::Int8`] (each token's row rounded to
+    /// int8 per block of 32 and multiplied by the codes in integer arithmetic, as llama.cpp's
+    /// prefill does; each row's products are those a decode step gives it; measured with
+    /// `kvc-bench speed --int8-prefill`; docs/quantized-weights.md). Only matrices held as codes
+    /// ([`WeightStorage::Codes`], the default): prefill on dense copies keeps the dense GEMM.
+    pub fn set_prefill_activations(&mut self, act: Activations) {
+        self.prefill_activations = act;
+    }
+
+    /// [`Decoder::set_prefill_activations`]'s setting.
+    pub fn prefill_activations(&self) -> Activations {
+        self.prefill_activations
     }
 
     /// Frees the quantized weights (every product then uses the dense ones): for a backend
@@ -606,6 +629,22 @@ impl<B: KvcBackend> Decoder<B> {
         Ok(kvc_core::kernels::quant::int8_kernels_native())
     }
 
+    /// Turns on [`Activations::Int8`] for prefill chunks and questions
+    /// ([`Decoder::set_prefill_activations`]), as `kvc-bench speed --int8-prefill` asks: returns
+    /// as [`Decoder::enable_int8_activations`] does.
+    ///
+    /// # Errors
+    /// [`ModelError::Int8Prefill`] when no matrix is held only as codes (dense copies beside the
+    /// codes, `--dense-weights`, a safetensors model, a GPU backend): prefill multiplies dense
+    /// weights. The setting is left as it was.
+    pub fn enable_int8_prefill(&mut self) -> Result<bool> {
+        if !(self.codes_only() && B::kvc_has_quant_linear()) {
+            return Err(ModelError::Int8Prefill);
+        }
+        self.prefill_activations = Activations::Int8;
+        Ok(kvc_core::kernels::quant::int8_kernels_native())
+    }
+
     /// As [`Decoder::from_source_as`], with the matrices where `storage` puts them:
     /// [`WeightStorage::Codes`] holds a GGUF's quantized matrices only as their codes when this
     /// backend has the kernel ([`KvcBackend::kvc_has_quant_linear`]), and loads dense
@@ -690,7 +729,7 @@ impl<B: KvcBackend> Decoder<B> {
         cache.reserve(ids.len());
         for part in ids.chunks(chunk.max(1)) {
             let obs = observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>);
-            self.forward_layers(crate::generate::token_tensor::<B>(part, &device), cache, obs, false, Activations::F32)?;
+            self.forward_layers(crate::generate::token_tensor::<B>(part, &device), cache, obs, false, self.prefill_activations)?;
         }
         Ok(())
     }
@@ -709,7 +748,7 @@ impl<B: KvcBackend> Decoder<B> {
         let last = (ids.len() - 1) / chunk * chunk;
         self.feed(&ids[..last], cache, observer.as_mut().map(|o| &mut **o as &mut dyn AttentionObserver<B>), chunk)?;
         let device = self.device();
-        self.forward_as(crate::generate::token_tensor::<B>(&ids[last..], &device), cache, observer, Logits::Last, Activations::F32)
+        self.forward_as(crate::generate::token_tensor::<B>(&ids[last..], &device), cache, observer, Logits::Last, self.prefill_activations)
     }
 
     /// Runs `tokens` (`[batch, chunk]`) through the decoder at positions
@@ -721,7 +760,7 @@ impl<B: KvcBackend> Decoder<B> {
     /// no `chunk x len` score tensor grows beyond one chunk.
     /// The observer, if any, sees each layer's queries/keys/values (and attention if it asks).
     /// One token per sequence is a decode step: its products on the codes take the activations
-    /// as [`Decoder::set_activations`] says; longer chunks use f32 activations.
+    /// as [`Decoder::set_activations`] says; longer chunks as [`Decoder::set_prefill_activations`].
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -733,13 +772,14 @@ impl<B: KvcBackend> Decoder<B> {
         self.forward_as(tokens, cache, observer, logits, act)
     }
 
-    /// [`Decoder::set_activations`]'s setting for a forward pass of `tokens` per sequence: one
-    /// is a decode step; more (a prefill chunk, a question) multiply f32 activations.
+    /// The activations of a forward pass of `tokens` per sequence: one is a decode step
+    /// ([`Decoder::set_activations`]); more (a prefill chunk, a question) are
+    /// [`Decoder::set_prefill_activations`]'s.
     fn step_activations(&self, tokens: usize) -> Activations {
         if tokens == 1 {
             self.activations
         } else {
-            Activations::F32
+            self.prefill_activations
         }
     }
 

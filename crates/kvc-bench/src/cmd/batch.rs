@@ -41,6 +41,10 @@ pub struct BatchArgs {
     /// Float type of weights, activations and KV cache (as `kvc generate --dtype`).
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
+    /// Decode with int8 activations (`kvc generate --int8-activations`; a GGUF model on a CPU
+    /// backend): the codes of each weight row are unpacked once for 4 sequences.
+    #[arg(long)]
+    int8_activations: bool,
 }
 
 /// Runs `kvc-bench batch`.
@@ -78,7 +82,10 @@ impl backend::BackendJob for BatchJob<'_> {
         if !B::supports_dtype(&device, dtype) {
             bail!("{} does not support --dtype {}", a.backend, a.dtype);
         }
-        let loaded = kvc_models::load_with::<B>(self.model, &device, Some(dtype), kvc_models::WeightStorage::Codes)?;
+        let mut loaded = kvc_models::load_with::<B>(self.model, &device, Some(dtype), kvc_models::WeightStorage::Codes)?;
+        if a.int8_activations && !loaded.model.enable_int8_activations().with_context(|| format!("model {}", self.model.display()))? {
+            eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
+        }
         let ids = context_ids(&loaded.tokenizer, self.text, a.tokens + 1)?;
         let (context, question) = ids.split_at(a.tokens);
         let mut print = |r: &kvc_bench::batch::BatchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());

@@ -52,6 +52,11 @@ pub struct SpeedArgs {
     /// only.
     #[arg(long)]
     int8_activations: bool,
+    /// Also prefill with int8 activations (`kvc generate --int8-prefill`; matrices held as codes
+    /// only), after the f32 prefill: `prefill_tok_s_int8`, and `int8_prefill_logit_diff` (the
+    /// largest |difference| of its last token's logits from the f32 prefill's).
+    #[arg(long)]
+    int8_prefill: bool,
     /// KV cache storage for the decode: `float` (--dtype), `int8` or `int4`, quantized after the
     /// prefill (timed apart: `quantize_s`). The dense-weights comparison runs on float caches only.
     #[arg(long, default_value = "float")]
@@ -64,12 +69,12 @@ pub struct SpeedArgs {
 /// An unknown --kv-dtype, resolving the model, reading --text; a backend's errors (loading,
 /// tokenizing, quantizing the cache, running).
 pub fn run(args: SpeedArgs) -> Result<()> {
-    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights, int8_activations, kv_dtype } = args;
+    let SpeedArgs { model, text, tokens, decode, backends, chunk, dtype, dense_weights, int8_activations, int8_prefill, kv_dtype } = args;
     let kv_quant = KvQuant::parse_for(&kv_dtype, backend::dtype(&dtype)).context("--kv-dtype")?;
     let model = kvc_models::default_model::resolve(model.as_deref())?;
     let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
     for b in backends {
-        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights, int8_activations, kv_quant };
+        let job = SpeedJob { name: &b, model: &model, text: &text, lens: &tokens, n_decode: decode, chunk, dtype: (&dtype, backend::dtype(&dtype)), dense_weights, int8_activations, int8_prefill, kv_quant };
         backend::run(&b, job)?;
     }
     Ok(())
@@ -86,6 +91,7 @@ struct SpeedJob<'a> {
     dtype: (&'a str, burn::tensor::DType),
     dense_weights: bool,
     int8_activations: bool,
+    int8_prefill: bool,
     /// `--kv-dtype` (`None`: float).
     kv_quant: Option<KvQuant>,
 }
@@ -117,6 +123,22 @@ impl backend::BackendJob for SpeedJob<'_> {
             let logits = loaded.model.prefill(prompt, &mut cache, None, self.chunk)?;
             let logits = burn::tensor::Tensor::<B, 3>::from_data(logits.into_data(), &device);
             let prefill = t.elapsed().as_secs_f64();
+            // the same prefill with int8 activations (the lever measured in the same run)
+            let int8_prefill = if self.int8_prefill {
+                let was = loaded.model.prefill_activations();
+                let r = loaded.model.enable_int8_prefill().map_err(anyhow::Error::from).and_then(|_| {
+                    let mut c = loaded.model.new_cache();
+                    let t = Instant::now();
+                    let l = loaded.model.prefill(prompt, &mut c, None, self.chunk)?;
+                    let secs = t.elapsed().as_secs_f64();
+                    let diff: f32 = burn::tensor::ElementConversion::elem((l - logits.clone()).abs().max().into_scalar());
+                    Ok((n as f64 / secs, diff))
+                });
+                loaded.model.set_prefill_activations(was);
+                Some(r?)
+            } else {
+                None
+            };
             let quantize_s = match self.kv_quant {
                 Some(q) => {
                     let t = Instant::now();
@@ -152,7 +174,7 @@ impl backend::BackendJob for SpeedJob<'_> {
             println!(
                 "{}",
                 serde_json::json!({"backend": self.name, "dtype": self.dtype.0, "kv_dtype": kv_dtype_name, "prompt_tokens": n, "prefill_s": prefill, "quantize_s": quantize_s,
-                    "prefill_tok_s": n as f64 / prefill, "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
+                    "prefill_tok_s": n as f64 / prefill, "prefill_tok_s_int8": int8_prefill.map(|p| p.0), "int8_prefill_logit_diff": int8_prefill.map(|p| p.1), "decode_tokens": d.tokens.len(), "decode_tok_s": decode_tps,
                     "decode_tok_s_dense_weights": dense_tps, "decode_tok_s_int8_activations": int8.map(|i| i.0),
                     "int8_tokens_as_f32": int8.map(|i| i.1), "kv_cache_bytes": kv_bytes,
                     "weights": if loaded.model.codes_only() { "codes" } else { "dense" }, "weight_bytes": loaded.model.weight_bytes(),

@@ -18,8 +18,9 @@ use rayon::prelude::*;
 
 mod int8;
 
-/// How [`matvec`] (decode steps: products of at most [`MATVEC_MAX_ROWS`] rows) multiplies the
-/// rows of `x` by a matrix's codes. Prefill chunks ([`matmul`]) always use f32.
+/// How [`linear`] multiplies the rows of `x` by a matrix's codes: decode steps (at most
+/// [`MATVEC_MAX_ROWS`] rows, [`matvec`]) either way; longer inputs (prefill chunks) through
+/// [`matmul`]'s f32 GEMM, or with `Int8` through [`matvec`]'s int8 kernels over all the rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Activations {
     /// `x` as it is, times each group's codes widened to f32: the product by the dequantized
@@ -397,7 +398,9 @@ const ROWS_PER_TASK: usize = 64;
 /// row-major, the outputs of `ws[0]` first: `sum_b scale_b (codes_b . x_b) + sum_b min_b xsum_b`
 /// per output, the product by the dequantized weights up to f32 rounding ([`Activations::F32`];
 /// with [`Activations::Int8`] the products of `x` rounded to int8). Output rows
-/// are split over the rayon pool, one dispatch for all the matrices.
+/// are split over the rayon pool, one dispatch for all the matrices. With int8 activations and
+/// several rows of `x` (a batched decode step, an int8 prefill chunk) the AVX2 `Q4_K` / `Q6_K`
+/// kernels unpack each weight row's codes once for 4 rows of `x` (`int8::rows_with`).
 ///
 /// # Panics
 /// When `x.len() != n * cols` of some matrix (a caller's shape bug, not user input).
@@ -412,6 +415,30 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
         .enumerate()
         .flat_map(|(i, w)| (0..w.rows).step_by(ROWS_PER_TASK).map(move |r| (i, r, ROWS_PER_TASK.min(w.rows - r))))
         .collect();
+    // the rows of x rounded to int8, once for every matrix that takes them
+    let cols = ws.first().map_or(0, |w| w.cols);
+    let rounded: Vec<int8::Row> = if act == Activations::Int8 && ws.iter().any(|w| int8::supports(w)) {
+        x.par_chunks_exact(cols).map(int8::Row::new).collect()
+    } else {
+        Vec::new()
+    };
+    if n > 1 && !rounded.is_empty() && ws.iter().all(|w| int8::supports(w)) {
+        // many rows (a prefill chunk): each task writes its outputs of every row in place
+        let mut out = vec![0f32; total * n];
+        let dst = SharedOut(out.as_mut_ptr());
+        let dst = &dst;
+        // each matrix's first output
+        let starts: Vec<usize> = ws.iter().scan(0, |next, w| Some(std::mem::replace(next, *next + w.rows))).collect();
+        tasks.into_par_iter().for_each(|(i, first, len)| {
+            let col = starts[i] + first;
+            int8::rows_with(ws[i], first, len, &rounded, |r, k, v| {
+                debug_assert!(r < len && k < n);
+                // SAFETY: r < len and k < n: inside `out`, in this task's columns.
+                unsafe { *dst.0.add(k * total + col + r) = v }
+            });
+        });
+        return out;
+    }
     // output transposed ([rows, n]) so that a task owns a contiguous range
     let mut out_t = vec![0f32; total * n];
     let mut parts = Vec::with_capacity(tasks.len());
@@ -423,9 +450,6 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
     }
     // per row of x, the sum of each block of 32 (the mins' term: `sum_b min_b * xsum_b`)
     let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect();
-    // the rows of x rounded to int8, once for every matrix that takes them
-    let cols = ws.first().map_or(0, |w| w.cols);
-    let rounded: Vec<int8::Row> = if act == Activations::Int8 && ws.iter().any(|w| int8::supports(w)) { x.chunks_exact(cols).map(int8::Row::new).collect() } else { Vec::new() };
     parts.into_par_iter().for_each(|(w, first, out)| {
         if !rounded.is_empty() && int8::supports(w) {
             int8::rows_into(w, first, &rounded, out)
@@ -451,12 +475,13 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
 pub const MATVEC_MAX_ROWS: usize = 32;
 
 /// `x [W_1; W_2; ...]^T` for `n` rows of `x`: [`matvec`] up to [`MATVEC_MAX_ROWS`] rows (with
-/// `act`), [`matmul`] above.
+/// `act`), [`matmul`] above; with [`Activations::Int8`] [`matvec`] for any number of rows when
+/// every matrix has int8 kernels (each row's products then those it gets alone).
 ///
 /// # Panics
 /// As [`matvec`].
 pub fn linear(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec<f32> {
-    if n <= MATVEC_MAX_ROWS {
+    if n <= MATVEC_MAX_ROWS || (act == Activations::Int8 && ws.iter().all(|w| int8::supports(w))) {
         matvec(x, n, ws, act)
     } else {
         matmul(x, n, ws)
@@ -495,11 +520,7 @@ pub fn matmul(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
         col += w.rows;
     }
     let mut out = vec![0f32; n * total];
-    /// The output's base pointer, shared by tasks that write disjoint columns.
-    struct Out(*mut f32);
-    // SAFETY: every task writes only its own columns `col..col + len` of `out`.
-    unsafe impl Sync for Out {}
-    let dst = Out(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     let dst = &dst;
     tasks.into_par_iter().for_each(|(w, first, len, col)| {
         TILE.with_borrow_mut(|tile| {
@@ -540,6 +561,12 @@ pub fn matmul(x: &[f32], n: usize, ws: &[&QuantMatrix]) -> Vec<f32> {
     });
     out
 }
+
+/// An output's base pointer, shared by the tasks of [`matmul`] and [`matvec`], each of which
+/// writes only its own outputs (columns of `[tokens, outputs]`).
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint elements (above); the buffer outlives them (a rayon scope).
+unsafe impl Sync for SharedOut {}
 
 /// Bytes of a [`matmul`] tile kept per thread between calls (larger ones are freed after use).
 const TILE_KEEP: usize = 32 << 20;

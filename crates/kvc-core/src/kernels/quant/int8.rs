@@ -92,7 +92,9 @@ pub(super) fn supports(w: &QuantMatrix) -> bool {
 }
 
 /// One row of `x` (`cols` values, a multiple of 32) rounded to int8 per block of 32, laid out
-/// for the kernels.
+/// for the kernels. (One scale per super-block of 256, ggml's `Q8_K`, would let the K-quant
+/// kernels sum a super-block in integers, but Qwen2.5's outlying channels then round the other
+/// 255 values coarsely: the 1.5B model's int8 logits moved by 7.5 instead of 1.3.)
 pub(super) struct Row {
     /// Values (columns of the matrices).
     cols: usize,
@@ -108,15 +110,20 @@ pub(super) struct Row {
     dx4: Vec<f32>,
     /// `dx` over 8 lanes a block (6- and 8-bit codes).
     dx8: Vec<f32>,
+    /// `dx` once a block (zeros after the last up to a multiple of 8: a super-block's 8 blocks in
+    /// one vector).
+    dx1: Vec<f32>,
     /// Per block: the f32 sum of `x` over it, a quarter per lane (4 lanes), for the mins.
     xsum4: Vec<f32>,
-    /// The same, one value a block (zeros after the last up to a multiple of 8: a super-block's
-    /// 8 blocks in one vector).
+    /// The same, one value a block (zeros after the last up to a multiple of 8).
     xsum: Vec<f32>,
     /// The same, an eighth per lane (8 lanes: 8-bit codes).
     xsum8: Vec<f32>,
     /// Per 4 consecutive codes: 32 times their sum (6-bit codes are stored as `code + 32`).
     bias: Vec<i32>,
+    /// Per 16 consecutive codes: their sum (at most `16 * 127`; the AVX2 6-bit kernel's bias,
+    /// times the groups' scales once a super-block).
+    sum16: Vec<i16>,
 }
 
 impl Row {
@@ -129,10 +136,12 @@ impl Row {
             q4: vec![0; x.len().next_multiple_of(4 * BLOCK)],
             dx4: Vec::with_capacity(4 * blocks),
             dx8: Vec::with_capacity(8 * blocks),
+            dx1: Vec::with_capacity(blocks.next_multiple_of(8)),
             xsum4: Vec::with_capacity(4 * blocks),
             xsum: Vec::with_capacity(blocks.next_multiple_of(8)),
             xsum8: Vec::with_capacity(8 * blocks),
             bias: Vec::with_capacity(x.len() / 4),
+            sum16: Vec::with_capacity(x.len() / 16),
         };
         for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -146,16 +155,19 @@ impl Row {
             }
             r.dx4.extend([dx; 4]);
             r.dx8.extend([dx; 8]);
+            r.dx1.push(dx);
             let sum = xb.iter().sum::<f32>();
             r.xsum4.extend([sum / 4.0; 4]);
             r.xsum.push(sum);
             r.xsum8.extend([sum / 8.0; 8]);
         }
         r.xsum.resize(blocks.next_multiple_of(8), 0.0);
+        r.dx1.resize(blocks.next_multiple_of(8), 0.0);
         for lanes in [&mut r.dx4, &mut r.dx8, &mut r.xsum4, &mut r.xsum8] {
             lanes.resize(lanes.len().next_multiple_of(16), 0.0);
         }
         r.bias.extend(r.q[..x.len()].chunks_exact(4).map(|c| 32 * c.iter().map(|&v| v as i32).sum::<i32>()));
+        r.sum16.extend(r.q[..x.len()].chunks_exact(16).map(|c| c.iter().map(|&v| v as i16).sum::<i16>()));
         r
     }
 }
@@ -164,15 +176,69 @@ impl Row {
 /// row of `xs`, into `out` (`[rows, xs.len()]`): per row `sum_g scale_g * dx_g * (codes_g .
 /// xq_g)` plus the mins' `sum_g min_g * sum(x_g)` (`scale = d * sc`, `min = -(dmin * m)` for the
 /// K-quants). The kernels are picked once for all the rows (per row it cost 5% of a decode step).
+/// Many rows of `xs` (a prefill chunk, a batched decode step) go through [`rows_with`]: every
+/// row of `xs` gets the sums it gets alone, in the same order.
 pub(super) fn rows_into(w: &QuantMatrix, first: usize, xs: &[Row], out: &mut [f32]) {
+    let n = xs.len();
+    rows_with(w, first, out.len() / n.max(1), xs, |i, k, v| out[i * n + k] = v);
+}
+
+/// [`rows_into`] for `rows` weight rows from `first`, handing each result to `put(row - first,
+/// row of xs, value)` (a prefill's product writes `[tokens, outputs]` directly). Rows of `xs` go
+/// [`COLUMNS`] at a time over all the weight rows (their codes stay in L1 while the weight rows'
+/// stream from L2; the other way round each x byte was read once per 4 products from L2, which
+/// bound the kernels at a quarter of their arithmetic).
+pub(super) fn rows_with(w: &QuantMatrix, first: usize, rows: usize, xs: &[Row], mut put: impl FnMut(usize, usize, f32)) {
     let k = Kernels::best();
     // room for a row's expanded scales (formats with f32 scales per block)
     let mut buf = (Vec::new(), Vec::new());
-    for (i, o) in out.chunks_exact_mut(xs.len().max(1)).enumerate() {
-        for (o, x) in o.iter_mut().zip(xs) {
-            *o = dot_with(w, first + i, x, &mut buf, k);
+    for (chunk, cols) in xs.chunks(COLUMNS).enumerate() {
+        let c0 = chunk * COLUMNS;
+        for i in 0..rows {
+            let r = first + i;
+            if let Ok(xc) = <&[Row; COLUMNS]>::try_from(cols) {
+                if let Some(y) = dots_with(w, r, xc.each_ref(), k) {
+                    for (j, v) in y.into_iter().enumerate() {
+                        put(i, c0 + j, v);
+                    }
+                    continue;
+                }
+            }
+            for (j, x) in cols.iter().enumerate() {
+                put(i, c0 + j, dot_with(w, r, x, &mut buf, k));
+            }
         }
     }
+}
+
+/// Rows of `x` multiplied by one weight row's unpacked codes ([`rows_with`]).
+const COLUMNS: usize = 4;
+
+/// Row `r` of `w` times the `C` rows `xs` on kernels that unpack the codes once for all of them
+/// (AVX2 `Q4_K` and `Q6_K`, whose matrices hold whole super-blocks): each result is [`dot_with`]'s for that row
+/// alone, bit for bit; `None` where no such kernel runs (then [`dot_with`] row by row).
+fn dots_with<const C: usize>(w: &QuantMatrix, r: usize, xs: [&Row; C], k: Kernels) -> Option<[f32; C]> {
+    #[cfg(target_arch = "x86_64")]
+    if k == Kernels::Avx2 && w.cols % SUPER_BLOCK == 0 && xs.iter().all(|x| x.cols == w.cols) {
+        let Scales::Super { d, dmin, sc, m } = &w.scales else { return None };
+        let (supers, groups) = (w.cols / SUPER_BLOCK, w.cols / w.codes.group());
+        let per_block = w.codes.bytes_per_block();
+        let q = &w.quants[r * (w.cols / BLOCK) * per_block..][..(w.cols / BLOCK) * per_block];
+        let (d, sc) = (&d[r * supers..][..supers], &sc[r * groups..][..groups]);
+        match w.codes {
+            QuantCodes::Nibbles => {
+                let (dmin, m) = if w.has_min { (&dmin[r * supers..][..supers], &m[r * groups..][..groups]) } else { (&[][..], &[][..]) };
+                // SAFETY: AVX2 and FMA (`k`); the lengths follow from the shape, rows per super-block.
+                return Some(unsafe { avx2::nibbles(q, d, sc, dmin, m, xs) });
+            }
+            // SAFETY: as above.
+            QuantCodes::SixPairs => return Some(unsafe { avx2::six_pairs(q, d, sc, xs) }),
+            _ => {}
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, r, xs, k);
+    None
 }
 
 /// Row `r` of `w` times `x` ([`rows_into`]) on kernels `k` (which the CPU must run:
@@ -197,7 +263,7 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
                 // SAFETY: the CPU has the features (`k`); the lengths follow from the shape.
                 Kernels::Avx512 => return unsafe { avx512::nibbles(q, d, sc, dmin, m, x) },
                 // SAFETY: as above.
-                Kernels::Avx2 => return unsafe { avx2::nibbles(q, d, sc, dmin, m, x) },
+                Kernels::Avx2 => return unsafe { avx2::nibbles(q, d, sc, dmin, m, [x])[0] },
                 Kernels::Plain => {}
             }
             generic_nibbles(q, d, sc, dmin, m, x)
@@ -208,8 +274,9 @@ fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), 
                 // SAFETY: as above (VBMI checked here: matrices are packed as `Sixes` only where
                 // it runs, see `super::six_packing`).
                 (Kernels::Avx512, QuantCodes::Sixes) if avx512::has_vbmi() => return unsafe { avx512::sixes(q, d, sc, x) },
+                // AVX-512 CPUs without VBMI take the AVX2 kernel.
                 // SAFETY: AVX2 and FMA checked here; the lengths as above.
-                (Kernels::Avx512 | Kernels::Avx2, QuantCodes::SixPairs) if avx2::has() => return unsafe { avx2::six_pairs(q, d, sc, x) },
+                (Kernels::Avx512 | Kernels::Avx2, QuantCodes::SixPairs) if avx2::has() => return unsafe { avx2::six_pairs(q, d, sc, [x])[0] },
                 _ => {}
             }
             generic_sixes(w.codes, q, d, sc, x)
@@ -585,65 +652,102 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_add_epi16(l, h), _mm256_set1_epi16(1))
     }
 
-    /// [`nibble_pair`] with the 16-bit sums multiplied by `scales` (16 lanes of 16 bits: the first
-    /// block's `sc` in the first 8, the second's in the last) in the widening instead of by ones:
-    /// 4 lanes per block of `sc * (codes . xq)`, each within 32 bits (`2 * 7620 * 63`).
+    /// The sums of the 8 lanes of each of `C` vectors, 4 vectors at a time by `vhaddps` (each
+    /// vector's sum in the same order whatever `C` and its place: `(l0 + l1) + (l2 + l3)` of its
+    /// two halves' sum `l`).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn nibble_pair_scaled(w: __m256i, lo: __m256i, hi: __m256i, scales: __m256i) -> __m256i {
-        let mask = _mm256_set1_epi8(15);
-        let l = _mm256_maddubs_epi16(_mm256_and_si256(w, mask), lo);
-        let h = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(w), mask), hi);
-        _mm256_madd_epi16(_mm256_add_epi16(l, h), scales)
+    fn hsums<const C: usize>(v: [__m256; C]) -> [f32; C] {
+        let mut out = [0f32; C];
+        for c0 in (0..C).step_by(4) {
+            let mut h = [_mm_setzero_ps(); 4];
+            for (j, h) in h.iter_mut().enumerate().take(C - c0) {
+                *h = _mm_add_ps(_mm256_castps256_ps128(v[c0 + j]), _mm256_extractf128_ps::<1>(v[c0 + j]));
+            }
+            let r = _mm_hadd_ps(_mm_hadd_ps(h[0], h[1]), _mm_hadd_ps(h[2], h[3]));
+            let mut t = [0f32; 4];
+            // SAFETY: 4 floats.
+            unsafe { _mm_storeu_ps(t.as_mut_ptr(), r) };
+            out[c0..].iter_mut().zip(t).for_each(|(o, t)| *o = t);
+        }
+        out
     }
 
-    /// [`super::generic_nibbles`]: 4 blocks (128 codes, 64 bytes) an iteration, two at a time
-    /// against [`Row::q4`]. The low and high nibbles' 16-bit pair sums are multiplied by the
-    /// blocks' integer `sc` in the widening `vpmaddwd` (ggml's way; the super-block's 8 scales
-    /// widened to 16 bits once, each pair of blocks' two spread over the 128-bit halves by one
-    /// `vpshufb`), then by `dx` per lane in f32, per super-block by `d`. The mins once per
-    /// super-block: its 8 `m` times the blocks' sums of `x` ([`Row::xsum`]), times `dmin`.
+    /// [`super::generic_nibbles`] for `C` rows of `x`: 4 blocks (128 codes, 64 bytes) an
+    /// iteration, unpacked once for the `C` rows, two blocks at a time against [`Row::q4`]. The
+    /// low and high nibbles' 16-bit pair sums are multiplied by the blocks' integer `sc` in the
+    /// widening `vpmaddwd` (ggml's way; the super-block's 8 scales widened to 16 bits once, each
+    /// pair of blocks' two spread over the 128-bit halves by one `vpshufb`), then by `dx` per
+    /// lane in f32, per super-block by `d`; the mins once per super-block: its 8 `m` times the
+    /// blocks' sums of `x` ([`Row::xsum`]), times `dmin`. Each row's result does not depend on
+    /// the others (the same operations in the same order for any `C`).
     ///
     /// # Safety
     /// [`has`]; `q.len() = 128 d.len()`, `sc` (and `m` unless empty) `8 d.len()`, `dmin`
-    /// `d.len()` unless `m` is empty, `x` of `256 d.len()` values.
+    /// `d.len()` unless `m` is empty, every `x` of `256 d.len()` values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn nibbles(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], x: &Row) -> f32 {
-        let (qp, xp) = (q.as_ptr(), x.q4.as_ptr());
-        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        // pair k of a super-block's blocks: 16-bit scale 2 k in the first half, 2 k + 1 in the second
-        let spread: [__m256i; 4] = std::array::from_fn(|k| {
-            let (a, b) = (4 * k as i8, 4 * k as i8 + 2);
-            _mm256_setr_epi8(a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1)
-        });
+    pub unsafe fn nibbles<const C: usize>(q: &[u8], d: &[f32], sc: &[i8], dmin: &[f32], m: &[i8], xs: [&Row; C]) -> [f32; C] {
+        let qp = q.as_ptr();
+        let xq: [*const i8; C] = std::array::from_fn(|c| xs[c].q4.as_ptr());
+        let dx: [*const f32; C] = std::array::from_fn(|c| xs[c].dx4.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mask = _mm256_set1_epi8(15);
         for s in 0..d.len() {
-            // SAFETY: s < d.len(): 8 scales (and mins) and 8 block sums of x at 8 s.
+            // SAFETY: s < d.len(): 8 scales at 8 s.
             let scales = unsafe { _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(sc.as_ptr().add(8 * s) as *const __m128i))) };
-            let mut a = _mm256_setzero_ps();
+            let mut a = [_mm256_setzero_ps(); C];
             for i in 2 * s..2 * s + 2 {
-                // SAFETY: i < 2 d.len(): 64 bytes of codes, 128 of x's codes and 16 lanes of dx
-                // at i are in bounds.
+                // SAFETY: i < 2 d.len(): 64 bytes of codes, 128 of each x's codes and 16 lanes
+                // of its dx at i; the spread table's 4 entries.
                 unsafe {
                     _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(64 * i + PREFETCH) as *const i8);
                     let (w0, w1) = (_mm256_loadu_si256(qp.add(64 * i) as *const _), _mm256_loadu_si256(qp.add(64 * i + 32) as *const _));
-                    let xq = xp.add(128 * i);
+                    let (l0, h0) = (_mm256_and_si256(w0, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(w0), mask));
+                    let (l1, h1) = (_mm256_and_si256(w1, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(w1), mask));
                     let k = 2 * (i - 2 * s);
-                    let p0 = nibble_pair_scaled(w0, _mm256_loadu_si256(xq as *const _), _mm256_loadu_si256(xq.add(64) as *const _), _mm256_shuffle_epi8(scales, spread[k]));
-                    let p1 = nibble_pair_scaled(w1, _mm256_loadu_si256(xq.add(32) as *const _), _mm256_loadu_si256(xq.add(96) as *const _), _mm256_shuffle_epi8(scales, spread[k + 1]));
-                    let dx = x.dx4.as_ptr().add(16 * i);
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dx), a);
-                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dx.add(8)), a);
+                    let spread = NIBBLE_SCALE_SPREAD.as_ptr() as *const __m256i;
+                    let (s0, s1) = (_mm256_shuffle_epi8(scales, _mm256_loadu_si256(spread.add(k))), _mm256_shuffle_epi8(scales, _mm256_loadu_si256(spread.add(k + 1))));
+                    for c in 0..C {
+                        let x = xq[c].add(128 * i);
+                        let ld = |o: usize| _mm256_loadu_si256(x.add(o) as *const _);
+                        let p0 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l0, ld(0)), _mm256_maddubs_epi16(h0, ld(64))), s0);
+                        let p1 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l1, ld(32)), _mm256_maddubs_epi16(h1, ld(96))), s1);
+                        let f = dx[c].add(16 * i);
+                        a[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(f), a[c]);
+                        a[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(f.add(8)), a[c]);
+                    }
                 }
             }
-            acc = _mm256_fmadd_ps(a, _mm256_set1_ps(d[s]), acc);
-            if !m.is_empty() {
-                // SAFETY: as above.
-                let (m8, xs) = unsafe { (_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(m.as_ptr().add(8 * s) as *const __m128i))), _mm256_loadu_ps(x.xsum.as_ptr().add(8 * s))) };
-                accm = _mm256_fmadd_ps(_mm256_mul_ps(m8, xs), _mm256_set1_ps(dmin[s]), accm);
+            // the mins: the super-block's 8 `m` times the blocks' sums of x, times `dmin`
+            // SAFETY: s < d.len(): 8 mins at 8 s (when there are mins).
+            let m8 = if m.is_empty() { _mm256_setzero_ps() } else { unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(m.as_ptr().add(8 * s) as *const __m128i))) } };
+            for c in 0..C {
+                acc[c] = _mm256_fmadd_ps(a[c], _mm256_set1_ps(d[s]), acc[c]);
+                if !m.is_empty() {
+                    // SAFETY: 8 block sums of x at 8 s.
+                    let xsum = unsafe { _mm256_loadu_ps(xs[c].xsum.as_ptr().add(8 * s)) };
+                    acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(m8, xsum), _mm256_set1_ps(dmin[s]), acc[c]);
+                }
             }
         }
-        hsum(acc) - hsum(accm)
+        hsums(acc)
     }
+
+    /// Pair `k` of a super-block's blocks in [`nibbles`]: `vpshufb` indices putting 16-bit scale
+    /// `2 k` over the first 128-bit half, `2 k + 1` over the second.
+    static NIBBLE_SCALE_SPREAD: [[i8; 32]; 4] = {
+        let mut t = [[0i8; 32]; 4];
+        let mut k = 0;
+        while k < 4 {
+            let mut j = 0;
+            while j < 32 {
+                t[k][j] = 4 * k as i8 + 2 * (j / 16) as i8 + (j % 2) as i8;
+                j += 1;
+            }
+            k += 1;
+        }
+        t
+    };
 
     /// [`super::generic_scaled`] for 4-bit codes: 2 blocks (32 bytes) an iteration against
     /// [`Row::q4`] (a last odd block read alone), each block's f32 scale (and min) over its 4
@@ -700,45 +804,60 @@ mod avx2 {
         hsum(acc) + hsum(accm)
     }
 
-    /// [`super::generic_sixes`] for [`QuantCodes::SixPairs`]: a pair of blocks (64 codes, 48
-    /// bytes) an iteration, unpacked as bytes by the f32 kernels' `six_pair_codes` (11
-    /// instructions; the `Sixes` packing took 10 a block); per block one product against
-    /// [`Row::q`] minus [`Row::bias`]. The super-block's 16 scales are widened to f32 once and
-    /// each block's two picked by a permute.
+    /// [`super::generic_sixes`] for [`QuantCodes::SixPairs`] and `C` rows of `x`: a pair of
+    /// blocks (64 codes, 48 bytes) an iteration, unpacked as bytes (`code + 32`) by the f32
+    /// kernels' `six_pair_codes` (11 instructions) once for the `C` rows; per block one
+    /// `vpmaddubsw` against [`Row::q`] (pairs within 16 bits: `2 * 63 * 127`), widened by
+    /// `vpmaddwd` with its two groups' integer `sc` (spread by one `vpshufb`), then times the
+    /// block's `dx` in f32. The `+ 32` comes off once a super-block: per block `32 sum_g sc_g
+    /// sum(xq_g)` from [`Row::sum16`] (one `vpmaddwd` for the 8 blocks) times its `dx`
+    /// ([`Row::dx1`]). Then per super-block by `d`.
     ///
     /// # Safety
-    /// [`has`]; `q.len() = 192 d.len()`, `sc` `16 d.len()`, `x` of `256 d.len()` values.
+    /// [`has`]; `q.len() = 192 d.len()`, `sc` `16 d.len()`, every `x` of `256 d.len()` values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn six_pairs(q: &[u8], d: &[f32], sc: &[i8], x: &Row) -> f32 {
-        let words = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        let (qp, xp) = (q.as_ptr(), x.q.as_ptr());
-        let mut acc = _mm256_setzero_ps();
+    pub unsafe fn six_pairs<const C: usize>(q: &[u8], d: &[f32], sc: &[i8], xs: [&Row; C]) -> [f32; C] {
+        let qp = q.as_ptr();
+        let xq: [*const i8; C] = std::array::from_fn(|c| xs[c].q.as_ptr());
+        let dx: [*const f32; C] = std::array::from_fn(|c| xs[c].dx8.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); C];
+        // block k of a super-block: scale 2 k over the first 8 16-bit lanes, 2 k + 1 the last 8
+        let spread = |k: usize| {
+            let (a, b) = (2 * k as i8, 2 * k as i8 + 1);
+            _mm_setr_epi8(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+        };
         for s in 0..d.len() {
             // SAFETY: s < d.len(): 16 scales at 16 s.
             let scales = unsafe { _mm_loadu_si128(sc.as_ptr().add(16 * s) as *const __m128i) };
-            let halves = [_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(scales, scales)))];
-            let mut a = _mm256_setzero_ps();
+            let mut a = [_mm256_setzero_ps(); C];
             for j in 0..4 {
                 let p = 4 * s + j;
-                // SAFETY: p < 4 d.len(): 48 bytes of codes; 64 of x's codes, 16 lanes of dx and
-                // bias at 2 p are in bounds.
+                // SAFETY: p < 4 d.len(): 48 bytes of codes; 64 of each x's codes and 16 lanes
+                // of its dx at 2 p.
                 unsafe {
                     let base = qp.add(48 * p);
                     _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH) as *const i8);
-                    for (h, c) in super::super::simd::avx2::six_pair_codes(base).into_iter().enumerate() {
-                        let (b, k) = (2 * p + h, 2 * j + h);
-                        let dot = products(c, _mm256_loadu_si256(xp.add(32 * b) as *const _));
-                        let dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(x.bias.as_ptr().add(8 * b) as *const _));
-                        // groups 2 k and 2 k + 1 of the super-block, 4 lanes each
-                        let pick = _mm256_add_epi32(words, _mm256_set1_epi32(2 * (k % 4) as i32));
-                        let f = _mm256_permutevar8x32_ps(halves[k / 4], pick);
-                        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(f, _mm256_loadu_ps(x.dx8.as_ptr().add(8 * b))), a);
+                    for (h, u) in super::super::simd::avx2::six_pair_codes(base).into_iter().enumerate() {
+                        let b = 2 * p + h;
+                        let f = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, spread(2 * j + h)));
+                        for c in 0..C {
+                            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256(xq[c].add(32 * b) as *const _)), f);
+                            a[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(dx[c].add(8 * b)), a[c]);
+                        }
                     }
                 }
             }
-            acc = _mm256_fmadd_ps(a, _mm256_set1_ps(d[s]), acc);
+            let sc16 = _mm256_cvtepi8_epi16(scales);
+            for c in 0..C {
+                // SAFETY: 16 sums of 16 codes and 8 blocks' dx at s.
+                let (sums, dx1) = unsafe { (_mm256_loadu_si256(xs[c].sum16.as_ptr().add(16 * s) as *const _), _mm256_loadu_ps(xs[c].dx1.as_ptr().add(8 * s))) };
+                // lane k: block k's 32 (sc_2k sum_2k + sc_2k+1 sum_2k+1)
+                let bias = _mm256_cvtepi32_ps(_mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, sums)));
+                a[c] = _mm256_fnmadd_ps(bias, dx1, a[c]);
+                acc[c] = _mm256_fmadd_ps(a[c], _mm256_set1_ps(d[s]), acc[c]);
+            }
         }
-        hsum(acc)
+        hsums(acc)
     }
 }
 
@@ -849,35 +968,43 @@ mod tests {
         }
     }
 
-    /// Through [`super::super::matvec`]: a batch of rows gives each row what it gets alone, and
-    /// the product stays within the rounding of `x` of the f32 product, for every format.
+    /// Through [`super::super::matvec`] and [`super::super::linear`]: a batch of rows (a decode
+    /// step's 9: two chunks of [`COLUMNS`] and one more; a prefill chunk's 40, more than
+    /// [`super::super::MATVEC_MAX_ROWS`]) gives each row what it gets alone, bit for bit, and the
+    /// product stays within the rounding of `x` of the f32 product, for every format (each
+    /// format alone, and all in one call).
     #[test]
     fn int8_matvec_is_close_to_f32_and_rows_are_independent() {
-        use super::super::{matvec, Activations};
+        use super::super::{linear, matvec, Activations};
         let mut seed = 11u64;
-        let ws: Vec<QuantMatrix> = KINDS.iter().map(|&k| matrix(16, 512, k, &mut seed)).collect();
-        let refs: Vec<&QuantMatrix> = ws.iter().collect();
-        let (n, out) = (3, 16 * KINDS.len());
-        let x: Vec<f32> = (0..n * 512).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
-        let y = matvec(&x, n, &refs, Activations::Int8);
-        let exact = matvec(&x, n, &refs, Activations::F32);
-        for k in 0..n {
-            let alone = matvec(&x[k * 512..(k + 1) * 512], 1, &refs, Activations::Int8);
-            assert_eq!(&y[k * out..(k + 1) * out], &alone[..]);
-        }
-        let dense: Vec<f32> = ws.iter().flat_map(QuantMatrix::dequantize).collect();
-        for k in 0..n {
-            for (r, row) in dense.chunks_exact(512).enumerate() {
-                // |w . (x - xq)| <= sum |w| * max rounding error (half a step of each block)
-                let bound: f32 = row
-                    .iter()
-                    .zip(x[k * 512..].chunks_exact(BLOCK).flat_map(|b| [b.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0; BLOCK]))
-                    .map(|(w, e)| w.abs() * e)
-                    .sum();
-                let (got, want) = (y[k * out + r], exact[k * out + r]);
-                assert!((got - want).abs() <= bound * 1.01 + 1e-5, "{:?} row {r}: {got} vs {want} (bound {bound})", KINDS[r / 16]);
+        let cols = 512;
+        let ws: Vec<QuantMatrix> = KINDS.iter().map(|&k| matrix(16, cols, k, &mut seed)).collect();
+        let mut calls: Vec<Vec<&QuantMatrix>> = ws.iter().map(|w| vec![w]).collect();
+        calls.push(ws.iter().collect());
+        for refs in calls {
+            let out: usize = refs.iter().map(|w| w.rows).sum();
+            for n in [9, 40] {
+                let x: Vec<f32> = (0..n * cols).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+                let y = linear(&x, n, &refs, Activations::Int8);
+                assert_eq!(y, matvec(&x, n, &refs, Activations::Int8));
+                let exact = matvec(&x, n, &refs, Activations::F32);
+                for k in 0..n {
+                    let alone = matvec(&x[k * cols..(k + 1) * cols], 1, &refs, Activations::Int8);
+                    assert_eq!(&y[k * out..(k + 1) * out], &alone[..], "row {k} of {n}");
+                }
+                let dense: Vec<f32> = refs.iter().flat_map(|w| w.dequantize()).collect();
+                for k in 0..n {
+                    // half a step of each value's block
+                    let err: Vec<f32> = x[k * cols..(k + 1) * cols].chunks_exact(BLOCK).flat_map(|b| [b.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0; BLOCK]).collect();
+                    for (r, row) in dense.chunks_exact(cols).enumerate() {
+                        // |w . (x - xq)| <= sum |w| * max rounding error
+                        let bound: f32 = row.iter().zip(&err).map(|(w, e)| w.abs() * e).sum();
+                        let (got, want) = (y[k * out + r], exact[k * out + r]);
+                        assert!((got - want).abs() <= bound * 1.01 + 1e-5, "{:?} row {r}: {got} vs {want} (bound {bound})", refs[r / 16].codes());
+                    }
+                }
+                assert_ne!(y, exact, "int8 activations change the products");
             }
         }
-        assert_ne!(y, exact, "int8 activations change the products");
     }
 }
