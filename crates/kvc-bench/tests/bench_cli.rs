@@ -94,3 +94,28 @@ fn products_times_the_decode_kernels() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 256"));
     }
 }
+
+/// `kvc-bench batch`: a JSON line per batch size with its steps and a positive rate, the table
+/// naming the activations (`--int8-activations` on the default model's codes); a batch size of 0
+/// is an error, not a panic.
+#[test]
+fn batch_steps_every_batch_size() {
+    for int8 in [false, true] {
+        let mut cmd = bench();
+        cmd.args(["batch", "--text", &text(), "--tokens", "64", "--batches", "1,3", "--steps", "2"]);
+        if int8 {
+            cmd.arg("--int8-activations");
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3], "{stdout}");
+        assert!(rows.iter().all(|r| r["steps"] == 2 && r["tokens_per_second"].as_f64().unwrap() > 0.0), "{stdout}");
+        let act = if int8 { "flex f32, int8 activations" } else { "flex f32, f32 activations" };
+        assert!(stdout.contains(act), "{stdout}");
+    }
+    let bad = bench().args(["batch", "--text", &text(), "--batches", "0"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("at least 1"));
+}

@@ -240,8 +240,8 @@ struct GenerateArgs {
     /// multiply a GGUF's codes in integer arithmetic (AVX-512 VNNI where the CPU has it, else
     /// AVX2), as
     /// llama.cpp does: faster where decode is bound by arithmetic (1.45-1.97x for
-    /// Qwen2.5-Coder-1.5B on a 2-core Xeon, 1.66-1.94x on a 2-core AMD Zen 3; several sequences
-    /// at once in `kvc serve` share each unpacked weight row), but the logits move by the rounding, so answers may
+    /// Qwen2.5-Coder-1.5B on a 2-core Xeon, 1.66-1.94x on a 2-core AMD Zen 3; on AVX2 several
+    /// sequences at once in `kvc serve` share each unpacked weight row), but the logits move by the rounding, so answers may
     /// differ from the default (the product by the dequantized weights); on the small default
     /// model they can change from the first token, for 1.1-1.2x. The prefill and the
     /// questions' tokens keep f32. Needs the codes (not with --dense-weights).

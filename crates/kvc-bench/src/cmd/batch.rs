@@ -42,7 +42,8 @@ pub struct BatchArgs {
     #[arg(long, default_value = "f32", value_parser = backend::DTYPES)]
     dtype: String,
     /// Decode with int8 activations (`kvc generate --int8-activations`; a GGUF model on a CPU
-    /// backend): the codes of each weight row are unpacked once for 4 sequences.
+    /// backend): on AVX2 CPUs the `Q4_K` / `Q6_K` codes of each weight row are unpacked once for
+    /// 4 sequences.
     #[arg(long)]
     int8_activations: bool,
 }
@@ -91,6 +92,8 @@ impl backend::BackendJob for BatchJob<'_> {
         let mut print = |r: &kvc_bench::batch::BatchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
         let rows = kvc_bench::batch::run(&loaded, context, question[0], self.press, &a.batches, a.steps, &mut print)?;
         let base = rows.first().map_or(1.0, |r| r.tokens_per_second / r.batch as f64);
+        let act = if a.int8_activations { "int8" } else { "f32" };
+        println!("\n{} {}, {act} activations", a.backend, a.dtype);
         println!("\n| B | step ms | tokens/s | aggregate x B=1 | KV MB per sequence | peak RSS MB |\n|---|---|---|---|---|---|");
         for r in &rows {
             println!(

@@ -1,7 +1,8 @@
 //! `kvc-bench products`: the kernels on the codes alone. One product (`kvc_core::kernels::quant::
-//! linear`) of `--tokens` rows of activations (1: a decode step's matrix-vector product; more: a
+//! linear`) of `--tokens` rows of activations (1: a decode step's matrix-vector product; up to
+//! 32: a batched decode step's, each weight row's codes read once for all of them; more: a
 //! prefill chunk's, dequantized tiles and an f32 GEMM, or with int8 activations the int8 kernels
-//! over many rows) on a `Q4_K`-like and a `Q6_K`-like matrix of random codes and scales, with f32
+//! over all the rows) on a `Q4_K`-like and a `Q6_K`-like matrix of random codes and scales, with f32
 //! and int8 activations, on the threads of rayon's pool: the best time of `--calls` calls after
 //! one warm-up, GB/s of codes (4 bits a weight for `Q4_K`, 6 for `Q6_K`) and multiply-adds per
 //! second. The default shape is Qwen2.5-Coder-1.5B's gate/up projection (8960 x 1536). One JSON
@@ -23,7 +24,9 @@ pub struct ProductsArgs {
     /// Timed calls per product (the best is reported).
     #[arg(long, default_value_t = 100)]
     calls: usize,
-    /// Rows of activations (tokens): 1 is a decode step, more a prefill chunk.
+    /// Rows of activations (tokens): 1 is a decode step, up to 32 a batched decode step, more a
+    /// prefill chunk. Each line reports GB/s of codes read and GMAC/s (billions of
+    /// multiply-adds a second).
     #[arg(long, default_value_t = 1)]
     tokens: usize,
 }

@@ -52,8 +52,8 @@ pub struct SpeedArgs {
     /// only.
     #[arg(long)]
     int8_activations: bool,
-    /// Also prefill with int8 activations (`kvc generate --int8-prefill`; matrices held as codes
-    /// only), after the f32 prefill: `prefill_tok_s_int8`, and `int8_prefill_logit_diff` (the
+    /// Also prefill with int8 activations (`Decoder::enable_int8_prefill`: no `kvc generate`
+    /// flag; matrices held as codes only), after the f32 prefill: `prefill_tok_s_int8`, and `int8_prefill_logit_diff` (the
     /// largest |difference| of its last token's logits from the f32 prefill's).
     #[arg(long)]
     int8_prefill: bool,
@@ -126,7 +126,10 @@ impl backend::BackendJob for SpeedJob<'_> {
             // the same prefill with int8 activations (the lever measured in the same run)
             let int8_prefill = if self.int8_prefill {
                 let was = loaded.model.prefill_activations();
-                let r = loaded.model.enable_int8_prefill().map_err(anyhow::Error::from).and_then(|_| {
+                let r = loaded.model.enable_int8_prefill().map_err(anyhow::Error::from).and_then(|native| {
+                    if !native {
+                        eprintln!("warning: {}", kvc_models::INT8_PLAIN_LOOPS_WARNING);
+                    }
                     let mut c = loaded.model.new_cache();
                     let t = Instant::now();
                     let l = loaded.model.prefill(prompt, &mut c, None, self.chunk)?;

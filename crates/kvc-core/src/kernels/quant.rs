@@ -12,7 +12,7 @@
 //! dequantized weights multiplied by a GEMM. [`linear`] picks one. With
 //! [`Activations::Int8`], [`matvec`] rounds `x` to int8 and multiplies the codes in integer
 //! arithmetic instead (`int8`: llama.cpp's way, about twice as fast on AVX-512 VNNI and on AVX2,
-//! not the dequantized product).
+//! not the dequantized product), for any number of rows when every matrix has int8 kernels.
 
 use rayon::prelude::*;
 
@@ -418,7 +418,8 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
     // the rows of x rounded to int8, once for every matrix that takes them
     let cols = ws.first().map_or(0, |w| w.cols);
     let rounded: Vec<int8::Row> = if act == Activations::Int8 && ws.iter().any(|w| int8::supports(w)) {
-        x.par_chunks_exact(cols).map(int8::Row::new).collect()
+        // (rows of a prefill chunk in parallel; a decode step's few alone)
+        if n > MATVEC_MAX_ROWS { x.par_chunks_exact(cols).map(int8::Row::new).collect() } else { x.chunks_exact(cols).map(int8::Row::new).collect() }
     } else {
         Vec::new()
     };
@@ -432,8 +433,8 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
         tasks.into_par_iter().for_each(|(i, first, len)| {
             let col = starts[i] + first;
             int8::rows_with(ws[i], first, len, &rounded, |r, k, v| {
-                debug_assert!(r < len && k < n);
-                // SAFETY: r < len and k < n: inside `out`, in this task's columns.
+                assert!(r < len && k < n, "rows_with hands out its own rows and columns");
+                // SAFETY: r < len and k < n (checked): inside `out`, in this task's columns.
                 unsafe { *dst.0.add(k * total + col + r) = v }
             });
         });
@@ -471,7 +472,8 @@ pub fn matvec(x: &[f32], n: usize, ws: &[&QuantMatrix], act: Activations) -> Vec
 
 /// Products of at most this many rows of `x` go through [`matvec`] (a decode step, a batched
 /// decode step of up to 32 sequences: every row's result is then the one it gets alone), longer
-/// ones (prefill chunks) through [`matmul`].
+/// ones (prefill chunks) through [`matmul`] (with [`Activations::Int8`] and int8 kernels for every
+/// matrix, [`matvec`] too: [`linear`]).
 pub const MATVEC_MAX_ROWS: usize = 32;
 
 /// `x [W_1; W_2; ...]^T` for `n` rows of `x`: [`matvec`] up to [`MATVEC_MAX_ROWS`] rows (with

@@ -4,9 +4,10 @@
 //! by them in integer arithmetic, `u8 x i8` products summed four at a time into 32-bit lanes
 //! (AVX-512 VNNI `vpdpbusd`; on CPUs without it AVX2's `vpmaddubsw` into 16-bit pairs, then
 //! `vpmaddwd` by ones, as ggml's AVX2 kernels), then scaled in f32 by `d * sc * dx` per group
-//! (module `avx2`: the same integer sums as `avx512` but for `Q4_K`, whose integer `sc` enters
-//! the sum as in ggml's AVX2 kernel, and `Q6_K`, read from its AVX2 packing; f32 sums in another
-//! order). llama.cpp's CPU
+//! (module `avx2`: the same integer sums as `avx512` but for `Q4_K` and `Q6_K`, whose integer
+//! `sc` enters the sum by `vpmaddwd` as in ggml's AVX2 kernels, `Q6_K` read from its AVX2 packing
+//! and its `+ 32` taken off once a super-block; f32 sums in another order; 4 rows of `x` per weight
+//! row at once, [`rows_with`]). llama.cpp's CPU
 //! backend does the same for its K-quants (`ggml_vec_dot_q4_K_q8_K`, with one scale per 256
 //! values of `x` where this keeps one per 32); the f32 kernels of [`super`] instead multiply the
 //! dequantized weights by `x` in f32, about 2x the instructions for the same bytes of codes.
@@ -968,6 +969,27 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernels on 4 rows of `x` at once give each row what they give it alone, bit for
+    /// bit, on every K-quant they take (also on CPUs whose [`Kernels::best`] is AVX-512, where
+    /// [`rows_with`] does not call them).
+    #[test]
+    fn four_rows_at_once_are_each_row_alone() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::has() {
+            let mut seed = 13u64;
+            for kind in [Kind::Q4K, Kind::Q6K] {
+                let w = matrix(5, 768, kind, &mut seed);
+                let xs: Vec<Row> = (0..4).map(|_| Row::new(&(0..768).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect::<Vec<_>>())).collect();
+                let mut buf = (Vec::new(), Vec::new());
+                for r in 0..5 {
+                    let four = dots_with(&w, r, [&xs[0], &xs[1], &xs[2], &xs[3]], Kernels::Avx2).expect("an AVX2 kernel");
+                    let alone: Vec<f32> = xs.iter().map(|x| dot_with(&w, r, x, &mut buf, Kernels::Avx2)).collect();
+                    assert_eq!(&four[..], &alone[..], "{kind:?} row {r}");
+                }
+            }
+        }
+    }
+
     /// Through [`super::super::matvec`] and [`super::super::linear`]: a batch of rows (a decode
     /// step's 9: two chunks of [`COLUMNS`] and one more; a prefill chunk's 40, more than
     /// [`super::super::MATVEC_MAX_ROWS`]) gives each row what it gets alone, bit for bit, and the
@@ -977,8 +999,9 @@ mod tests {
     fn int8_matvec_is_close_to_f32_and_rows_are_independent() {
         use super::super::{linear, matvec, Activations};
         let mut seed = 11u64;
-        let cols = 512;
-        let ws: Vec<QuantMatrix> = KINDS.iter().map(|&k| matrix(16, cols, k, &mut seed)).collect();
+        // 72 rows: two tasks of `matvec` per matrix, the second partial
+        let (rows, cols) = (72, 512);
+        let ws: Vec<QuantMatrix> = KINDS.iter().map(|&k| matrix(rows, cols, k, &mut seed)).collect();
         let mut calls: Vec<Vec<&QuantMatrix>> = ws.iter().map(|w| vec![w]).collect();
         calls.push(ws.iter().collect());
         for refs in calls {
@@ -1000,7 +1023,7 @@ mod tests {
                         // |w . (x - xq)| <= sum |w| * max rounding error
                         let bound: f32 = row.iter().zip(&err).map(|(w, e)| w.abs() * e).sum();
                         let (got, want) = (y[k * out + r], exact[k * out + r]);
-                        assert!((got - want).abs() <= bound * 1.01 + 1e-5, "{:?} row {r}: {got} vs {want} (bound {bound})", refs[r / 16].codes());
+                        assert!((got - want).abs() <= bound * 1.01 + 1e-5, "{:?} row {r}: {got} vs {want} (bound {bound})", refs[r / rows].codes());
                     }
                 }
                 assert_ne!(y, exact, "int8 activations change the products");
