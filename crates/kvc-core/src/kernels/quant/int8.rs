@@ -221,17 +221,10 @@ const COLUMNS: usize = 4;
 fn dots_with<const C: usize>(w: &QuantMatrix, r: usize, xs: [&Row; C], k: Kernels) -> Option<[f32; C]> {
     #[cfg(target_arch = "x86_64")]
     if k == Kernels::Avx2 && w.cols % SUPER_BLOCK == 0 && xs.iter().all(|x| x.cols == w.cols) {
-        let Scales::Super { d, dmin, sc, m } = &w.scales else { return None };
-        let (supers, groups) = (w.cols / SUPER_BLOCK, w.cols / w.codes.group());
-        let per_block = w.codes.bytes_per_block();
-        let q = &w.quants[r * (w.cols / BLOCK) * per_block..][..(w.cols / BLOCK) * per_block];
-        let (d, sc) = (&d[r * supers..][..supers], &sc[r * groups..][..groups]);
+        let (q, (d, sc, dmin, m)) = (row_codes(w, r), k_quant_scales(w, r)?);
         match w.codes {
-            QuantCodes::Nibbles => {
-                let (dmin, m) = if w.has_min { (&dmin[r * supers..][..supers], &m[r * groups..][..groups]) } else { (&[][..], &[][..]) };
-                // SAFETY: AVX2 and FMA (`k`); the lengths follow from the shape, rows per super-block.
-                return Some(unsafe { avx2::nibbles(q, d, sc, dmin, m, xs) });
-            }
+            // SAFETY: AVX2 and FMA (`k`); the lengths follow from the shape, rows per super-block.
+            QuantCodes::Nibbles => return Some(unsafe { avx2::nibbles(q, d, sc, dmin, m, xs) }),
             // SAFETY: as above.
             QuantCodes::SixPairs => return Some(unsafe { avx2::six_pairs(q, d, sc, xs) }),
             _ => {}
@@ -242,23 +235,32 @@ fn dots_with<const C: usize>(w: &QuantMatrix, r: usize, xs: [&Row; C], k: Kernel
     None
 }
 
+/// Row `r`'s codes.
+fn row_codes(w: &QuantMatrix, r: usize) -> &[u8] {
+    let per_row = (w.cols / BLOCK) * w.codes.bytes_per_block();
+    &w.quants[r * per_row..][..per_row]
+}
+
+/// Row `r`'s K-quant scales `(d, sc, dmin, m)` (`dmin` and `m` empty without mins; `None`: f32
+/// scales per block, or 8-bit codes, which [`scaled`] multiplies with their scales expanded).
+fn k_quant_scales(w: &QuantMatrix, r: usize) -> Option<(&[f32], &[i8], &[f32], &[i8])> {
+    let Scales::Super { d, dmin, sc, m } = &w.scales else { return None };
+    if w.codes == QuantCodes::Bytes {
+        return None;
+    }
+    let (supers, groups) = (w.cols / SUPER_BLOCK, w.cols / w.codes.group());
+    let (dmin, m) = if w.has_min { (&dmin[r * supers..][..supers], &m[r * groups..][..groups]) } else { (&[][..], &[][..]) };
+    Some((&d[r * supers..][..supers], &sc[r * groups..][..groups], dmin, m))
+}
+
 /// Row `r` of `w` times `x` ([`rows_into`]) on kernels `k` (which the CPU must run:
 /// [`Kernels::best`] or one it allows below). `buf`: room for a row's expanded scales.
 fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
     assert!(x.cols == w.cols, "x has the matrix's columns");
-    let per_block = w.codes.bytes_per_block();
-    let q = &w.quants[r * (w.cols / BLOCK) * per_block..][..(w.cols / BLOCK) * per_block];
-    let Scales::Super { d, dmin, sc, m } = &w.scales else { return scaled(w, r, q, x, buf, k) };
-    if w.codes == QuantCodes::Bytes {
-        return scaled(w, r, q, x, buf, k);
-    }
-    let group = w.codes.group();
-    let (supers, groups) = (w.cols / SUPER_BLOCK, w.cols / group);
-    let d = &d[r * supers..][..supers];
-    let sc = &sc[r * groups..][..groups];
+    let q = row_codes(w, r);
+    let Some((d, sc, dmin, m)) = k_quant_scales(w, r) else { return scaled(w, r, q, x, buf, k) };
     match w.codes {
         QuantCodes::Nibbles => {
-            let (dmin, m) = if w.has_min { (&dmin[r * supers..][..supers], &m[r * groups..][..groups]) } else { (&[][..], &[][..]) };
             #[cfg(target_arch = "x86_64")]
             match k {
                 // SAFETY: the CPU has the features (`k`); the lengths follow from the shape.
