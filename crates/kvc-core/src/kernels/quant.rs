@@ -225,6 +225,12 @@ impl QuantMatrix {
             }
     }
 
+    /// Row `r`'s codes (`cols / 32` blocks of [`QuantCodes::bytes_per_block`] bytes).
+    fn row_codes(&self, r: usize) -> &[u8] {
+        let per_row = (self.cols / BLOCK) * self.codes.bytes_per_block();
+        &self.quants[r * per_row..][..per_row]
+    }
+
     /// Row `r`'s scales and mins, one per group (`m` empty without mins): slices of the
     /// matrix, or of `buf` where they are computed from a K-quant's two levels.
     fn row_scales<'a>(&'a self, r: usize, buf: &'a mut (Vec<f32>, Vec<f32>)) -> (&'a [f32], &'a [f32]) {
@@ -263,7 +269,6 @@ impl QuantMatrix {
     /// When the rows are out of range or `out` is shorter than `count * cols` (callers' bugs).
     pub fn dequantize_rows_into(&self, first: usize, count: usize, out: &mut [f32]) {
         assert!(first + count <= self.rows && out.len() >= count * self.cols, "rows {first}+{count} of {}", self.rows);
-        let per_block = self.codes.bytes_per_block();
         let blocks = self.cols / BLOCK;
         let mut buf = (Vec::new(), Vec::new());
         for (i, row) in out.chunks_exact_mut(self.cols).take(count).enumerate() {
@@ -273,8 +278,7 @@ impl QuantMatrix {
                 Scales::Flat { scale, min } => (&scale[r * blocks..][..blocks], &min[r * blocks..][..blocks]),
                 Scales::Super { .. } => self.row_scales(r, &mut buf),
             };
-            let q = &self.quants[r * blocks * per_block..][..blocks * per_block];
-            simd::dequantize_row(self.codes, q, s, m, row);
+            simd::dequantize_row(self.codes, self.row_codes(r), s, m, row);
         }
     }
 
@@ -582,11 +586,10 @@ thread_local! {
 /// Rows `first..first + out.len() / n` of `w` times the `n` rows of `x`, into `out` (`[rows, n]`).
 fn rows_into(x: &[f32], xsum: &[f32], n: usize, w: &QuantMatrix, first: usize, out: &mut [f32]) {
     let blocks = w.cols / BLOCK;
-    let per_block = w.codes.bytes_per_block();
     let mut buf = (Vec::new(), Vec::new());
     for (i, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
         let r = first + i;
-        let q = &w.quants[r * blocks * per_block..][..blocks * per_block];
+        let q = w.row_codes(r);
         let (s, m) = w.row_scales(r, &mut buf);
         // rows of `x` eight at a time: each block's codes widened once for the eight (a batched
         // decode step); every row's sums in the order of the one-row kernel, so a row's product

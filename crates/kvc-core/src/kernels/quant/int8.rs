@@ -221,7 +221,7 @@ const COLUMNS: usize = 4;
 fn dots_with<const C: usize>(w: &QuantMatrix, r: usize, xs: [&Row; C], k: Kernels) -> Option<[f32; C]> {
     #[cfg(target_arch = "x86_64")]
     if k == Kernels::Avx2 && w.cols % SUPER_BLOCK == 0 && xs.iter().all(|x| x.cols == w.cols) {
-        let (q, (d, sc, dmin, m)) = (row_codes(w, r), k_quant_scales(w, r)?);
+        let (q, (d, sc, dmin, m)) = (w.row_codes(r), k_quant_scales(w, r)?);
         match w.codes {
             // SAFETY: AVX2 and FMA (`k`); the lengths follow from the shape, rows per super-block.
             QuantCodes::Nibbles => return Some(unsafe { avx2::nibbles(q, d, sc, dmin, m, xs) }),
@@ -233,12 +233,6 @@ fn dots_with<const C: usize>(w: &QuantMatrix, r: usize, xs: [&Row; C], k: Kernel
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (w, r, xs, k);
     None
-}
-
-/// Row `r`'s codes.
-fn row_codes(w: &QuantMatrix, r: usize) -> &[u8] {
-    let per_row = (w.cols / BLOCK) * w.codes.bytes_per_block();
-    &w.quants[r * per_row..][..per_row]
 }
 
 /// Row `r`'s K-quant scales `(d, sc, dmin, m)` (`dmin` and `m` empty without mins; `None`: f32
@@ -257,7 +251,7 @@ fn k_quant_scales(w: &QuantMatrix, r: usize) -> Option<(&[f32], &[i8], &[f32], &
 /// [`Kernels::best`] or one it allows below). `buf`: room for a row's expanded scales.
 fn dot_with(w: &QuantMatrix, r: usize, x: &Row, buf: &mut (Vec<f32>, Vec<f32>), k: Kernels) -> f32 {
     assert!(x.cols == w.cols, "x has the matrix's columns");
-    let q = row_codes(w, r);
+    let q = w.row_codes(r);
     let Some((d, sc, dmin, m)) = k_quant_scales(w, r) else { return scaled(w, r, q, x, buf, k) };
     match w.codes {
         QuantCodes::Nibbles => {
