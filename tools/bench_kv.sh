@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One benchmark run of the quantized KV cache (docs/kv-quantization.md): kvc's decode tokens/s and KV
-# bytes after a context of each length with the cache in float, int8 and int4 (`kvc-bench speed
-# --kv-dtype`), and llama.cpp's own llama-bench on the same GGUF with its cache in f16, q8_0 and q4_0
+# bytes after a context of each length with the cache in float, bf16, f16, int8 and int4 (`kvc-bench
+# speed --kv-dtype`; bf16 / f16: 16-bit copies of the f32 cache), and llama.cpp's own llama-bench on the same GGUF with its cache in f16, q8_0 and q4_0
 # (`-ctk/-ctv`, flash attention on: llama.cpp quantizes the V cache only with it). Machines are noisy:
 # compare figures of one run only, on a quiet machine.
 #
@@ -18,7 +18,7 @@ DECODE=${3:-128}
 TEXT=assets/pride_and_prejudice_ch1-2.txt
 lscpu | grep -E "Model name|^CPU\(s\)|^Model:"
 cargo build --release -q -p kvc-bench
-for kv in float int8 int4; do
+for kv in float bf16 f16 int8 int4; do
   echo "== kvc, KV cache $kv"
   ./target/release/kvc-bench speed --model "$MODEL" --text $TEXT --tokens "$TOKENS" --decode "$DECODE" --backends flex --kv-dtype $kv
 done

@@ -118,7 +118,8 @@ struct ServeArgs {
     #[arg(long, conflicts_with = "dense_weights")]
     int8_activations: bool,
     /// How documents that name no `kv_dtype` store their compressed caches: `float` (--dtype),
-    /// `int8` or `int4` (quantized after the press; see `generate --help`).
+    /// `int8`, `int4`, or `f16` / `bf16` with --dtype f32 (stored after the press; see
+    /// `generate --help`).
     #[arg(long, default_value = "float", value_name = "KIND", value_parser = ["float", "f32", "f16", "bf16", "int8", "int4"])]
     kv_dtype: String,
 }
@@ -255,8 +256,10 @@ struct GenerateArgs {
     /// How the (compressed) KV cache stores keys and values: `float` (the model's --dtype), `int8`
     /// (per token, one f16 scale per 64 channels: 0.52x of f16's bytes) or `int4` (KIVI: keys
     /// per channel over 64-token groups, values per token; the newest 128 tokens in full
-    /// precision: 0.28x). Quantized after the press, which scores the full-precision cache;
-    /// decode reads the codes. --compare's baseline stays uncompressed and full precision.
+    /// precision: 0.28x), or with --dtype f32 `f16` / `bf16` (16-bit copies: half the f32 cache,
+    /// while activations and products stay f32). Quantized after the press, which scores the
+    /// full-precision cache; decode reads the codes. --compare's baseline stays uncompressed and
+    /// full precision.
     #[arg(long, default_value = "float", value_name = "KIND", value_parser = ["float", "f32", "f16", "bf16", "int8", "int4"])]
     kv_dtype: String,
     /// Save the context's (compressed) KV cache to FILE (safetensors: keys, values, original

@@ -540,15 +540,15 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
 
     let s = start(&["--cache-dir", cache], None, dir.path());
     let mut stored = Vec::new();
-    for kind in ["float", "int8", "int4"] {
+    for kind in ["float", "int8", "int4", "bf16"] {
         let (status, doc) = post(&s, "/v1/documents", &json!({ "text": text, "kv_dtype": kind }));
         assert_eq!((status, &doc["status"]), (201, &json!("ready")), "{kind}: {doc}; log: {}", log_of(&s));
         assert_eq!(doc["kv_dtype"], kind, "{doc}");
         stored.push(doc);
     }
-    let (float, int8, int4) = (&stored[0], &stored[1], &stored[2]);
+    let (float, int8, int4, bf16) = (&stored[0], &stored[1], &stored[2], &stored[3]);
     assert!(float["tokens"].as_u64().unwrap() >= 600, "the test needs a long context: {float}");
-    for d in [int8, int4] {
+    for d in [int8, int4, bf16] {
         for field in ["tokens", "kv_bytes_uncompressed", "kept_per_layer", "press"] {
             assert_eq!(d[field], float[field], "{field}: the same press keeps the same tokens\n{d}\n{float}");
         }
@@ -558,6 +558,9 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
     eprintln!("kv_bytes of {} tokens: float {}, int8 {} ({:.3}x), int4 {} ({:.3}x)", float["tokens"], bytes(float), bytes(int8), bytes(int8) / bytes(float), bytes(int4), bytes(int4) / bytes(float));
     assert!(bytes(int8) < 0.6 * bytes(float), "int8 {} vs float {}", bytes(int8), bytes(float));
     assert!(bytes(int4) < 0.4 * bytes(float), "int4 {} vs float {}", bytes(int4), bytes(float));
+    // bf16 storage of the f32 model's cache: half, the newest token of each layer and head in f32,
+    // keys padded to whole blocks of 16 tokens
+    assert!(bytes(bf16) >= 0.5 * bytes(float) && bytes(bf16) < 0.53 * bytes(float), "bf16 {} vs float {}", bytes(bf16), bytes(float));
     assert_eq!(int8["kv_bytes"], r8["kv_cache_bytes_compressed"], "kvc generate --kv-dtype int8 stores the same bytes: {int8}");
     let (status, one) = get(&s, &format!("/v1/documents/{}", int4["id"].as_str().unwrap()));
     assert_eq!((status, &one["kv_dtype"], &one["kv_bytes"]), (200, &json!("int4"), &int4["kv_bytes"]), "{one}");
@@ -569,9 +572,11 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
     let (int8_ids, int8_answer, v) = ask(&s, &id(int8), Q1);
     assert!(!int8_answer.trim().is_empty(), "{v}");
     assert_eq!((int8_ids.clone(), int8_answer.clone()), answers8[0], "the int8 document answers as kvc generate --kv-dtype int8");
+    let (_, bf16_answer, v) = ask(&s, &id(bf16), Q1);
+    assert!(!bf16_answer.trim().is_empty(), "{v}");
 
     // a bad kv_dtype: 400 in OpenAI's shape, nothing stored
-    for bad in [json!("int3"), json!("f16"), json!("INT8"), json!(8), json!(null)] {
+    for bad in [json!("int3"), json!("f8"), json!("INT8"), json!(8), json!(null)] {
         let (st, v) = post(&s, "/v1/documents", &json!({ "text": "some text", "kv_dtype": bad }));
         if bad.is_null() {
             assert_eq!(st, 201, "null is absent: the server's default: {v}");
@@ -585,7 +590,7 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
             assert_eq!((&v["error"]["code"], &v["error"]["param"]), (&json!("invalid_kv_dtype"), &json!("kv_dtype")), "{v}");
         }
     }
-    assert_eq!(listed(&s).len(), 3);
+    assert_eq!(listed(&s).len(), 4);
     drop(s);
 
     // restart (server default int4): the stored documents keep their own format and bytes, and

@@ -28,7 +28,7 @@ pub struct LayerKv<B: Backend> {
     /// heads of a layer keep different numbers of tokens (per-head budgets): every head is padded
     /// to the layer's largest count and the padding is masked out of attention.
     pub valid: Option<Vec<bool>>,
-    /// The layer's first slots as int8 / int4 codes ([`crate::kvquant`], set by
+    /// The layer's first slots as int8 / int4 codes or f16 / bf16 copies ([`crate::kvquant`], set by
     /// [`KvCache::quantize`]); `keys` and `values` then hold the slots after them. Shared between
     /// clones of the cache until one of them quantizes more tokens. `positions` and `valid` cover
     /// all slots, quantized first.
@@ -632,13 +632,16 @@ mod tests {
             let v: Vec<f32> = (0..h * n * d).map(|i| (((i + seed) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
             Tensor::<B, 4>::from_data(TensorData::new(v, [1, h, n, d]), &Default::default())
         };
-        for spec in [KvQuant::int8(), KvQuant::int4()] {
+        for spec in [KvQuant::int8(), KvQuant::int4(), KvQuant::f16(), KvQuant::bf16()] {
             let mut cache = KvCache::<B>::new(1);
             let mut want = vec![noise(n0, 1)];
             cache.append(0, 0, want[0].clone(), want[0].clone() * 2.0).unwrap();
             let float_bytes = cache.bytes();
             cache.quantize(spec).unwrap();
-            assert!(cache.bytes() < float_bytes / 2 && cache.kv_quant() == Some(spec));
+            // 16-bit storage: half the f32 bytes, the newest token in f32, keys padded to whole
+            // blocks of 16 tokens
+            let most = if spec.is_float() { float_bytes / 2 + 2 * h * d * 2 + (crate::kvquant::KEY_BLOCK - 1) * h * d * 2 } else { float_bytes / 2 - 1 };
+            assert!(cache.bytes() <= most && cache.kv_quant() == Some(spec), "{spec:?}: {} of {float_bytes}", cache.bytes());
             let mut other = cache.clone();
             for i in 0..150 {
                 let t = noise(1, 1000 + i);
@@ -656,7 +659,7 @@ mod tests {
                 let (k, v) = kv.full();
                 let want_k = host(Tensor::cat(want.clone(), 2).narrow(2, 0, len));
                 let (k, v) = (host(k), host(v));
-                let tol = if spec == KvQuant::int8() { 0.01 } else { 0.1 };
+                let tol = if spec.bits == crate::KvBits::Int4 { 0.1 } else { 0.01 };
                 assert!(k.iter().zip(&want_k).all(|(a, b)| (a - b).abs() <= tol), "{spec:?} keys");
                 assert!(v.iter().zip(&want_k).all(|(a, b)| (a - 2.0 * b).abs() <= 2.0 * tol), "{spec:?} values");
                 // the residual window: bit for bit (unless it was widened back from codes)
@@ -688,7 +691,7 @@ mod tests {
             let v: Vec<f32> = (0..b * h * n * d).map(|i| (((i + seed) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect();
             Tensor::<B, 4>::from_data(TensorData::new(v, [b, h, n, d]), &Default::default())
         };
-        for spec in [KvQuant::int8(), KvQuant::int4(), KvQuant { bits: crate::KvBits::Int4, residual: 0 }] {
+        for spec in [KvQuant::int8(), KvQuant::int4(), KvQuant { bits: crate::KvBits::Int4, residual: 0 }, KvQuant::f16(), KvQuant::bf16()] {
             let mut base = KvCache::<B>::new(1);
             base.append(0, 0, noise(n0, 1), noise(n0, 2)).unwrap();
             // per-head budgets: 250 and 180 slots kept (padded, masked)

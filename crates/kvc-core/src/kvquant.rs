@@ -1,6 +1,7 @@
-//! A quantized KV cache: the older slots of a layer held as int8 or int4 codes, the newest in the
-//! cache's float dtype (issue 21). Eviction (a press) and quantization multiply: a press keeps
-//! fewer tokens, quantization stores each in fewer bytes.
+//! A quantized KV cache: the older slots of a layer held as int8 or int4 codes (or as 16-bit
+//! floats for a model that runs in f32), the newest in the cache's float dtype (issue 21).
+//! Eviction (a press) and quantization multiply: a press keeps fewer tokens, quantization stores
+//! each in fewer bytes.
 //!
 //! Formats (per KV head; `d` = head_dim, channel groups of [`CHANNEL_GROUP`] = 64 channels, or the
 //! whole head when `d` is not a multiple of 64):
@@ -13,6 +14,12 @@
 //!   (f16 min and scale per group); asymmetric, `x ~= min + scale * code`, code `0..=15`, two codes
 //!   per byte (low nibble = even channel). `d / 2 + 4 d / 64` bytes for keys and values each per
 //!   token (0.28x of f16).
+//! - **f16 / bf16** (for a model that runs in f32; issue 22): every key and value rounded to a
+//!   16-bit float (IEEE half, saturated at its largest finite magnitude, or bfloat16), no scales:
+//!   `2 d` bytes each per token (1.0x of f16, the default KV cache type of llama.cpp), half the
+//!   f32 cache's bytes, while activations and products stay f32. Keys in the int8 keys'
+//!   channel-major blocks of 16 tokens, values token-major; decode widens a block at a time into
+//!   a buffer that stays in L1 (bf16: a shift; f16: F16C where the CPU has it).
 //! - **Residual window** (KIVI): the newest tokens stay in full precision. When a layer holds more
 //!   than [`KvQuant::residual`] of them, its oldest are quantized in whole groups (1 token for
 //!   int8, 64 for int4) and at least the newest token stays ([`KvQuant::flush_count`]). Defaults:
@@ -23,9 +30,11 @@
 //! codes where they lie ([`decode_attention`]: each key tile widened into a buffer that stays in
 //! cache, so the bytes a step reads from memory are the codes').
 
+use std::borrow::Cow;
+
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use half::f16;
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +55,10 @@ pub enum KvBits {
     Int8,
     /// 4-bit codes, KIVI's layout.
     Int4,
+    /// IEEE half-precision floats, one per element.
+    F16,
+    /// bfloat16 floats, one per element.
+    Bf16,
 }
 
 /// How a KV cache holds keys and values once quantized (module docs).
@@ -69,51 +82,74 @@ impl KvQuant {
         Self { bits: KvBits::Int4, residual: 128 }
     }
 
-    /// Parses a `--kv-dtype` value: `int8`, `int4`, or `float` (also `f32` / `f16` / `bf16`: no
-    /// quantization, the cache keeps the model's float dtype) -> `None`.
+    /// f16 copies of keys and values (for an f32 model), no residual window.
+    pub fn f16() -> Self {
+        Self { bits: KvBits::F16, residual: 0 }
+    }
+
+    /// bf16 copies of keys and values (for an f32 model), no residual window.
+    pub fn bf16() -> Self {
+        Self { bits: KvBits::Bf16, residual: 0 }
+    }
+
+    /// Whether the format holds 16-bit floats (no scales) rather than integer codes.
+    pub fn is_float(&self) -> bool {
+        matches!(self.bits, KvBits::F16 | KvBits::Bf16)
+    }
+
+    /// Parses a `--kv-dtype` value: `int8`, `int4`, `f16`, `bf16` (16-bit copies of an f32
+    /// model's cache), or `float` / `f32` (no quantization, the cache keeps the model's float
+    /// dtype) -> `None`.
     ///
     /// # Errors
     /// [`CoreError::Unsupported`] naming the accepted values.
     pub fn parse(name: &str) -> Result<Option<Self>, CoreError> {
         match name.trim().to_ascii_lowercase().as_str() {
-            "float" | "f32" | "f16" | "bf16" => Ok(None),
+            "float" | "f32" => Ok(None),
             "int8" => Ok(Some(Self::int8())),
             "int4" => Ok(Some(Self::int4())),
-            other => Err(CoreError::Unsupported(format!("unknown KV cache dtype {other:?} (accepted: float, int8, int4)"))),
+            "f16" => Ok(Some(Self::f16())),
+            "bf16" => Ok(Some(Self::bf16())),
+            other => Err(CoreError::Unsupported(format!("unknown KV cache dtype {other:?} (accepted: float, f16, bf16, int8, int4)"))),
         }
     }
 
     /// Parses a KV cache format named for a model running in `model_dtype` (`kvc generate
     /// --kv-dtype`, `kvc serve`'s per-document `kv_dtype`): `float` or the model's own dtype name
-    /// (`f32`, `f16`, `bf16`) -> `None` (the cache stays in the model's dtype); `int8` / `int4`.
+    /// (`f32`, `f16`, `bf16`) -> `None` (the cache stays in the model's dtype); `int8` / `int4`;
+    /// `f16` / `bf16` for a model in f32 (16-bit copies: half the cache's bytes, f32 arithmetic).
     ///
     /// # Errors
-    /// [`CoreError::Unsupported`] for another float dtype than the model's (a float cache has the
-    /// model's dtype) or an unknown name, naming the accepted values.
+    /// [`CoreError::Unsupported`] for a float dtype that is neither the model's nor a 16-bit
+    /// one of an f32 model, or an unknown name, naming the accepted values.
     pub fn parse_for(name: &str, model_dtype: burn::tensor::DType) -> Result<Option<Self>, CoreError> {
         let model = format!("{model_dtype:?}").to_lowercase();
         match name {
             "float" | "int8" | "int4" => Self::parse(name),
             n if n == model => Ok(None),
+            "f16" | "bf16" if model_dtype == burn::tensor::DType::F32 => Self::parse(name),
             "f32" | "f16" | "bf16" => Err(CoreError::Unsupported(format!(
-                "KV cache dtype {name:?}: a float KV cache has the model's dtype ({model}); give float, int8 or int4"
+                "KV cache dtype {name:?}: the model runs in {model}, whose float KV cache is {model}; give float, int8 or int4 (f16 / bf16 storage is for a model in f32)"
             ))),
-            _ => Err(CoreError::Unsupported(format!("unknown KV cache dtype {name:?} (accepted: float, int8, int4)"))),
+            _ => Err(CoreError::Unsupported(format!("unknown KV cache dtype {name:?} (accepted: float, f16, bf16, int8, int4)"))),
         }
     }
 
-    /// `int8` or `int4`.
+    /// `int8`, `int4`, `f16` or `bf16`.
     pub fn name(&self) -> &'static str {
         match self.bits {
             KvBits::Int8 => "int8",
             KvBits::Int4 => "int4",
+            KvBits::F16 => "f16",
+            KvBits::Bf16 => "bf16",
         }
     }
 
-    /// Tokens quantized together: 1 (int8) or [`TOKEN_GROUP`] (int4 keys share scales over them).
+    /// Tokens quantized together: 1 (int8, f16, bf16) or [`TOKEN_GROUP`] (int4 keys share
+    /// scales over them).
     pub fn granularity(&self) -> usize {
         match self.bits {
-            KvBits::Int8 => 1,
+            KvBits::Int8 | KvBits::F16 | KvBits::Bf16 => 1,
             KvBits::Int4 => TOKEN_GROUP,
         }
     }
@@ -137,6 +173,7 @@ impl KvQuant {
         match self.bits {
             KvBits::Int8 => 2.0 * (d + 2.0 * groups),
             KvBits::Int4 => (d / 2.0 + 4.0 * d / TOKEN_GROUP as f64) + (d / 2.0 + 4.0 * groups),
+            KvBits::F16 | KvBits::Bf16 => 4.0 * d,
         }
     }
 
@@ -165,14 +202,18 @@ fn channel_group(d: usize) -> usize {
 /// one 512-bit vector of f32 (no horizontal sums).
 pub const KEY_BLOCK: usize = 16;
 
+/// Tokens of 16-bit values a decode step widens at once (8 / 16 KB of f32 at head_dim 64 / 128).
+const VALUE_CHUNK: usize = 32;
+
 /// Codes of keys or values of one (batch, KV head) row.
 ///
 /// Layouts (`d` = head_dim, `cg` = channels per group, `groups = d / cg`, token `t`, channel
 /// `c = gi * cg + j` of group `gi`):
 /// - keys, blocks of [`KEY_BLOCK`] tokens, channel-major: int8 byte `t / 16 * 16 d + c * 16 +
 ///   t % 16` (the last block padded with zero codes); int4 byte `t / 16 * 8 d + c * 8 + t % 8`,
-///   low nibble for `t % 16 < 8`, high otherwise.
-/// - values, token-major: int8 byte `t * d + c`; int4 byte `t * d / 2 + gi * cg / 2 + j % (cg /
+///   low nibble for `t % 16 < 8`, high otherwise; f16 / bf16 the int8 layout in 16-bit words
+///   (little-endian byte pairs).
+/// - values, token-major: int8 byte `t * d + c` (f16 / bf16: word); int4 byte `t * d / 2 + gi * cg / 2 + j % (cg /
 ///   2)`, low nibble for `j < cg / 2` (so both halves widen to contiguous channels).
 /// - scales (int4: and mins), f16: per token and group, `[t * groups + gi]`; int4 keys: per
 ///   64-token group and channel, `[t / 64 * d + c]`.
@@ -257,6 +298,8 @@ impl QuantKv {
             (KvBits::Int8, false) => (len * d, len * groups, 0),
             (KvBits::Int4, true) => (len * d / 2, len / TOKEN_GROUP * d, len / TOKEN_GROUP * d),
             (KvBits::Int4, false) => (len * d / 2, len * groups, len * groups),
+            (KvBits::F16 | KvBits::Bf16, true) => (len.div_ceil(KEY_BLOCK) * KEY_BLOCK * 2 * d, 0, 0),
+            (KvBits::F16 | KvBits::Bf16, false) => (len * 2 * d, 0, 0),
         }
     }
 
@@ -265,6 +308,7 @@ impl QuantKv {
         let per = match spec.bits {
             KvBits::Int8 => head_dim,
             KvBits::Int4 => head_dim / 2,
+            KvBits::F16 | KvBits::Bf16 => 2 * head_dim,
         };
         (per > 0 && bytes % per == 0).then(|| bytes / per)
     }
@@ -350,6 +394,24 @@ impl QuantKv {
                         quantize_u4_values(tok, cg, &mut self.values[r]);
                     }
                 }
+                KvBits::F16 | KvBits::Bf16 => {
+                    // keys into channel-major blocks of 16 tokens (zero words pad the last)
+                    let mut words = Vec::new();
+                    push_halves(self.spec.bits, k, &mut words);
+                    let kr = &mut self.keys[r].codes;
+                    for (i, tok) in words.chunks_exact(2 * d).enumerate() {
+                        let t = self.len + i;
+                        let block = t / KEY_BLOCK * KEY_BLOCK * d;
+                        if kr.len() < 2 * (block + KEY_BLOCK * d) {
+                            kr.resize(2 * (block + KEY_BLOCK * d), 0);
+                        }
+                        for (c, w) in tok.chunks_exact(2).enumerate() {
+                            let at = 2 * (block + c * KEY_BLOCK + t % KEY_BLOCK);
+                            kr[at..at + 2].copy_from_slice(w);
+                        }
+                    }
+                    push_halves(self.spec.bits, v, &mut self.values[r].codes);
+                }
             }
         }
         self.len += n;
@@ -362,6 +424,22 @@ impl QuantKv {
         let cg = channel_group(d);
         let groups = d / cg;
         let q = if keys { &self.keys[row] } else { &self.values[row] };
+        if self.spec.is_float() && !keys {
+            widen_halves(self.spec.bits, &words(&q.codes[t0 * 2 * d..(t0 + tn) * 2 * d]), &mut out[..tn * d]);
+            return;
+        }
+        if self.spec.is_float() {
+            // keys: each token's words gathered from its block, then widened
+            let all = words(&q.codes);
+            let mut tok = vec![0u16; d];
+            for (i, o) in out[..tn * d].chunks_exact_mut(d).enumerate() {
+                let t = t0 + i;
+                let block = &all[t / KEY_BLOCK * KEY_BLOCK * d..][..KEY_BLOCK * d];
+                tok.iter_mut().enumerate().for_each(|(c, w)| *w = block[c * KEY_BLOCK + t % KEY_BLOCK]);
+                widen_halves(self.spec.bits, &tok, o);
+            }
+            return;
+        }
         // one match per token (not per element); scales widened once per group
         for (i, o) in out[..tn * d].chunks_exact_mut(d).enumerate() {
             let t = t0 + i;
@@ -400,6 +478,7 @@ impl QuantKv {
                         }
                     }
                 }
+                (KvBits::F16 | KvBits::Bf16, _) => unreachable!("16-bit rows are widened above"),
             }
         }
     }
@@ -509,6 +588,69 @@ fn quantize_u4_keys(group: &[f32], d: usize, out: &mut QuantRows) {
     out.scales.extend(params.iter().map(|p| p.1));
 }
 
+/// f16 / bf16: `x` rounded to 16-bit floats (f16 saturated at +-65504, so a large key stays
+/// finite), appended to `codes` as little-endian bytes.
+fn push_halves(bits: KvBits, x: &[f32], codes: &mut Vec<u8>) {
+    let mut w = vec![0u16; x.len()];
+    if bits == KvBits::F16 {
+        let lim = f16::MAX.to_f32();
+        let clamped: Vec<f32> = x.iter().map(|v| v.clamp(-lim, lim)).collect();
+        w.reinterpret_cast_mut::<f16>().convert_from_f32_slice(&clamped);
+    } else {
+        w.reinterpret_cast_mut::<bf16>().convert_from_f32_slice(x);
+    }
+    codes.reserve(2 * w.len());
+    codes.extend(w.iter().flat_map(|b| b.to_le_bytes()));
+}
+
+/// 16-bit floats stored as little-endian bytes, as `u16` bits: borrowed where the bytes are
+/// 2-aligned (a `Vec<u8>` from the allocator is), copied otherwise.
+fn words(bytes: &[u8]) -> Cow<'_, [u16]> {
+    #[cfg(target_endian = "little")]
+    if let Ok(w) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
+        return Cow::Borrowed(w);
+    }
+    Cow::Owned(bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect())
+}
+
+/// `out = w` widened to f32 (`w` the bits of f16 or bf16 values; exact).
+fn widen_halves(bits: KvBits, w: &[u16], out: &mut [f32]) {
+    if bits == KvBits::F16 {
+        widen_f16(w, out);
+    } else {
+        simd::widen_bf16(w.reinterpret_cast::<bf16>(), out);
+    }
+}
+
+/// f16 bits widened to f32 (exact): eight per F16C instruction where the CPU has it (`half`'s
+/// slice conversion calls a function per eight values), else `half`'s conversion.
+fn widen_f16(w: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has the instructions the function is compiled for.
+        unsafe { widen_f16_f16c(w, out) };
+        return;
+    }
+    w.reinterpret_cast::<f16>().convert_to_f32_slice(out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16_f16c(w: &[u16], out: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n = w.len();
+    assert!(out.len() >= n, "widen_f16: {} values into {}", n, out.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` words are read and written, both slices hold at least `n`.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i).cast::<__m128i>()))) };
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = f16::from_bits(w[j]).to_f32();
+    }
+}
+
 /// The decode kernel's inner loops, compiled per instruction set ([`simd`]'s dispatch): scores of
 /// a block of 16 keys against a few query rows, and values accumulated from their codes.
 mod simd_q {
@@ -519,6 +661,61 @@ mod simd_q {
     dispatch!(scores_u4, scores_u4_body, (q: &[f32], bias: &[f32], block: &[u8], out: &mut [f32]) -> ());
     dispatch!(weighted_i8, weighted_i8_body, (p: &[f32], stride: usize, codes: &[u8], scales: &[f32], d: usize, cg: usize, out: &mut [f32]) -> ());
     dispatch!(weighted_u4, weighted_u4_body, (p: &[f32], stride: usize, codes: &[u8], scales: &[f32], mins: &[f32], d: usize, cg: usize, out: &mut [f32]) -> ());
+    dispatch!(scores_f32, scores_f32_body, (q: &[f32], block: &[f32], out: &mut [f32]) -> ());
+    dispatch!(weighted_f32, weighted_f32_body, (p: &[f32], stride: usize, rows: &[f32], d: usize, out: &mut [f32]) -> ());
+
+    /// `out[r][l] = sum_c q[r][c] * block[c][l]` for the `g = out.len() / 16` query rows `q`
+    /// (`[g, d]`) and a widened key block (`[d, 16]`, channel-major); even and odd channels on
+    /// two accumulators.
+    #[inline(always)]
+    fn scores_f32_body(q: &[f32], block: &[f32], out: &mut [f32]) {
+        let d = block.len() / KEY_BLOCK;
+        for (qr, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(KEY_BLOCK)) {
+            let (mut s0, mut s1) = ([0f32; KEY_BLOCK], [0f32; KEY_BLOCK]);
+            let mut pairs = qr.chunks_exact(2).zip(block.chunks_exact(2 * KEY_BLOCK));
+            for (qc, kc) in &mut pairs {
+                for l in 0..KEY_BLOCK {
+                    s0[l] += qc[0] * kc[l];
+                    s1[l] += qc[1] * kc[KEY_BLOCK + l];
+                }
+            }
+            if d % 2 == 1 {
+                let (qc, kc) = (qr[d - 1], &block[(d - 1) * KEY_BLOCK..]);
+                for l in 0..KEY_BLOCK {
+                    s0[l] += qc * kc[l];
+                }
+            }
+            for l in 0..KEY_BLOCK {
+                o[l] = s0[l] + s1[l];
+            }
+        }
+    }
+
+    /// `out[r] += sum_t p[r * stride + t] * rows[t]` over `n = rows.len() / d` value rows
+    /// (`[n, d]`); per query row and 64-channel group the sums stay in registers over the rows.
+    #[inline(always)]
+    fn weighted_f32_body(p: &[f32], stride: usize, rows: &[f32], d: usize, out: &mut [f32]) {
+        let n = rows.len() / d;
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            let w = &p[r * stride..r * stride + n];
+            if d % 64 == 0 {
+                for (gi, og) in o.chunks_exact_mut(64).enumerate() {
+                    let mut acc = [0f32; 64];
+                    for (t, &wt) in w.iter().enumerate() {
+                        let v: &[f32; 64] = rows[t * d + gi * 64..][..64].try_into().expect("64 values");
+                        for j in 0..64 {
+                            acc[j] += wt * v[j];
+                        }
+                    }
+                    og.iter_mut().zip(acc).for_each(|(x, a)| *x += a);
+                }
+            } else {
+                for (t, &wt) in w.iter().enumerate() {
+                    o.iter_mut().zip(&rows[t * d..(t + 1) * d]).for_each(|(x, &v)| *x += wt * v);
+                }
+            }
+        }
+    }
 
     /// `out[r][l] = sum_c q[r][c] * code[c][l] * scale[group(c)][l]` for the `g = out.len() / 16`
     /// query rows `q` (`[g, d]`) and an int8 key block (`[d, 16]`, channel-major); `scales`
@@ -717,6 +914,12 @@ pub fn decode_attention(a: &QuantDecode<'_>) -> Vec<f32> {
             let mut blk = vec![0f32; g * KEY_BLOCK];
             let mut sc = vec![0f32; groups * KEY_BLOCK];
             let (mut qs, mut bias) = (vec![0f32; g * d], vec![0f32; g]);
+            // 16-bit keys: the tile's words, each block widened into a buffer that stays in L1
+            let (kw, mut kbuf) = if a.quant.spec.is_float() && qn > 0 {
+                (words(&kq.codes[t0 * 2 * d..(t0 + qn).div_ceil(KEY_BLOCK) * KEY_BLOCK * 2 * d]), vec![0f32; KEY_BLOCK * d])
+            } else {
+                (Cow::Borrowed(&[][..]), Vec::new())
+            };
             for b0 in (0..qn).step_by(KEY_BLOCK) {
                 let t = t0 + b0;
                 match bits {
@@ -733,6 +936,10 @@ pub fn decode_attention(a: &QuantDecode<'_>) -> Vec<f32> {
                             }
                         }
                         simd_q::scores_i8(&q, &kq.codes[t * d..][..KEY_BLOCK * d], &sc, cg, &mut blk);
+                    }
+                    KvBits::F16 | KvBits::Bf16 => {
+                        widen_halves(bits, &kw[b0 * d..][..KEY_BLOCK * d], &mut kbuf);
+                        simd_q::scores_f32(&q, &kbuf, &mut blk);
                     }
                     KvBits::Int4 => {
                         if t % TOKEN_GROUP == 0 {
@@ -765,7 +972,17 @@ pub fn decode_attention(a: &QuantDecode<'_>) -> Vec<f32> {
             let (mx, l) = tile_softmax(&mut s, tn, a.valid.map(|m| &m[row * len + t0..row * len + t0 + tn]));
             // values: the codes' rows weighted in place, then the residual window's
             let mut out = vec![0f32; g * d];
-            if qn > 0 {
+            if qn > 0 && a.quant.spec.is_float() {
+                // 16-bit values: widened VALUE_CHUNK tokens at a time (a buffer that stays in L1),
+                // the output sums kept in registers over each chunk
+                let w = words(&vq.codes[t0 * 2 * d..(t0 + qn) * 2 * d]);
+                let mut vbuf = vec![0f32; VALUE_CHUNK * d];
+                for c0 in (0..qn).step_by(VALUE_CHUNK) {
+                    let cn = VALUE_CHUNK.min(qn - c0);
+                    widen_halves(bits, &w[c0 * d..(c0 + cn) * d], &mut vbuf[..cn * d]);
+                    simd_q::weighted_f32(&s[c0..], tn, &vbuf[..cn * d], d, &mut out);
+                }
+            } else if qn > 0 {
                 let sc = widen(&vq.scales[t0 * groups..(t0 + qn) * groups]);
                 match bits {
                     KvBits::Int8 => simd_q::weighted_i8(&s, tn, &vq.codes[t0 * d..(t0 + qn) * d], &sc, d, cg, &mut out),
@@ -773,6 +990,7 @@ pub fn decode_attention(a: &QuantDecode<'_>) -> Vec<f32> {
                         let mn = widen(&vq.mins[t0 * groups..(t0 + qn) * groups]);
                         simd_q::weighted_u4(&s, tn, &vq.codes[t0 * d / 2..(t0 + qn) * d / 2], &sc, &mn, d, cg, &mut out)
                     }
+                    KvBits::F16 | KvBits::Bf16 => unreachable!("16-bit values are weighted above"),
                 }
             }
             if rn > 0 {
@@ -807,7 +1025,7 @@ mod tests {
     /// holds the bytes the format says.
     #[test]
     fn round_trip_within_half_a_step() {
-        for (spec, d) in [(KvQuant::int8(), 64), (KvQuant::int8(), 128), (KvQuant::int8(), 48), (KvQuant::int4(), 64), (KvQuant::int4(), 128), (KvQuant::int4(), 6)] {
+        for (spec, d) in [(KvQuant::int8(), 64), (KvQuant::int8(), 128), (KvQuant::int8(), 48), (KvQuant::int4(), 64), (KvQuant::int4(), 128), (KvQuant::int4(), 6), (KvQuant::f16(), 64), (KvQuant::bf16(), 48)] {
             let (rows, n) = (3, 2 * TOKEN_GROUP);
             let (k, v) = (data(rows * n * d, 1), data(rows * n * d, 2));
             let mut q = QuantKv::new(spec, rows, d).unwrap();
@@ -823,6 +1041,10 @@ mod tests {
                             // the step of the element's group: per token (int8, int4 values) or per
                             // channel over the token group (int4 keys)
                             let step = match (spec.bits, name) {
+                                // a 16-bit float's step: 2^-10 (f16) or 2^-7 (bf16) of the
+                                // element's power of two
+                                (KvBits::F16, _) => xs[c].abs() * 2f32.powi(-10),
+                                (KvBits::Bf16, _) => xs[c].abs() * 2f32.powi(-7),
                                 (KvBits::Int8, _) => {
                                     let cg = channel_group(d);
                                     xs[c / cg * cg..][..cg].iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0
@@ -839,7 +1061,9 @@ mod tests {
                                 }
                             };
                             let err = (xs[c] - ys[c]).abs();
-                            assert!(err <= 0.5 * step * 1.01 + 2e-3 * xs[c].abs().max(step), "{spec:?} d {d} {name} r {r} t {t} c {c}: {} vs {}", xs[c], ys[c]);
+                            // integer codes: their f16 scales' rounding too; f16: its subnormals' step
+                            let slack = if spec.is_float() { 3e-8 } else { 2e-3 * xs[c].abs().max(step) };
+                            assert!(err <= 0.5 * step * 1.01 + slack, "{spec:?} d {d} {name} r {r} t {t} c {c}: {} vs {}", xs[c], ys[c]);
                         }
                     }
                 }
@@ -852,6 +1076,27 @@ mod tests {
         assert!(KvQuant::int4().bytes_per_token(64) / 256.0 <= 0.30 && KvQuant::int4().bytes_per_token(128) / 512.0 <= 0.30);
     }
 
+    /// The F16C widening equals `half`'s conversion on every f16 bit pattern (NaNs as NaN),
+    /// including a tail shorter than eight.
+    #[test]
+    fn f16_widening_is_exact_for_every_pattern() {
+        let all: Vec<u16> = (0..=u16::MAX).chain(0..5).collect();
+        let mut out = vec![0f32; all.len()];
+        widen_f16(&all, &mut out);
+        for (&w, &x) in all.iter().zip(&out) {
+            let want = f16::from_bits(w).to_f32();
+            assert!(x.to_bits() == want.to_bits() || (x.is_nan() && want.is_nan()), "{w:#06x}: {x} vs {want}");
+        }
+    }
+
+    /// Stored 16-bit words read back the same from any byte offset (borrowed when aligned, copied
+    /// when not).
+    #[test]
+    fn words_read_little_endian_at_any_alignment() {
+        let b = [1u8, 2, 3, 4, 5];
+        assert_eq!((&*words(&b[..4]), &*words(&b[1..])), (&[0x0201u16, 0x0403][..], &[0x0302u16, 0x0504][..]));
+    }
+
     #[test]
     fn flush_keeps_the_newest_token_and_whole_groups() {
         let (i8q, i4q) = (KvQuant::int8(), KvQuant::int4());
@@ -861,13 +1106,21 @@ mod tests {
         assert_eq!((small.flush_count(64), small.flush_count(65)), (0, 64));
         assert!(KvQuant::parse("int3").is_err());
         assert_eq!(KvQuant::parse("F32").unwrap(), None);
+        assert_eq!((KvQuant::parse("f16").unwrap(), KvQuant::parse("bf16").unwrap()), (Some(KvQuant::f16()), Some(KvQuant::bf16())));
+        // 16-bit storage is for a model in f32; a half-precision model's float cache is its own
+        use burn::tensor::DType;
+        assert_eq!(KvQuant::parse_for("bf16", DType::F32).unwrap(), Some(KvQuant::bf16()));
+        assert_eq!(KvQuant::parse_for("bf16", DType::BF16).unwrap(), None);
+        assert!(KvQuant::parse_for("f16", DType::BF16).is_err() && KvQuant::parse_for("f32", DType::F16).is_err());
+        assert_eq!((KvQuant::f16().flush_count(1), KvQuant::bf16().flush_count(10)), (0, 9));
         assert!(KvQuant::int4().check(7).is_err() && KvQuant::int8().check(7).is_ok());
     }
 
-    /// Values beyond f16's range, zeros and NaN neither panic nor leave a non-finite scale.
+    /// Values beyond f16's range, zeros and NaN neither panic nor leave a non-finite scale (nor,
+    /// in f16 storage, an infinite key: it saturates).
     #[test]
     fn extreme_values_stay_finite() {
-        for spec in [KvQuant::int8(), KvQuant::int4()] {
+        for spec in [KvQuant::int8(), KvQuant::int4(), KvQuant::f16(), KvQuant::bf16()] {
             let mut x = vec![0f32; 64 * 64];
             x[5] = 1e30;
             x[6] = f32::NAN;
@@ -877,13 +1130,16 @@ mod tests {
             assert!(q.keys()[0].scales.iter().chain(&q.values()[0].scales).chain(&q.keys()[0].mins).all(|s| s.is_finite()));
             let (k, _) = q.to_f32();
             assert_eq!(k[64], 0.0);
+            if spec.is_float() {
+                assert!(k[5].is_finite() && k[7].is_finite() && k[5] > 6e4 && k[7] < -6e4, "{spec:?}: {} {}", k[5], k[7]);
+            }
         }
     }
 
     /// The decode kernel equals attention over the widened codes, computed in f64.
     #[test]
     fn decode_matches_f64_over_the_widened_codes() {
-        for (spec, ql, r) in [(KvQuant::int8(), 1000, 1), (KvQuant::int4(), 1024, 77), (KvQuant::int4(), 0, 5), (KvQuant::int8(), 64, 600)] {
+        for (spec, ql, r) in [(KvQuant::int8(), 1000, 1), (KvQuant::int4(), 1024, 77), (KvQuant::int4(), 0, 5), (KvQuant::int8(), 64, 600), (KvQuant::bf16(), 1000, 1), (KvQuant::f16(), 300, 300)] {
             let (b, hkv, g, d) = (2, 3, 2, 64);
             let rows = b * hkv;
             let mut quant = QuantKv::new(spec, rows, d).unwrap();

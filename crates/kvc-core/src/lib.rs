@@ -34,7 +34,7 @@
 //! - [`press`]: compression methods (presses) applied between prefill and decode, and the pieces
 //!   they share ([`select`]: score aggregation, top-k, global budget allocation).
 //!
-//! - [`kvquant`]: int8 / int4 (KIVI) storage of a cache's older slots, applied after a press
+//! - [`kvquant`]: int8 / int4 (KIVI) or f16 / bf16 storage of a cache's older slots, applied after a press
 //!   ([`KvCache::quantize`]), read where it lies by decode attention.
 //! - [`saved`]: a (compressed) cache written to a safetensors file and read back in another
 //!   process ([`KvCache::save`], [`KvCache::load`], [`CacheHeader`]).

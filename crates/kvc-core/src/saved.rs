@@ -403,7 +403,7 @@ mod tests {
         let dir = tempfile_dir();
         let path = dir.join("q.kvc");
         let device = Default::default();
-        for (spec, len) in [(KvQuant::int8(), 9), (KvQuant::int4(), 150)] {
+        for (spec, len) in [(KvQuant::int8(), 9), (KvQuant::int4(), 150), (KvQuant::f16(), 9), (KvQuant::bf16(), 20)] {
             let d = 4;
             let ramp = |offset: f32| {
                 let v: Vec<f32> = (0..2 * len * d).map(|i| ((i * 7919) % 113) as f32 * 0.1 - 5.0 + offset).collect();

@@ -68,8 +68,8 @@ pub struct Request {
     /// request that needs more fails before the prefill allocates anything. `None`: no check
     /// (the CLI passes the memory available on CPU backends, or `--max-kv-memory`).
     pub kv_memory_limit: Option<usize>,
-    /// Store the (compressed) cache's keys and values as int8 or int4 codes
-    /// ([`kvc_core::kvquant`]), after the press; `None`: the model's float dtype. Answers, the
+    /// Store the (compressed) cache's keys and values as int8 or int4 codes, or f16 / bf16
+    /// copies of an f32 model's ([`kvc_core::kvquant`]), after the press; `None`: the model's float dtype. Answers, the
     /// saved cache and `kv_bytes` then use the quantized cache; `compare`'s baseline stays the
     /// uncompressed full-precision one.
     pub kv_quant: Option<KvQuant>,

@@ -76,11 +76,12 @@ pub fn dtype_name(dtype: DType) -> String {
 
 /// Parses a KV cache format (a document's `kv_dtype`, `kvc serve --kv-dtype`): `float` or the
 /// model's dtype name (`model_dtype`: the cache stays in it) -> `None`; `int8` / `int4` -> that
-/// quantization. Names are exact (lowercase).
+/// quantization; `f16` / `bf16` for a model in f32 -> 16-bit storage ([`KvQuant::parse_for`]).
+/// Names are exact (lowercase).
 ///
 /// # Errors
-/// A message naming the accepted values (another float dtype than the model's is refused: the
-/// cache of a float model is in the model's dtype).
+/// A message naming the accepted values (another float dtype is refused: a half-precision
+/// model's float cache is in its own dtype).
 pub fn parse_kv_dtype(name: &str, model_dtype: DType) -> Result<Option<KvQuant>, String> {
     KvQuant::parse_for(name, model_dtype).map_err(|e| e.to_string())
 }
@@ -248,8 +249,11 @@ mod tests {
         assert_eq!(parse_kv_dtype("bf16", DType::BF16), Ok(None));
         assert_eq!(parse_kv_dtype("int8", DType::F32), Ok(Some(KvQuant::int8())));
         assert_eq!(parse_kv_dtype("int4", DType::BF16), Ok(Some(KvQuant::int4())));
-        for bad in ["f16", "bf16", "INT8", " int8", "int2", "", "q4_0"] {
+        assert_eq!(parse_kv_dtype("bf16", DType::F32), Ok(Some(KvQuant::bf16())));
+        assert_eq!(parse_kv_dtype("f16", DType::F32), Ok(Some(KvQuant::f16())));
+        for bad in ["F16", "INT8", " int8", "int2", "", "q4_0"] {
             assert!(parse_kv_dtype(bad, DType::F32).is_err(), "{bad:?}");
         }
+        assert!(parse_kv_dtype("f16", DType::BF16).is_err() && parse_kv_dtype("f32", DType::BF16).is_err());
     }
 }

@@ -319,7 +319,8 @@ pub struct DocumentRequest {
     #[serde(default)]
     pub chat: Option<bool>,
     /// How the compressed cache stores keys and values: `float` (the model's dtype), `int8` or
-    /// `int4` (quantized after the press); absent: the server's `--kv-dtype`.
+    /// `int4` (quantized after the press), `f16` / `bf16` (16-bit copies, for a model in f32);
+    /// absent: the server's `--kv-dtype`.
     #[serde(default)]
     pub kv_dtype: Option<String>,
 }

@@ -86,7 +86,7 @@ pub struct DocMeta {
     /// The press that compressed it; `None`: kept whole.
     pub press: Option<PressSpec>,
     /// How the compressed cache stores keys and values (`None`: the model's float dtype); shown
-    /// as `"kv_dtype": "float" | "int8" | "int4"`.
+    /// as `"kv_dtype": "float" | "int8" | "int4" | "f16" | "bf16"`.
     #[serde(rename = "kv_dtype", serialize_with = "kv_dtype_name")]
     pub kv_quant: Option<KvQuant>,
     /// Kept tokens per layer (largest head), `[layers]`.

@@ -51,8 +51,9 @@ pub struct EvalArgs {
     /// Prefill chunk (tokens).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
-    /// KV cache storages: `float` (the eval model's f32 cache; also `f32`; f16 / bf16 are
-    /// refused), `int8`, `int4` (quantized after the press, uncompressed cache included). Several:
+    /// KV cache storages: `float` (the eval model's f32 cache; also `f32`), `f16`, `bf16`
+    /// (16-bit copies of it), `int8`, `int4` (stored after the press, uncompressed cache
+    /// included). Several:
     /// one prefill and one compression per row serve them all, each answers into
     /// `<out>/kv-<name>/`, then one table of them side by side; one: into `<out>` itself.
     #[arg(long, value_delimiter = ',', default_value = "float")]
@@ -76,7 +77,7 @@ pub struct EvalArgs {
 fn parse_kv_dtypes(names: &[String]) -> Result<Vec<Option<KvQuant>>> {
     let mut out: Vec<Option<KvQuant>> = Vec::with_capacity(names.len());
     for n in names {
-        // the eval runs the model in f32: `f32` names its float cache, f16 / bf16 are refused
+        // the eval runs the model in f32: `f32` names its float cache, f16 / bf16 16-bit copies
         let q = KvQuant::parse_for(n, burn::tensor::DType::F32).context("--kv-dtypes")?;
         if out.contains(&q) {
             bail!("--kv-dtypes: {} is given twice (float and f32 both mean the model's f32 cache)", kv_dtype_name(q));
@@ -84,7 +85,7 @@ fn parse_kv_dtypes(names: &[String]) -> Result<Vec<Option<KvQuant>>> {
         out.push(q);
     }
     if out.is_empty() {
-        bail!("--kv-dtypes: no KV cache dtype given (accepted: float, int8, int4)");
+        bail!("--kv-dtypes: no KV cache dtype given (accepted: float, f16, bf16, int8, int4)");
     }
     Ok(out)
 }

@@ -57,8 +57,8 @@ pub struct SpeedArgs {
     /// largest |difference| of its last token's logits from the f32 prefill's).
     #[arg(long)]
     int8_prefill: bool,
-    /// KV cache storage for the decode: `float` (--dtype), `int8` or `int4`, quantized after the
-    /// prefill (timed apart: `quantize_s`). The dense-weights comparison runs on float caches only.
+    /// KV cache storage for the decode: `float` (--dtype), `int8`, `int4`, or `f16` / `bf16`
+    /// with --dtype f32, stored after the prefill (timed apart: `quantize_s`). The dense-weights comparison runs on float caches only.
     #[arg(long, default_value = "float")]
     kv_dtype: String,
 }

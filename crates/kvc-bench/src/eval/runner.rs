@@ -37,7 +37,8 @@ pub struct EvalConfig {
     pub model: String,
     /// Prefill chunk (tokens).
     pub prefill_chunk: usize,
-    /// Store every answered cache (uncompressed and compressed) as int8 / int4 codes, quantized
+    /// Store every answered cache (uncompressed and compressed) as int8 / int4 codes (or f16 /
+    /// bf16 copies), quantized
     /// after the press ([`kvc_core::KvCache::quantize`]); `None`: the model's float dtype.
     pub kv_quant: Option<KvQuant>,
 }
