@@ -537,6 +537,8 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
     std::fs::write(&file, &text).unwrap();
     let (r8, answers8) = reference_with(&file, &[Q1], &["--kv-dtype", "int8"]);
     assert_eq!(r8["kv_dtype"], "int8", "{r8}");
+    let (r16, answers16) = reference_with(&file, &[Q1], &["--kv-dtype", "bf16"]);
+    assert_eq!(r16["kv_dtype"], "bf16", "{r16}");
 
     let s = start(&["--cache-dir", cache], None, dir.path());
     let mut stored = Vec::new();
@@ -572,8 +574,10 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
     let (int8_ids, int8_answer, v) = ask(&s, &id(int8), Q1);
     assert!(!int8_answer.trim().is_empty(), "{v}");
     assert_eq!((int8_ids.clone(), int8_answer.clone()), answers8[0], "the int8 document answers as kvc generate --kv-dtype int8");
-    let (_, bf16_answer, v) = ask(&s, &id(bf16), Q1);
+    let (bf16_ids, bf16_answer, v) = ask(&s, &id(bf16), Q1);
     assert!(!bf16_answer.trim().is_empty(), "{v}");
+    assert_eq!((bf16_ids.clone(), bf16_answer), answers16[0].clone(), "the bf16 document answers as kvc generate --kv-dtype bf16");
+    assert_eq!(bf16["kv_bytes"], r16["kv_cache_bytes_compressed"], "kvc generate --kv-dtype bf16 stores the same bytes: {bf16}");
 
     // a bad kv_dtype: 400 in OpenAI's shape, nothing stored
     for bad in [json!("int3"), json!("f8"), json!("INT8"), json!(8), json!(null)] {
@@ -603,6 +607,7 @@ fn serve_stores_documents_quantized_with_kv_dtype() {
         assert_eq!((&found["kv_dtype"], &found["kv_bytes"], &found["in_memory"]), (&d["kv_dtype"], &d["kv_bytes"], &json!(false)), "{found}");
     }
     assert_eq!(ask(&s, &id(int8), Q1).0, int8_ids, "read back from --cache-dir");
+    assert_eq!(ask(&s, &id(bf16), Q1).0, bf16_ids, "bf16, read back from --cache-dir");
     // a document that names none takes the server's --kv-dtype
     let (status, doc) = post(&s, "/v1/documents", &json!({ "text": docs[2] }));
     assert_eq!((status, &doc["kv_dtype"]), (201, &json!("int4")), "{doc}");

@@ -683,7 +683,7 @@ mod tests {
     /// Appends to a quantized layer in chunks of 1-64 tokens leave exactly the codes, window,
     /// positions and padding of one-token appends (the path that hands the old window to the codes
     /// as it lies and the path that concatenates first), on a padded per-head layout of batch 2,
-    /// for int8, int4 and int4 without a window.
+    /// for int8, int4, int4 without a window, f16 and bf16.
     #[test]
     fn quantized_appends_in_chunks_equal_appends_one_by_one() {
         let (b, h, d, n0) = (2, 2, 64, 300);

@@ -129,7 +129,7 @@ impl KvQuant {
             n if n == model => Ok(None),
             "f16" | "bf16" if model_dtype == burn::tensor::DType::F32 => Self::parse(name),
             "f32" | "f16" | "bf16" => Err(CoreError::Unsupported(format!(
-                "KV cache dtype {name:?}: the model runs in {model}, whose float KV cache is {model}; give float, int8 or int4 (f16 / bf16 storage is for a model in f32)"
+                "KV cache dtype {name:?}: the model runs in {model}, whose float KV cache is {model}; give float (or {model}), int8 or int4 (f16 / bf16 storage is for a model in f32)"
             ))),
             _ => Err(CoreError::Unsupported(format!("unknown KV cache dtype {name:?} (accepted: float, f16, bf16, int8, int4)"))),
         }
@@ -204,6 +204,9 @@ pub const KEY_BLOCK: usize = 16;
 
 /// Tokens of 16-bit values a decode step widens at once (8 / 16 KB of f32 at head_dim 64 / 128).
 const VALUE_CHUNK: usize = 32;
+
+// decode_attention's key tiles start on whole blocks of channel-major keys
+const _: () = assert!(KEY_TILE % KEY_BLOCK == 0);
 
 /// Codes of keys or values of one (batch, KV head) row.
 ///
@@ -631,7 +634,7 @@ fn widen_f16(w: &[u16], out: &mut [f32]) {
         unsafe { widen_f16_f16c(w, out) };
         return;
     }
-    w.reinterpret_cast::<f16>().convert_to_f32_slice(out);
+    w.reinterpret_cast::<f16>().convert_to_f32_slice(&mut out[..w.len()]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1076,15 +1079,26 @@ mod tests {
         assert!(KvQuant::int4().bytes_per_token(64) / 256.0 <= 0.30 && KvQuant::int4().bytes_per_token(128) / 512.0 <= 0.30);
     }
 
-    /// The F16C widening equals `half`'s conversion on every f16 bit pattern (NaNs as NaN),
+    /// The f16 widening (F16C where the CPU has it) equals the format's definition on every bit
+    /// pattern (sign, 5-bit exponent biased by 15, subnormals, infinities; NaNs as NaN),
     /// including a tail shorter than eight.
     #[test]
     fn f16_widening_is_exact_for_every_pattern() {
+        let defined = |h: u16| {
+            let sign = if h & 0x8000 != 0 { -1f32 } else { 1.0 };
+            let (e, m) = (i32::from((h >> 10) & 0x1f), f32::from(h & 0x3ff));
+            match e {
+                0 => sign * m * 2f32.powi(-24),
+                31 if m == 0.0 => sign * f32::INFINITY,
+                31 => f32::NAN,
+                _ => sign * (1.0 + m / 1024.0) * 2f32.powi(e - 15),
+            }
+        };
         let all: Vec<u16> = (0..=u16::MAX).chain(0..5).collect();
         let mut out = vec![0f32; all.len()];
         widen_f16(&all, &mut out);
         for (&w, &x) in all.iter().zip(&out) {
-            let want = f16::from_bits(w).to_f32();
+            let want = defined(w);
             assert!(x.to_bits() == want.to_bits() || (x.is_nan() && want.is_nan()), "{w:#06x}: {x} vs {want}");
         }
     }
@@ -1139,8 +1153,9 @@ mod tests {
     /// The decode kernel equals attention over the widened codes, computed in f64.
     #[test]
     fn decode_matches_f64_over_the_widened_codes() {
-        for (spec, ql, r) in [(KvQuant::int8(), 1000, 1), (KvQuant::int4(), 1024, 77), (KvQuant::int4(), 0, 5), (KvQuant::int8(), 64, 600), (KvQuant::bf16(), 1000, 1), (KvQuant::f16(), 300, 300)] {
-            let (b, hkv, g, d) = (2, 3, 2, 64);
+        // head_dim 64, and for 16-bit storage 48 (not whole 64-channel groups) and 7 (odd)
+        for (spec, ql, r, d) in [(KvQuant::int8(), 1000, 1, 64), (KvQuant::int4(), 1024, 77, 64), (KvQuant::int4(), 0, 5, 64), (KvQuant::int8(), 64, 600, 64), (KvQuant::bf16(), 1000, 1, 64), (KvQuant::f16(), 300, 300, 64), (KvQuant::bf16(), 300, 5, 48), (KvQuant::f16(), 40, 3, 7)] {
+            let (b, hkv, g) = (2, 3, 2);
             let rows = b * hkv;
             let mut quant = QuantKv::new(spec, rows, d).unwrap();
             if ql > 0 {

@@ -395,7 +395,7 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// A quantized cache (int8 and int4, the second layer with ragged heads) comes back with the
+    /// A quantized cache (int8, int4, f16 and bf16, the second layer with ragged heads) comes back with the
     /// same codes, residual window, positions and masks; damaged copies are errors, never panics;
     /// a format 1 file (a float cache) still loads.
     #[test]

@@ -1,7 +1,7 @@
 //! Attention over quantized layers through the backends' entry point: the decode kernel
 //! ([`kvc_core::kvquant::decode_attention`] behind `KvcBackend::kvc_quant_attention`) against the
 //! generic path (codes widened, then the backend's attention), on caches with ragged heads, for
-//! int8 and int4, on flex and ndarray.
+//! int8, int4, f16 and bf16, on flex and ndarray.
 #![cfg(all(feature = "flex", feature = "ndarray"))]
 
 use burn::tensor::{Tensor, TensorData};
@@ -16,7 +16,7 @@ fn noise<B: KvcBackend>(shape: [usize; 4], seed: usize) -> Tensor<B, 4> {
 
 fn check<B: KvcBackend>(what: &str) {
     let (h, g, d) = (3, 3, 64);
-    for (spec, len) in [(KvQuant::int8(), 200), (KvQuant::int8(), 1300), (KvQuant::int4(), 700), (KvQuant { residual: 0, ..KvQuant::int4() }, 300)] {
+    for (spec, len) in [(KvQuant::int8(), 200), (KvQuant::int8(), 1300), (KvQuant::int4(), 700), (KvQuant { residual: 0, ..KvQuant::int4() }, 300), (KvQuant::f16(), 1300), (KvQuant::bf16(), 700)] {
         let mut cache = KvCache::<B>::new(1);
         cache.append(0, 0, noise([1, h, len, d], 1), noise([1, h, len, d], 2)).unwrap();
         // ragged heads: head 1 keeps every other slot, head 2 a third
