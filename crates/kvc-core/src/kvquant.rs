@@ -619,38 +619,9 @@ fn words(bytes: &[u8]) -> Cow<'_, [u16]> {
 /// `out = w` widened to f32 (`w` the bits of f16 or bf16 values; exact).
 fn widen_halves(bits: KvBits, w: &[u16], out: &mut [f32]) {
     if bits == KvBits::F16 {
-        widen_f16(w, out);
+        crate::kernels::host::widen_f16(w, out);
     } else {
         simd::widen_bf16(w.reinterpret_cast::<bf16>(), out);
-    }
-}
-
-/// f16 bits widened to f32 (exact): eight per F16C instruction where the CPU has it (`half`'s
-/// slice conversion calls a function per eight values), else `half`'s conversion.
-fn widen_f16(w: &[u16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the CPU has the instructions the function is compiled for.
-        unsafe { widen_f16_f16c(w, out) };
-        return;
-    }
-    w.reinterpret_cast::<f16>().convert_to_f32_slice(&mut out[..w.len()]);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,f16c")]
-unsafe fn widen_f16_f16c(w: &[u16], out: &mut [f32]) {
-    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
-    let n = w.len();
-    assert!(out.len() >= n, "widen_f16: {} values into {}", n, out.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: `i + 8 <= n` words are read and written, both slices hold at least `n`.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i).cast::<__m128i>()))) };
-        i += 8;
-    }
-    for j in i..n {
-        out[j] = f16::from_bits(w[j]).to_f32();
     }
 }
 
@@ -1096,7 +1067,7 @@ mod tests {
         };
         let all: Vec<u16> = (0..=u16::MAX).chain(0..5).collect();
         let mut out = vec![0f32; all.len()];
-        widen_f16(&all, &mut out);
+        crate::kernels::host::widen_f16(&all, &mut out);
         for (&w, &x) in all.iter().zip(&out) {
             let want = defined(w);
             assert!(x.to_bits() == want.to_bits() || (x.is_nan() && want.is_nan()), "{w:#06x}: {x} vs {want}");
