@@ -371,18 +371,12 @@ impl QuantKv {
             let (k, v) = (&keys[r * n * d..][..n * d], &values[r * n * d..][..n * d]);
             match self.spec.bits {
                 KvBits::Int8 => {
+                    let mut codes = Vec::with_capacity(d);
                     for (i, tok) in k.chunks_exact(d).enumerate() {
-                        let t = self.len + i;
                         let kr = &mut self.keys[r];
-                        let block = t / KEY_BLOCK * KEY_BLOCK * d;
-                        if kr.codes.len() < block + KEY_BLOCK * d {
-                            kr.codes.resize(block + KEY_BLOCK * d, 0);
-                        }
-                        let mut codes = Vec::with_capacity(d);
+                        codes.clear();
                         quantize_i8(tok, cg, &mut codes, &mut kr.scales);
-                        for (c, &code) in codes.iter().enumerate() {
-                            kr.codes[block + c * KEY_BLOCK + t % KEY_BLOCK] = code;
-                        }
+                        scatter_key(&mut kr.codes, self.len + i, &codes, 1);
                     }
                     let vr = &mut self.values[r];
                     for tok in v.chunks_exact(d) {
@@ -401,17 +395,8 @@ impl QuantKv {
                     // keys into channel-major blocks of 16 tokens (zero words pad the last)
                     let mut words = Vec::new();
                     push_halves(self.spec.bits, k, &mut words);
-                    let kr = &mut self.keys[r].codes;
                     for (i, tok) in words.chunks_exact(2 * d).enumerate() {
-                        let t = self.len + i;
-                        let block = t / KEY_BLOCK * KEY_BLOCK * d;
-                        if kr.len() < 2 * (block + KEY_BLOCK * d) {
-                            kr.resize(2 * (block + KEY_BLOCK * d), 0);
-                        }
-                        for (c, w) in tok.chunks_exact(2).enumerate() {
-                            let at = 2 * (block + c * KEY_BLOCK + t % KEY_BLOCK);
-                            kr[at..at + 2].copy_from_slice(w);
-                        }
+                        scatter_key(&mut self.keys[r].codes, self.len + i, tok, 2);
                     }
                     push_halves(self.spec.bits, v, &mut self.values[r].codes);
                 }
@@ -436,9 +421,7 @@ impl QuantKv {
             let all = words(&q.codes);
             let mut tok = vec![0u16; d];
             for (i, o) in out[..tn * d].chunks_exact_mut(d).enumerate() {
-                let t = t0 + i;
-                let block = &all[t / KEY_BLOCK * KEY_BLOCK * d..][..KEY_BLOCK * d];
-                tok.iter_mut().enumerate().for_each(|(c, w)| *w = block[c * KEY_BLOCK + t % KEY_BLOCK]);
+                tok.iter_mut().enumerate().for_each(|(c, w)| *w = all[key_slot(t0 + i, c, d)]);
                 widen_halves(self.spec.bits, &tok, o);
             }
             return;
@@ -452,7 +435,7 @@ impl QuantKv {
                     for (gi, og) in o.chunks_exact_mut(cg).enumerate() {
                         let sc = q.scales[t * groups + gi].to_f32();
                         for (j, x) in og.iter_mut().enumerate() {
-                            *x = (q.codes[bk * KEY_BLOCK * d + (gi * cg + j) * KEY_BLOCK + lane] as i8) as f32 * sc;
+                            *x = (q.codes[key_slot(t, gi * cg + j, d)] as i8) as f32 * sc;
                         }
                     }
                 }
@@ -589,6 +572,28 @@ fn quantize_u4_keys(group: &[f32], d: usize, out: &mut QuantRows) {
     }
     out.mins.extend(params.iter().map(|p| p.0));
     out.scales.extend(params.iter().map(|p| p.1));
+}
+
+/// Where channel `c` of token `t` sits in channel-major key blocks of [`KEY_BLOCK`] tokens
+/// (`[blocks, d, KEY_BLOCK]`, the int8 and 16-bit keys' layout), in elements (bytes of int8,
+/// 16-bit words).
+fn key_slot(t: usize, c: usize, d: usize) -> usize {
+    t / KEY_BLOCK * KEY_BLOCK * d + c * KEY_BLOCK + t % KEY_BLOCK
+}
+
+/// Writes token `t`'s `d` elements of `width` bytes (`tok`, channel order) into the
+/// channel-major key blocks `codes` ([`key_slot`]), first growing `codes` by zeros to the end of
+/// `t`'s block (the padding of a partial last block).
+fn scatter_key(codes: &mut Vec<u8>, t: usize, tok: &[u8], width: usize) {
+    let d = tok.len() / width;
+    let end = width * (t / KEY_BLOCK + 1) * KEY_BLOCK * d;
+    if codes.len() < end {
+        codes.resize(end, 0);
+    }
+    for (c, e) in tok.chunks_exact(width).enumerate() {
+        let at = width * key_slot(t, c, d);
+        codes[at..at + width].copy_from_slice(e);
+    }
 }
 
 /// f16 / bf16: `x` rounded to 16-bit floats (f16 saturated at +-65504, so a large key stays
