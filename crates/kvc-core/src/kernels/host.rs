@@ -921,9 +921,19 @@ pub(crate) mod simd {
             scale: f32,
         }
 
+        /// The 8-lane sums of four vectors, lane `i` of the result vector `i`'s sum, by three
+        /// `vhaddps` and one add (5 instructions): `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 +
+        /// l7))` for each vector, whatever the other three hold. Also the int8 products' row sums
+        /// (`quant/int8.rs`).
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        pub(crate) fn hsum4(v: [__m256; 4]) -> __m128 {
+            let t = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+            _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t))
+        }
+
         /// `R` query rows x `K` keys: per (row, key) one accumulator over the channels (8 at a
-        /// time), then per row the [`KEYS`] accumulators (zeros past `K`) summed by a `vhaddps`
-        /// tree: `((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7))` for each key.
+        /// time), then per row the [`KEYS`] accumulators (zeros past `K`) summed by [`hsum4`].
         #[target_feature(enable = "avx2,fma")]
         #[inline]
         fn score_pass<const R: usize, const K: usize>(q: &[f32], at: Pass, s: &mut [f32], load: impl Fn(usize) -> __m256, fetch: impl Fn(usize)) {
@@ -951,8 +961,7 @@ pub(crate) mod simd {
             }
             let sc = _mm_set1_ps(scale);
             for (r, a) in acc.iter().enumerate() {
-                let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-                let sum = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t)), sc);
+                let sum = _mm_mul_ps(hsum4(*a), sc);
                 let mut lanes = [0f32; KEYS];
                 // SAFETY: `lanes` holds 4 floats.
                 unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), sum) };

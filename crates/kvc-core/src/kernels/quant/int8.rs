@@ -615,6 +615,7 @@ mod avx2 {
     //! The kernels for CPUs without AVX-512 VNNI (and the 6-bit one without VBMI); [`has`]:
     //! the f32 kernels' AVX2 test, with their prefetch distance and lane sum.
     use super::super::simd::avx2::{hsum, PREFETCH};
+    use crate::kernels::host::simd::avx2::hsum4;
     pub use super::super::simd::avx2::has;
     use super::Row;
     use std::arch::x86_64::*;
@@ -649,22 +650,21 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_add_epi16(l, h), _mm256_set1_epi16(1))
     }
 
-    /// The sums of the 8 lanes of each of `C` vectors, 4 vectors at a time by `vhaddps` (each
-    /// vector's sum in the same order whatever `C` and its place: `(l0 + l1) + (l2 + l3)` of its
-    /// two halves' sum `l`).
+    /// The sums of the 8 lanes of each of `C` vectors, 4 at a time by
+    /// [`crate::kernels::host::simd::avx2::hsum4`] (zeros past `C`): each vector's sum in the
+    /// same order whatever `C` and its place.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     fn hsums<const C: usize>(v: [__m256; C]) -> [f32; C] {
         let mut out = [0f32; C];
         for c0 in (0..C).step_by(4) {
-            let mut h = [_mm_setzero_ps(); 4];
-            for (j, h) in h.iter_mut().enumerate().take(C - c0) {
-                *h = _mm_add_ps(_mm256_castps256_ps128(v[c0 + j]), _mm256_extractf128_ps::<1>(v[c0 + j]));
+            let mut four = [_mm256_setzero_ps(); 4];
+            for (j, x) in four.iter_mut().enumerate().take(C - c0) {
+                *x = v[c0 + j];
             }
-            let r = _mm_hadd_ps(_mm_hadd_ps(h[0], h[1]), _mm_hadd_ps(h[2], h[3]));
             let mut t = [0f32; 4];
             // SAFETY: 4 floats.
-            unsafe { _mm_storeu_ps(t.as_mut_ptr(), r) };
+            unsafe { _mm_storeu_ps(t.as_mut_ptr(), hsum4(four)) };
             out[c0..].iter_mut().zip(t).for_each(|(o, t)| *o = t);
         }
         out
